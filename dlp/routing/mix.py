@@ -14,6 +14,7 @@ from dlp.errors import InvalidMixError
 
 # Weights live on a grid of 1/WEIGHT_GRID so that mixes that differ by float noise coincide.
 WEIGHT_GRID = 1000
+_SNAP_DECIMALS = 6
 
 
 @dataclass(frozen=True)
@@ -97,11 +98,15 @@ def _decimals(grid: int) -> int:
 
 def _largest_remainder(weights: Mapping[str, float], grid: int) -> dict[str, int]:
     """Integer units summing to ``grid``, each as close as possible to weight * grid."""
-    raw = {n: w * grid for n, w in weights.items()}
+    # Snap to a 1e-6 sub-grid first: proportions that differ only by float noise (the same
+    # mix given at another scale or summed in another order) must round identically, and
+    # exact ties must reach the by-name tie-break instead of being decided by the last ulp.
+    raw = {n: round(w * grid, _SNAP_DECIMALS) for n, w in weights.items()}
     units = {n: math.floor(v) for n, v in raw.items()}
     missing = grid - sum(units.values())
+    remainder = {n: round(raw[n] - units[n], _SNAP_DECIMALS) for n in raw}
     # Ties broken by name so the result is deterministic.
-    by_remainder = sorted(raw, key=lambda n: (-(raw[n] - units[n]), n))
+    by_remainder = sorted(raw, key=lambda n: (-remainder[n], n))
     for name in by_remainder[:missing]:
         units[name] += 1
     if all(u == 0 for u in units.values()):  # cannot happen for grid >= 1, kept as a guard

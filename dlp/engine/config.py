@@ -1,0 +1,66 @@
+"""EngineConfig: everything needed to build an Engine (plain dataclass: no pydantic inside
+dlp/engine, so the engine imports on machines without it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dlp.errors import DlpError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class EngineConfig:
+    """How the engine is built.
+
+    Base model: ``model_path`` (a transformers checkpoint dir); or ``model_config`` (a config
+    dict such as ``{"model_type": "qwen2", ...}``: random weights, for benchmarks); or neither,
+    which means the embedded default (SmolLM2-135M-Instruct from the dlp cache).
+    """
+
+    model_path: str | None = None
+    model_config: dict[str, Any] | None = None
+    tokenizer_path: str | None = None  # default: model_path; None with model_config = no text
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_batch: int = 16  # rows of the KV cache = concurrently decoding requests
+    max_seq_len: int = 1024  # prompt + generated tokens per row
+    # Adapter pool
+    pool_slots: int = 32
+    max_rank: int = 16
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    adapter_root: str | None = None  # every adapter dir directly under it is registered
+    host_budget_bytes: int = 2 << 30
+    # Speed
+    compile: bool | None = None  # torch.compile the decode layer (default: on CUDA)
+    cuda_graph: bool | None = None  # capture the decode step (default: on CUDA)
+    max_prefill_tokens: int = 8192  # padded tokens per prefill forward
+    step_in_thread: bool = True  # run forwards in a worker thread: the event loop stays free
+    seed: int = 0  # random weights (model_config)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.model_path is not None and self.model_config is not None:
+            raise DlpError("engine config: give model_path or model_config, not both")
+        if self.dtype not in DTYPES:
+            raise DlpError(f"engine config: dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("max_batch", "max_seq_len", "pool_slots", "max_rank", "max_prefill_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DlpError(f"engine config: {name} must be a positive integer, got {value!r}")
+        if not self.device.startswith(("cpu", "cuda")):
+            raise DlpError(f"engine config: device must be cpu or cuda[:N], got {self.device!r}")
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def use_compile(self) -> bool:
+        return self.on_cuda if self.compile is None else self.compile
+
+    @property
+    def use_cuda_graph(self) -> bool:
+        return self.on_cuda if self.cuda_graph is None else (self.cuda_graph and self.on_cuda)

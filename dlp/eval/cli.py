@@ -1,0 +1,196 @@
+"""`dlp eval`: quality of base / oracle / DLP / top-1 / composite on the test split."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from dlp.errors import DlpError
+
+DEFAULT_OUT = Path("benchmarks/results/quality.json")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from dlp.training.cli import add_model_args
+
+    p = subparsers.add_parser(
+        "eval",
+        help="score base / oracle / DLP / top-1 / composite on the test split",
+        description=(
+            "Evaluate on the test split, each task with its own metric (MCQ: log-likelihood "
+            "of each choice -> accuracy; generative: BLEU on words and ROUGE-1/ROUGE-L), for "
+            "the systems base, oracle (the task's own adapter), dlp (routed top-p fusion, "
+            "softmax weights), dlp_renorm, top1 and composite; a sweep over p; and mixed-task "
+            "prompts. Writes a JSON report and PNG plots."
+        ),
+    )
+    p.add_argument("--adapters", type=Path, default=None,
+                   help="dir with one adapter dir per task + composite/ (default: cache)")
+    add_model_args(p)
+    p.add_argument("--router", type=Path, default=None,
+                   help="router dir (default: the trained router in the cache)")
+    p.add_argument("--router-probs", type=Path, default=None,
+                   help="JSON of router outputs: read it if it exists (skips the router), "
+                        "or with --route-only write it")
+    p.add_argument("--route-only", action="store_true",
+                   help="only run the router on the test inputs and mixed prompts and write "
+                        "--router-probs (CPU; the LLM part can then run on another machine)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON report ({DEFAULT_OUT})")
+    p.add_argument("--plots", type=Path, default=None, help="PNG dir (default: next to --out)")
+    p.add_argument("--max-per-task", type=_positive_int, default=None,
+                   help="evaluate at most this many test examples per task")
+    p.add_argument("--mixed", type=int, default=200, help="number of mixed-task prompts")
+    p.add_argument("--p", type=_probability, default=0.6, help="top-p threshold (0.6)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_eval)
+
+
+def _cap(examples: list, cap: int | None) -> list:
+    if cap is None:
+        return examples
+    seen: dict[str, int] = {}
+    out = []
+    for ex in examples:
+        if seen.get(ex.task, 0) < cap:
+            out.append(ex)
+            seen[ex.task] = seen.get(ex.task, 0) + 1
+    return out
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from dlp.eval.mixed import build_mixed
+    from dlp.eval.routing_probs import RouterOutputs, route_examples
+    from dlp.paths import adapters_dir, cache_dir, data_dir, router_dir
+    from dlp.training.examples import examples_from_table, load_table
+
+    if args.mixed < 0:
+        raise DlpError(f"mixed: must be >= 0, got {args.mixed}")
+    root = cache_dir()
+    table = load_table(args.data or data_dir(root))
+    test = _cap(examples_from_table(table, "test"), args.max_per_task)
+    if not test:
+        raise DlpError("data: the test split is empty")
+
+    if args.route_only or args.router_probs is None or not args.router_probs.is_file():
+        if args.route_only and args.router_probs is None:
+            raise DlpError("router-probs: --route-only needs a file to write")
+        mixed = build_mixed(test, args.mixed, args.seed) if args.mixed else []
+        routing = route_examples(args.router or router_dir(root), test, mixed)
+        if args.router_probs is not None:
+            routing.save(args.router_probs)
+            print(f"router outputs written to {args.router_probs}")
+        if args.route_only:
+            return 0
+    else:
+        routing = RouterOutputs.load(args.router_probs)
+    return _evaluate(args, table, test, routing, adapters_dir(root))
+
+
+def _evaluate(args, table, test, routing, default_adapters: Path) -> int:
+    from dlp.eval.lora_mix import MultiLoraModel
+    from dlp.eval.report import machine, plot_all, target_checks
+    from dlp.eval.run import EvalSettings, answer_caps, evaluate
+    from dlp.training.adapters import COMPOSITE_NAME
+    from dlp.training.examples import examples_from_table
+    from dlp.training.model_io import load_model
+
+    adapters = args.adapters or default_adapters
+    tasks = sorted({ex.task for ex in test})
+    names = [*tasks, COMPOSITE_NAME]
+    dirs = [adapters / n for n in names]
+    absent = [str(d) for d in dirs if not d.is_dir()]
+    if absent:
+        raise DlpError(f"adapters: missing adapter dir(s) {', '.join(absent[:3])}")
+    model, tokenizer = load_model(args.model, args.gguf, args.device)
+    mlm = MultiLoraModel.from_dirs(model, dirs, names)
+    settings = EvalSettings(p=args.p)
+    caps = answer_caps(examples_from_table(table, "train"), tokenizer, settings.max_new_tokens)
+    result = evaluate(mlm, tokenizer, test, routing, settings, caps)
+    router_top1 = _router_top1(test, routing)
+    report = {
+        "command": "dlp " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "machine": machine(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "router_top1": router_top1,
+        **result,
+        "router": routing.meta,
+        "targets": target_checks(result, router_top1),
+    }
+    training = adapters / "training.json"
+    if training.is_file():
+        info = json.loads(training.read_text())
+        report["training"] = {
+            "command": info.get("command"),
+            "plan": info.get("plan"),
+            "seconds": info.get("seconds"),
+            "adapters": {
+                k: {kk: v[kk] for kk in ("examples", "steps", "first_loss", "last_loss")}
+                for k, v in info.get("adapters", {}).items()
+            },
+        }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    plots = plot_all(report, args.plots or args.out.parent)
+    _print_summary(report)
+    print(f"report written to {args.out}; plots: {', '.join(str(p) for p in plots)}")
+    return 0
+
+
+def _router_top1(test, routing) -> float:
+    import numpy as np
+
+    from dlp.eval.mixed import example_key
+
+    labels = routing.labels
+    hits = [labels[int(np.argmax(routing.get(example_key(ex))))] == ex.task for ex in test]
+    return round(100.0 * sum(hits) / len(hits), 3)
+
+
+def _print_summary(report: dict) -> None:
+    print(f"router top-1: {report['router_top1']:.2f}%")
+    print(f"{'system':<12}{'MCQ acc':>9}{'ROUGE-L':>9}{'ROUGE-1':>9}{'BLEU':>8}{'mixed':>8}")
+    for s in report["mcq_accuracy"]:
+        row = [
+            report["mcq_accuracy"][s],
+            report["generative_rougeL"][s],
+            report["generative_rouge1"][s],
+            report["generative_bleu"][s],
+            report["mixed_task"].get(s),
+        ]
+        print(f"{s:<12}" + "".join(f"{v:>9.2f}" if v is not None else f"{'-':>9}" for v in row))
+    for name, check in report["targets"].items():
+        print(f"target {name}: {check['value']} -> {'holds' if check['holds'] else 'MISSED'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run without dlp.cli (whose other command groups may need packages absent here)."""
+    parser = argparse.ArgumentParser(prog="dlp")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DlpError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

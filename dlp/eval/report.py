@@ -1,0 +1,155 @@
+"""quality.json helpers: issue-7 target checks, the machine line, and the three PNG plots."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+SYSTEM_COLORS = {
+    "base": "#9e9e9e",
+    "oracle": "#2e7d32",
+    "dlp": "#1565c0",
+    "dlp_renorm": "#42a5f5",
+    "top1": "#7e57c2",
+    "composite": "#ef6c00",
+    "dlp_prompt": "#90caf9",
+}
+
+
+def machine() -> str:
+    import torch
+
+    cpu = f"{platform.machine()} {platform.system()}, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}; {cpu}"
+    return f"CPU only; {cpu}"
+
+
+def target_checks(result: dict[str, Any], router_top1: float | None) -> dict[str, Any]:
+    """Issue 7's targets, each with the measured values and whether it holds."""
+    mcq, rl = result["mcq_accuracy"], result["generative_rougeL"]
+    r1, bleu, mixed = result["generative_rouge1"], result["generative_bleu"], result["mixed_task"]
+
+    def diff(table: dict[str, Any], a: str, b: str) -> float | None:
+        if table.get(a) is None or table.get(b) is None:
+            return None
+        return round(table[a] - table[b], 3)
+
+    checks = {
+        "router_top1_ge_98.5": {"value": router_top1, "holds": _ge(router_top1, 98.5)},
+        "dlp_mcq_minus_oracle_ge_-0.5": {
+            "value": diff(mcq, "dlp", "oracle"),
+            "holds": _ge(diff(mcq, "dlp", "oracle"), -0.5),
+        },
+    }
+    for name, table in (("rougeL", rl), ("rouge1", r1), ("bleu", bleu)):
+        d = diff(table, "dlp", "oracle")
+        checks[f"dlp_{name}_minus_oracle_ge_-1"] = {"value": d, "holds": _ge(d, -1.0)}
+    d = diff(mixed, "dlp", "composite")
+    checks["mixed_dlp_gt_composite"] = {"value": d, "holds": d is not None and d > 0}
+    return checks
+
+
+def _ge(value: float | None, bound: float) -> bool:
+    return value is not None and value >= bound
+
+
+def plot_all(result: dict[str, Any], out_dir: Path, stem: str = "quality") -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [
+        _plot_per_task(result, out_dir / f"{stem}_per_task.png"),
+        _plot_sweep(result, out_dir / f"{stem}_p_sweep.png"),
+    ]
+    if result.get("mixed_task"):
+        paths.append(_plot_mixed(result, out_dir / f"{stem}_mixed.png"))
+    return paths
+
+
+def _plot_per_task(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    per_task = result["per_task"]
+    tasks = list(per_task)
+    systems = list(next(iter(per_task.values()))["systems"]) if tasks else []
+    values = np.array(
+        [
+            [
+                per_task[t]["systems"][s].get(
+                    "accuracy", per_task[t]["systems"][s].get("rougeL", float("nan"))
+                )
+                for s in systems
+            ]
+            for t in tasks
+        ]
+    )
+    fig, ax = plt.subplots(figsize=(max(10, 0.55 * len(tasks)), 5.5))
+    width = 0.8 / max(1, len(systems))
+    x = np.arange(len(tasks))
+    for j, s in enumerate(systems):
+        ax.bar(x + j * width, values[:, j], width, label=s, color=SYSTEM_COLORS.get(s))
+    ax.set_xticks(x + 0.4 - width / 2)
+    labels = [f"{t} ({'acc' if per_task[t]['kind'] == 'mcq' else 'R-L'})" for t in tasks]
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("MCQ accuracy / ROUGE-L (%)")
+    ax.set_title("Per-task quality on the test split")
+    ax.legend(ncol=len(systems), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.12))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_sweep(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    sweep = result.get("p_sweep", {})
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for family, style in (("dlp", "-o"), ("dlp_renorm", "--s")):
+        pts = sorted(
+            (float(k.split("@")[1]), v) for k, v in sweep.items() if k.split("@")[0] == family
+        )
+        if not pts:
+            continue
+        ps = [p for p, _ in pts]
+        label = "softmax weights" if family == "dlp" else "renormalised weights"
+        for ax, key in zip(axes, ("mcq_accuracy", "generative_rougeL", "mean_adapters"),
+                           strict=True):
+            ax.plot(ps, [v[key] for _, v in pts], style, label=label)
+    oracle = result["mcq_accuracy"].get("oracle")
+    if oracle is not None:
+        axes[0].axhline(oracle, color=SYSTEM_COLORS["oracle"], lw=1, label="oracle")
+    oracle_rl = result["generative_rougeL"].get("oracle")
+    if oracle_rl is not None:
+        axes[1].axhline(oracle_rl, color=SYSTEM_COLORS["oracle"], lw=1, label="oracle")
+    for ax, title in zip(axes, ("MCQ accuracy (%)", "generative ROUGE-L", "adapters per request"),
+                         strict=True):
+        ax.set_xlabel("top-p threshold p")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_mixed(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    mixed = {k: v for k, v in result["mixed_task"].items() if v is not None}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = list(mixed)
+    ax.bar(names, [mixed[n] for n in names], color=[SYSTEM_COLORS.get(n) for n in names])
+    for i, n in enumerate(names):
+        ax.text(i, mixed[n], f"{mixed[n]:.1f}", ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel("mean per-part score (acc / ROUGE-L, %)")
+    ax.set_title("Mixed-task prompts (2-3 tasks per prompt)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

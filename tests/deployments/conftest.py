@@ -1,0 +1,70 @@
+"""One Ray cluster and one `dlp` app for the whole test session (real Serve, real model).
+
+The app runs the embedded default model with small random adapters (written in the PEFT
+format) and a router saved untrained (its decisions are still deterministic; tests compare
+them with the same router run in-process). Two LoRA worker replicas with fractional CPUs,
+so adapter-aware routing is exercised by every test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from servekit import (
+    ADAPTERS,
+    ADMIN_TOKEN,
+    APP_NAME,
+    Assets,
+    Served,
+    app_args,
+    free_port,
+    wait_healthy,
+    write_adapter,
+    write_router,
+)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
+    base = tmp_path_factory.mktemp("dlp-serve")
+    root = base / "adapter_root"
+    initial = root / "initial"
+    initial.mkdir(parents=True)
+    for i, name in enumerate(ADAPTERS):
+        write_adapter(initial, name, seed=i + 1)
+    router_dir = write_router(base / "router", ADAPTERS)
+    return Assets(root=root, adapters_dir=initial, router_dir=router_dir, cache_dir=base)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[int]:
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"DLP_ADMIN_TOKEN": ADMIN_TOKEN}},
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def served(ray_cluster: int, assets: Assets) -> Served:
+    """The app, deployed once; tests share it (keep it healthy: restore what you change)."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.run(build_app(app_args(assets)), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{ray_cluster}"
+    wait_healthy(url, timeout_s=300)
+    return Served(url=url, assets=assets)
