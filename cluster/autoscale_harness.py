@@ -40,9 +40,9 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fake_cluster import FakeCluster, NodeType, free_port, wait_for  # noqa: E402
+from fake_cluster import FakeCluster, NodeType, free_port, wait_for
 
-from dlp.loadgen import (  # noqa: E402
+from dlp.loadgen import (
     Prompt,
     RequestRecord,
     clean_nans,
@@ -78,24 +78,44 @@ class Plan:
 
 PRESETS = {
     # CI: about 3 minutes on 2 cores. Delays shortened so that a run fits; recorded in the JSON.
-    "short": Plan(max_nodes=2, concurrency=16, rate=None, idle_s=3, load_s=45,
-                  settle_timeout_s=120, node_idle_timeout_s=8, upscale_delay_s=3,
-                  downscale_delay_s=8, look_back_period_s=5, max_tokens=4),
+    "short": Plan(
+        max_nodes=2,
+        concurrency=16,
+        rate=None,
+        idle_s=3,
+        load_s=45,
+        settle_timeout_s=120,
+        node_idle_timeout_s=8,
+        upscale_delay_s=3,
+        downscale_delay_s=8,
+        look_back_period_s=5,
+        max_tokens=4,
+    ),
     # The recorded run: serve_config.yaml's upscale delay and look-back; scale-down delays cut
     # from 5 min to 30 s (Serve) and 20 s (nodes) so the run takes minutes, not a quarter hour.
-    "full": Plan(max_nodes=3, concurrency=24, rate=None, idle_s=10, load_s=120,
-                 settle_timeout_s=240, node_idle_timeout_s=20, upscale_delay_s=None,
-                 downscale_delay_s=30, look_back_period_s=None, max_tokens=8),
+    "full": Plan(
+        max_nodes=3,
+        concurrency=24,
+        rate=None,
+        idle_s=10,
+        load_s=120,
+        settle_timeout_s=240,
+        node_idle_timeout_s=20,
+        upscale_delay_s=None,
+        downscale_delay_s=30,
+        look_back_period_s=None,
+        max_tokens=8,
+    ),
 }
 
 
-def harness_config(serve_config: dict[str, Any], plan: Plan, http_port: int,
-                   app_name: str, worker: str) -> dict[str, Any]:
+def harness_config(
+    serve_config: dict[str, Any], plan: Plan, http_port: int, app_name: str, worker: str
+) -> dict[str, Any]:
     """serve_config.yaml with the fake-GPU placement and the plan's delays applied."""
     cfg = copy.deepcopy(serve_config)
     cfg["proxy_location"] = "HeadOnly"  # fake nodes share one IP: one proxy, one port
-    cfg["http_options"] = {**cfg.get("http_options", {}), "host": "127.0.0.1",
-                           "port": http_port}
+    cfg["http_options"] = {**cfg.get("http_options", {}), "host": "127.0.0.1", "port": http_port}
     apps = [a for a in cfg["applications"] if a["name"] == app_name]
     if not apps:
         raise SystemExit(f"serve config has no application named {app_name!r}")
@@ -142,8 +162,11 @@ class Sampler:
             return 0, 0, app.status if app else "NOT_STARTED"
         states = app.deployments[self.worker].replica_states
         running = int(states.get("RUNNING", 0))
-        pending = int(sum(v for k, v in states.items() if k in ("STARTING", "PENDING_MIGRATION",
-                                                                "RECOVERING")))
+        pending = int(
+            sum(
+                v for k, v in states.items() if k in ("STARTING", "PENDING_MIGRATION", "RECOVERING")
+            )
+        )
         return running, pending, str(app.status)
 
     @staticmethod
@@ -164,7 +187,8 @@ class Sampler:
             if self._controller is None:
                 self._controller = _get_global_client()._controller
             ref = self._controller._get_total_num_requests_for_deployment_for_testing.remote(
-                DeploymentID(name=self.worker, app_name=self.app_name))
+                DeploymentID(name=self.worker, app_name=self.app_name)
+            )
             return float(ray.get(ref, timeout=5))
         except Exception:  # a private hook: if it moves, the timeline still has in_flight
             return None
@@ -195,24 +219,26 @@ class Sampler:
         }
 
 
-def _load_thread(plan: Plan, url: str, prompts: list[Prompt], sampler: Sampler,
-                 out: dict[str, Any]) -> threading.Thread:
-    cfg = parse_config(url=url, concurrency=None if plan.rate else plan.concurrency,
-                       rate=plan.rate, duration_s=plan.load_s, max_tokens=plan.max_tokens,
-                       timeout_s=max(120.0, plan.load_s), seed=0)
+def _load_thread(
+    plan: Plan, url: str, prompts: list[Prompt], sampler: Sampler, out: dict[str, Any]
+) -> threading.Thread:
+    cfg = parse_config(
+        url=url,
+        concurrency=None if plan.rate else plan.concurrency,
+        rate=plan.rate,
+        duration_s=plan.load_s,
+        max_tokens=plan.max_tokens,
+        timeout_s=max(120.0, plan.load_s),
+        seed=0,
+    )
 
-    def count_and_record(rec: RequestRecord) -> None:
-        sampler.on_record(rec)
+    def count_send() -> None:
+        sampler.sent += 1
 
     async def go() -> None:
-        # `sent` counts starts so in_flight = sent - finished; wrap the prompt source.
-        class Counting(list):
-            def __getitem__(self, i: Any) -> Any:
-                sampler.sent += 1
-                return super().__getitem__(i)
-
-        out["result"] = await run_load(cfg, Counting(prompts), on_record=count_and_record,
-                                       progress=False)
+        out["result"] = await run_load(
+            cfg, prompts, on_record=sampler.on_record, on_send=count_send, progress=False
+        )
 
     def target() -> None:
         try:
@@ -234,8 +260,11 @@ def _warm_up(url: str, prompts: list[Prompt], timeout_s: float) -> None:
     for prompt in prompts[:2]:
         while True:
             try:
-                r = httpx.post(f"{url}/v1/completions", timeout=120,
-                               json={"model": "dlp", "prompt": prompt.text, "max_tokens": 2})
+                r = httpx.post(
+                    f"{url}/v1/completions",
+                    timeout=120,
+                    json={"model": "dlp", "prompt": prompt.text, "max_tokens": 2},
+                )
                 if r.status_code == 200:
                     break
                 last = f"{r.status_code} {r.text[:200]}"
@@ -246,8 +275,15 @@ def _warm_up(url: str, prompts: list[Prompt], timeout_s: float) -> None:
             time.sleep(1)
 
 
-def run(plan: Plan, serve_config_path: Path, out: Path, app_name: str, worker: str,
-        data_dir: Path | None, command: str) -> dict[str, Any]:
+def run(
+    plan: Plan,
+    serve_config_path: Path,
+    out: Path,
+    app_name: str,
+    worker: str,
+    data_dir: Path | None,
+    command: str,
+) -> dict[str, Any]:
     import ray
     from ray.serve._private import api as serve_api
     from ray.serve.config import ProxyLocation
@@ -258,15 +294,17 @@ def run(plan: Plan, serve_config_path: Path, out: Path, app_name: str, worker: s
 
     prompts = load_prompts(data_dir or default_data_dir(cache_dir()), seed=0)
     http_port = free_port()
-    config = harness_config(yaml.safe_load(serve_config_path.read_text()), plan, http_port,
-                            app_name, worker)
+    config = harness_config(
+        yaml.safe_load(serve_config_path.read_text()), plan, http_port, app_name, worker
+    )
     schema = ServeDeploySchema.model_validate(config)
     cluster = FakeCluster(
         # Ingress, router and registry ask for fractions of a CPU; the head hosts them (the
         # CPU worker group of the real layout would be one more raylet on 2 cores).
         head_resources={"CPU": 2},
-        worker_types={WORKER_NODE_TYPE: NodeType({"GPU": 1}, min_workers=0,
-                                                 max_workers=plan.max_nodes)},
+        worker_types={
+            WORKER_NODE_TYPE: NodeType({"GPU": 1}, min_workers=0, max_workers=plan.max_nodes)
+        },
         idle_timeout_s=plan.node_idle_timeout_s,
         # replicas log to files, not to this terminal
         env={"RAY_SERVE_LOG_TO_STDERR": "0"},
@@ -277,8 +315,7 @@ def run(plan: Plan, serve_config_path: Path, out: Path, app_name: str, worker: s
     try:
         gcs = cluster.start()
         cluster_up_s = time.perf_counter() - started
-        ray.init(address=gcs, namespace="serve", log_to_driver=False,
-                 include_dashboard=False)
+        ray.init(address=gcs, namespace="serve", log_to_driver=False, include_dashboard=False)
         client = serve_api.serve_start(
             http_options=schema.http_options.model_dump(),
             proxy_location=ProxyLocation.HeadOnly,
@@ -303,16 +340,31 @@ def run(plan: Plan, serve_config_path: Path, out: Path, app_name: str, worker: s
                 thread = _load_thread(plan, url, prompts, sampler, load_out)
             if thread is not None and load_ended is None and not thread.is_alive():
                 load_ended = t
-            phase = ("idle" if thread is None else "load" if load_ended is None
-                     else "cooldown")
+            phase = "idle" if thread is None else "load" if load_ended is None else "cooldown"
             now_rel = t - (load_started or 0.0)
             s = sampler.sample(t, phase, plan.window_s, now_rel)
             timeline.append(s)
             if start_replicas is None:
                 start_replicas, start_nodes = s["replicas"], s["nodes"]
-            print(json.dumps({k: s[k] for k in ("t", "phase", "replicas", "replicas_pending",
-                                                  "nodes", "queue", "in_flight", "p50_ms",
-                                                  "errors_total")}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        k: s[k]
+                        for k in (
+                            "t",
+                            "phase",
+                            "replicas",
+                            "replicas_pending",
+                            "nodes",
+                            "queue",
+                            "in_flight",
+                            "p50_ms",
+                            "errors_total",
+                        )
+                    }
+                ),
+                flush=True,
+            )
             if phase == "cooldown":
                 back = s["replicas"] <= start_replicas and s["nodes"] <= start_nodes
                 stable = stable + 1 if back and s["replicas_pending"] == 0 else 0
@@ -327,14 +379,36 @@ def run(plan: Plan, serve_config_path: Path, out: Path, app_name: str, worker: s
         if left:
             print(f"warning: {left} cluster processes survived SIGKILL", file=sys.stderr)
 
-    return build_report(timeline, result, plan, config, app_name, worker, command,
-                        load_started, load_ended, start_replicas, start_nodes, ready_s)
+    return build_report(
+        timeline,
+        result,
+        plan,
+        config,
+        app_name,
+        worker,
+        command,
+        load_started,
+        load_ended,
+        start_replicas,
+        start_nodes,
+        ready_s,
+    )
 
 
-def build_report(timeline: list[dict[str, Any]], result: Any, plan: Plan, config: dict,
-                 app_name: str, worker: str, command: str, load_started: float,
-                 load_ended: float, start_replicas: int, start_nodes: int, ready_s: float
-                 ) -> dict[str, Any]:
+def build_report(
+    timeline: list[dict[str, Any]],
+    result: Any,
+    plan: Plan,
+    config: dict,
+    app_name: str,
+    worker: str,
+    command: str,
+    load_started: float,
+    load_ended: float,
+    start_replicas: int,
+    start_nodes: int,
+    ready_s: float,
+) -> dict[str, Any]:
     peak_r = max(s["replicas"] for s in timeline)
     peak_n = max(s["nodes"] for s in timeline)
     final = timeline[-1]
@@ -343,41 +417,53 @@ def build_report(timeline: list[dict[str, Any]], result: Any, plan: Plan, config
         return next((s["t"] for s in timeline if pred(s)), None)
 
     summary = summarize(result.records, result.wall_s)
-    auto = next(d for d in config["applications"][0]["deployments"]
-                if d["name"] == worker)["autoscaling_config"]
-    return clean_nans({
-        "command": command,
-        "machine": f"{platform.node()}: {platform.machine()}, {os.cpu_count()} CPUs",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "what": "Serve replica autoscaling + Ray autoscaler on a fake multi-node cluster "
-                "(GPU nodes advertise GPU: 1; engines run on the CPU)",
-        "app": {"name": app_name, "import_path": config["applications"][0]["import_path"],
-                "worker_deployment": worker, "autoscaling_config": auto},
-        "plan": plan.__dict__,
-        "ready_s": ready_s,
-        "load": {"started_t": load_started, "ended_t": load_ended, **summary},
-        "start": {"replicas": start_replicas, "nodes": start_nodes},
-        "peak": {"replicas": peak_r, "nodes": peak_n,
-                 "queue": max((s["queue"] or 0) for s in timeline)},
-        "final": {"replicas": final["replicas"], "nodes": final["nodes"], "t": final["t"]},
-        "events": {
-            "first_replica_added_t": first(lambda s: s["replicas"] > start_replicas),
-            "first_node_added_t": first(lambda s: s["nodes"] > start_nodes),
-            "peak_replicas_t": first(lambda s: s["replicas"] == peak_r),
-            "peak_nodes_t": first(lambda s: s["nodes"] == peak_n),
-            "replicas_back_t": first(lambda s: s["phase"] == "cooldown"
-                                     and s["replicas"] <= start_replicas),
-            "nodes_back_t": first(lambda s: s["phase"] == "cooldown"
-                                  and s["nodes"] <= start_nodes),
-        },
-        "checks": {
-            "replicas_scaled_up": peak_r > start_replicas,
-            "nodes_scaled_up": peak_n > start_nodes,
-            "replicas_scaled_down": final["replicas"] <= start_replicas,
-            "nodes_scaled_down": final["nodes"] <= start_nodes,
-        },
-        "timeline": timeline,
-    })
+    auto = next(d for d in config["applications"][0]["deployments"] if d["name"] == worker)[
+        "autoscaling_config"
+    ]
+    return clean_nans(
+        {
+            "command": command,
+            "machine": f"{platform.node()}: {platform.machine()}, {os.cpu_count()} CPUs",
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "what": "Serve replica autoscaling + Ray autoscaler on a fake multi-node cluster "
+            "(GPU nodes advertise GPU: 1; engines run on the CPU)",
+            "app": {
+                "name": app_name,
+                "import_path": config["applications"][0]["import_path"],
+                "worker_deployment": worker,
+                "autoscaling_config": auto,
+            },
+            "plan": plan.__dict__,
+            "ready_s": ready_s,
+            "load": {"started_t": load_started, "ended_t": load_ended, **summary},
+            "start": {"replicas": start_replicas, "nodes": start_nodes},
+            "peak": {
+                "replicas": peak_r,
+                "nodes": peak_n,
+                "queue": max((s["queue"] or 0) for s in timeline),
+            },
+            "final": {"replicas": final["replicas"], "nodes": final["nodes"], "t": final["t"]},
+            "events": {
+                "first_replica_added_t": first(lambda s: s["replicas"] > start_replicas),
+                "first_node_added_t": first(lambda s: s["nodes"] > start_nodes),
+                "peak_replicas_t": first(lambda s: s["replicas"] == peak_r),
+                "peak_nodes_t": first(lambda s: s["nodes"] == peak_n),
+                "replicas_back_t": first(
+                    lambda s: s["phase"] == "cooldown" and s["replicas"] <= start_replicas
+                ),
+                "nodes_back_t": first(
+                    lambda s: s["phase"] == "cooldown" and s["nodes"] <= start_nodes
+                ),
+            },
+            "checks": {
+                "replicas_scaled_up": peak_r > start_replicas,
+                "nodes_scaled_up": peak_n > start_nodes,
+                "replicas_scaled_down": final["replicas"] <= start_replicas,
+                "nodes_scaled_down": final["nodes"] <= start_nodes,
+            },
+            "timeline": timeline,
+        }
+    )
 
 
 def plot(rep: dict[str, Any], png: Path) -> None:
@@ -396,17 +482,24 @@ def plot(rep: dict[str, Any], png: Path) -> None:
     ax.legend(loc="upper right")
     ax.set_title(rep["what"], fontsize=9)
     ax = axes[1]
-    ax.plot(t, [s["queue"] if s["queue"] is not None else math.nan for s in tl],
-            label="Serve queue (worker)")
+    ax.plot(
+        t,
+        [s["queue"] if s["queue"] is not None else math.nan for s in tl],
+        label="Serve queue (worker)",
+    )
     ax.plot(t, [s["in_flight"] for s in tl], label="client in flight", ls=":")
-    ax.axhline(rep["app"]["autoscaling_config"]["target_ongoing_requests"], color="grey",
-               lw=0.8, label="target per replica")
+    ax.axhline(
+        rep["app"]["autoscaling_config"]["target_ongoing_requests"],
+        color="grey",
+        lw=0.8,
+        label="target per replica",
+    )
     ax.set_ylabel("requests")
     ax.legend(loc="upper right")
     ax = axes[2]
     ax.plot(t, [s["p50_ms"] if s["p50_ms"] is not None else math.nan for s in tl], label="p50")
     ax.plot(t, [s["p99_ms"] if s["p99_ms"] is not None else math.nan for s in tl], label="p99")
-    ax.set_ylabel(f"latency ms ({tl[0] and rep['plan']['window_s']:.0f}s window)")
+    ax.set_ylabel(f"latency ms ({rep['plan']['window_s']:.0f} s window)")
     ax.set_xlabel("t (s)")
     errs = [s["errors_total"] for s in tl]
     if any(errs):
@@ -441,14 +534,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key) is not None:
             setattr(plan, key, getattr(args, key))
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(argv)
-    rep = run(plan, args.serve_config, args.out, args.app, args.worker, args.data_dir,
-              command)
+    rep = run(plan, args.serve_config, args.out, args.app, args.worker, args.data_dir, command)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rep, indent=1, allow_nan=False))
     png = args.out.with_suffix(".png")
     plot(rep, png)
-    print(json.dumps({k: rep[k] for k in ("start", "peak", "final", "events", "checks")},
-                     indent=1))
+    print(json.dumps({k: rep[k] for k in ("start", "peak", "final", "events", "checks")}, indent=1))
     print(f"wrote {args.out} and {png}")
     return 0 if all(rep["checks"].values()) else 1
 

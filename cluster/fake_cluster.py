@@ -15,6 +15,7 @@ reads an example file the wheel does not ship, so this module starts the head it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -116,14 +117,17 @@ class FakeCluster:
         config_path.write_text(json.dumps(self.autoscaling_config(self.gcs_address)))
         head = dict(self.head_resources)
         cmd = [
-            str(Path(sys.executable).parent / "ray"), "start", "--head",
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
             f"--port={port}",
             f"--node-ip-address={ip}",
             f"--ray-client-server-port={free_port()}",
             f"--dashboard-agent-listen-port={free_port()}",
             "--include-dashboard=false",
             "--disable-usage-stats",
-            "--min-worker-port=0", "--max-worker-port=0",
+            "--min-worker-port=0",
+            "--max-worker-port=0",
             f"--temp-dir={self.temp_dir}",
             f"--autoscaling-config={config_path}",
             f"--num-cpus={head.pop('CPU', 0)}",
@@ -141,8 +145,15 @@ class FakeCluster:
         }
         env.pop("RAY_ADDRESS", None)
         try:
-            subprocess.run(cmd, env=env, check=True, timeout=timeout_s,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            subprocess.run(
+                cmd,
+                env=env,
+                check=True,
+                timeout=timeout_s,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
         except subprocess.CalledProcessError as exc:
             self.shutdown()
             raise RuntimeError(f"ray start failed:\n{exc.stdout[-3000:]}") from exc
@@ -183,10 +194,8 @@ class FakeCluster:
         # started late may not name the temp dir until they do, so look again afterwards.
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for p in procs:
-                try:
+                with contextlib.suppress(psutil.NoSuchProcess):
                     p.send_signal(sig)
-                except psutil.NoSuchProcess:
-                    pass
             _, alive = psutil.wait_procs(procs, timeout=grace_s if sig == signal.SIGTERM else 5)
             procs = alive + [p for p in self.processes() if p not in alive]
             if not procs:

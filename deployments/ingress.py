@@ -6,8 +6,8 @@ and reports the mix it used. Bad input is a 4xx naming the field; a busy or rest
 backend is a 503 with Retry-After; nothing the client sent can make it answer 500.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Serve rebuilds the FastAPI endpoints of the class
+# in its own module, where string annotations (Request) would not resolve.
 import asyncio
 import json
 import logging

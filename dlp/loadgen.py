@@ -220,9 +220,14 @@ async def run_load(
     prompts: Sequence[Prompt],
     on_record: Callable[[RequestRecord], None] | None = None,
     stop: asyncio.Event | None = None,
+    on_send: Callable[[], None] | None = None,
     progress: bool = True,
 ) -> LoadResult:
-    """Send load until duration, max_requests or `stop`; wait for requests in flight."""
+    """Send load until duration, max_requests or `stop`; wait for requests in flight.
+
+    `on_send` is called as each request starts and `on_record` as it ends (from the event
+    loop's thread), so a caller can follow requests in flight while the run goes on.
+    """
     import httpx
     from tqdm.auto import tqdm
 
@@ -249,6 +254,8 @@ async def run_load(
             return None
         if stop is not None and stop.is_set():
             return None
+        if on_send is not None:
+            on_send()
         return prompts[n % len(prompts)], rng.random() < cfg.stream_fraction
 
     def done(rec: RequestRecord) -> None:

@@ -31,36 +31,51 @@ def _key(text: str) -> str:
 
 
 def dedupe(examples: list[Example]) -> list[Example]:
-    """Keep the first example of each input text (whitespace-normalized).
-
-    Some tasks ask several questions about one passage (logical_deduction) or repeat a
-    narrative under several subtasks; one row per input keeps the splits disjoint by text
-    and stops a router from seeing test inputs in training.
-    """
-    seen: set[str] = set()
+    """Drop repeats of the same (input, choices, target); the first one is kept."""
+    seen: set[tuple[str, tuple[str, ...], str]] = set()
     out = []
     for ex in examples:
-        k = _key(ex.input)
+        k = (_key(ex.input), ex.choices, ex.target)
         if k not in seen:
             seen.add(k)
             out.append(ex)
     return out
 
 
+def group_by_input(examples: list[Example]) -> list[list[Example]]:
+    """Examples sharing an input text (whitespace-normalized), in first-seen order.
+
+    Some tasks ask several questions about one passage (logical_deduction puts the question
+    in the choices); a whole group goes to one split, so no input text is in two splits.
+    """
+    groups: dict[str, list[Example]] = {}
+    for ex in examples:
+        groups.setdefault(_key(ex.input), []).append(ex)
+    return list(groups.values())
+
+
 def split_task(examples: list[Example], cfg: SplitConfig) -> dict[str, list[Example]]:
-    """Shuffle one task's deduplicated examples with a (seed, task) RNG and cut test first,
-    then validation, then a capped train split, so test stays fixed when only the train cap
-    changes."""
+    """Shuffle one task's input groups with a (seed, task) RNG and fill test first, then
+    validation, then a capped train split, so test stays fixed when only the train cap
+    changes. Test / validation take about 20% / 10% of a small task (by example count)."""
+    out: dict[str, list[Example]] = {s: [] for s in SPLITS}
     if not examples:
-        return {s: [] for s in SPLITS}
+        return out
     unique = dedupe(examples)
-    rng = random.Random(f"{cfg.seed}/{unique[0].task}")
-    order = list(range(len(unique)))
-    rng.shuffle(order)
+    groups = group_by_input(unique)
+    random.Random(f"{cfg.seed}/{unique[0].task}").shuffle(groups)
     n = len(unique)
-    n_test = min(cfg.max_test, max(1, round(0.2 * n))) if n >= 3 else 0
-    n_val = min(cfg.max_validation, max(1, round(0.1 * n))) if n >= 3 else 0
-    test = [unique[i] for i in order[:n_test]]
-    val = [unique[i] for i in order[n_test : n_test + n_val]]
-    train = [unique[i] for i in order[n_test + n_val :][: cfg.max_train]]
-    return {"train": train, "validation": val, "test": test}
+    want = {
+        "test": min(cfg.max_test, round(0.2 * n)),
+        "validation": min(cfg.max_validation, round(0.1 * n)),
+        "train": cfg.max_train,
+    }
+    it = iter(groups)
+    for split in SPLITS[::-1]:  # test, validation, train
+        bucket = out[split]
+        while len(bucket) < want[split]:
+            group = next(it, None)
+            if group is None:
+                break
+            bucket.extend(group[: want[split] - len(bucket)])
+    return out

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 _WORD = re.compile(r"\s*\S+")
-_MAX_WORDS = 80  # boilerplate is a sentence or two; don't scan whole documents
+_MAX_WORDS = 40  # boilerplate is a sentence or two; don't scan whole documents
 _BOUNDARY = ":?.!;"
 
 
@@ -34,6 +34,27 @@ def _starts_line(token: str) -> bool:
     return "\n" in token[: len(token) - len(token.lstrip())]
 
 
+def _edge_tokens(text: str, from_end: bool) -> list[str]:
+    """The first (or last) _MAX_WORDS + 2 word tokens, without tokenizing a whole document.
+
+    Only the count matters for the "input keeps some content" rule, so a long text is marked
+    by one extra placeholder token on the far side.
+    """
+    window = 16 * (_MAX_WORDS + 2)
+    if len(text) <= window:
+        return _WORD.findall(text)
+    if from_end:
+        tail = _WORD.findall(text[-window:])[1:]  # the first token may be a cut word
+        return ["\0", *tail[-(_MAX_WORDS + 2):]]
+    head = [m.group() for m, _ in zip(_WORD.finditer(text), range(_MAX_WORDS + 2), strict=False)]
+    return [*head, "\0"]
+
+
+def _edge_word(text: str, from_end: bool) -> str:
+    words = text.rsplit(None, 1) if from_end else text.split(None, 1)
+    return (words[-1] if from_end else words[0]) if words else ""
+
+
 def _affix(texts: Sequence[str], min_share: float, from_end: bool) -> str:
     """Longest word-aligned prefix (or suffix) shared by ``min_share`` of ``texts`` that ends
     (or starts) at a clause boundary: punctuation like ``:`` ``?`` ``.`` or a line break.
@@ -45,7 +66,11 @@ def _affix(texts: Sequence[str], min_share: float, from_end: bool) -> str:
     if not texts:
         return ""
     need = max(1, math.ceil(min_share * len(texts) - 1e-9))
-    tokens = [_WORD.findall(t) for t in texts]
+    # Fast exit for most tasks: no shared first (last) word means no shared affix.
+    edge = Counter(_edge_word(t, from_end) for t in texts)
+    if edge.most_common(1)[0][1] < need:
+        return ""
+    tokens = [_edge_tokens(t, from_end) for t in texts]
     best = ""
     for k in range(1, _MAX_WORDS + 1):
         keys: list[str | None] = []
@@ -85,7 +110,9 @@ def common_suffix(texts: Sequence[str], min_share: float = 0.9) -> str:
 
 def replace_labels(text: str, labels: Sequence[str]) -> str:
     for label in labels:
-        text = re.sub(r"\s*(?<!\w)" + re.escape(label) + r"\s*", "\n", text)
+        if label in text:
+            parts = re.split(r"(?<!\w)" + re.escape(label) + r"\s*", text)
+            text = "\n".join(p.rstrip() for p in parts)
     return text
 
 

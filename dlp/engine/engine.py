@@ -450,7 +450,7 @@ class Engine:
         start = time.perf_counter()
         runner = self.runner
         live = [i for i, s in enumerate(self._rows) if s is not None]
-        n = live[-1] + 1 if runner.graph is None else self.config.max_batch
+        n = self.config.max_batch if runner.captured else live[-1] + 1
         tokens = torch.zeros(n, dtype=torch.long)
         positions = torch.zeros(n, dtype=torch.long)
         for i in live:
@@ -462,7 +462,8 @@ class Engine:
         if self._scales_dirty and runner.row_scales is not None:
             runner.row_scales.copy_(self._host_scales[:, : runner.row_scales.shape[1]])
             self._scales_dirty = False
-        logits, greedy = runner.step(n)
+        use_lora = any(self._rows[i].lease is not None for i in live)
+        logits, greedy = runner.step(n, lora=use_lora)
         greedy_host = greedy.tolist()
         out = []
         for i in live:

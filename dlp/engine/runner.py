@@ -40,12 +40,18 @@ class DecodeRunner:
             # One compiled block serves all layers (same shapes, weights are arguments).
             self.layer_fn = torch.compile(decode_layer, fullgraph=True, dynamic=False)
         self.use_graph = cuda_graph and device.type == "cuda"
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
-        self.greedy: torch.Tensor | None = None
+        # Two graphs: with the LoRA delta of every slot, and without it for steps in which no
+        # row uses an adapter (then the base model runs at full speed).
+        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
-    def _step(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        scales = self.row_scales[:rows] if self.row_scales is not None else None
+    @property
+    def captured(self) -> bool:
+        return bool(self.graphs)
+
+    def _step(self, rows: int, lora: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        scales = None
+        if lora and self.row_scales is not None:
+            scales = self.row_scales[:rows]
         logits = self.model.decode(
             self.tokens[:rows], self.positions[:rows], scales, layer_fn=self.layer_fn
         )
@@ -58,25 +64,33 @@ class DecodeRunner:
         if not self.use_graph:
             return
         rows = self.model.max_batch
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self._step(rows)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits, self.greedy = self._step(rows)
-        torch.cuda.synchronize()
-        self.graph = graph
-        log.info("captured decode graph for %d rows", rows)
+        variants = [False] + ([True] if self.row_scales is not None and self.model.lora else [])
+        pool = None
+        for lora in variants:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    self._step(rows, lora)
+            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits, greedy = self._step(rows, lora)
+            pool = graph.pool()  # the two graphs never run at once: share their memory
+            torch.cuda.synchronize()
+            self.graphs[lora] = (graph, logits, greedy)
+            log.info("captured decode graph for %d rows (lora=%s)", rows, lora)
 
     @torch.no_grad()
-    def step(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, rows: int, lora: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode one token for rows [0, rows); inputs must already be in the buffers.
-        Returns (logits [rows', V], greedy [rows']) with rows' >= rows."""
-        if self.graph is not None:
-            self.graph.replay()
-            return self.logits, self.greedy
-        return self._step(rows)
+        ``lora=False`` skips the adapter path (no row uses one). Returns (logits [rows', V],
+        greedy [rows']) with rows' >= rows (a captured graph always runs every row)."""
+        lora = lora and self.row_scales is not None and bool(self.model.lora)
+        captured = self.graphs.get(lora)
+        if captured is not None:
+            graph, logits, greedy = captured
+            graph.replay()
+            return logits, greedy
+        return self._step(rows, lora)

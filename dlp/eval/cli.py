@@ -42,21 +42,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "prompts. Writes a JSON report and PNG plots."
         ),
     )
-    p.add_argument("--adapters", type=Path, default=None,
-                   help="dir with one adapter dir per task + composite/ (default: cache)")
+    p.add_argument(
+        "--adapters",
+        type=Path,
+        default=None,
+        help="dir with one adapter dir per task + composite/ (default: cache)",
+    )
     add_model_args(p)
-    p.add_argument("--router", type=Path, default=None,
-                   help="router dir (default: the trained router in the cache)")
-    p.add_argument("--router-probs", type=Path, default=None,
-                   help="JSON of router outputs: read it if it exists (skips the router), "
-                        "or with --route-only write it")
-    p.add_argument("--route-only", action="store_true",
-                   help="only run the router on the test inputs and mixed prompts and write "
-                        "--router-probs (CPU; the LLM part can then run on another machine)")
+    p.add_argument(
+        "--router",
+        type=Path,
+        default=None,
+        help="router dir (default: the trained router in the cache)",
+    )
+    p.add_argument(
+        "--router-probs",
+        type=Path,
+        default=None,
+        help="JSON of router outputs: read it if it exists (skips the router), "
+        "or with --route-only write it",
+    )
+    p.add_argument(
+        "--route-only",
+        action="store_true",
+        help="only run the router on the test inputs and mixed prompts and write "
+        "--router-probs (CPU; the LLM part can then run on another machine)",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON report ({DEFAULT_OUT})")
     p.add_argument("--plots", type=Path, default=None, help="PNG dir (default: next to --out)")
-    p.add_argument("--max-per-task", type=_positive_int, default=None,
-                   help="evaluate at most this many test examples per task")
+    p.add_argument(
+        "--max-per-task",
+        type=_positive_int,
+        default=None,
+        help="evaluate at most this many test examples per task",
+    )
     p.add_argument("--mixed", type=int, default=200, help="number of mixed-task prompts")
     p.add_argument("--p", type=_probability, default=0.6, help="top-p threshold (0.6)")
     p.add_argument("--seed", type=int, default=0)
@@ -85,7 +104,11 @@ def run_eval(args: argparse.Namespace) -> int:
         raise DlpError(f"mixed: must be >= 0, got {args.mixed}")
     root = cache_dir()
     table = load_table(args.data or data_dir(root))
-    test = _cap(examples_from_table(table, "test"), args.max_per_task)
+    from dlp.training.cli import parse_tasks
+    from dlp.training.examples import task_names
+
+    tasks = parse_tasks(args.tasks, task_names(table))
+    test = _cap(examples_from_table(table, "test", tasks), args.max_per_task)
     if not test:
         raise DlpError("data: the test split is empty")
 

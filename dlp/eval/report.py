@@ -117,8 +117,9 @@ def _plot_sweep(result: dict[str, Any], path: Path) -> Path:
             continue
         ps = [p for p, _ in pts]
         label = "softmax weights" if family == "dlp" else "renormalised weights"
-        for ax, key in zip(axes, ("mcq_accuracy", "generative_rougeL", "mean_adapters"),
-                           strict=True):
+        for ax, key in zip(
+            axes, ("mcq_accuracy", "generative_rougeL", "mean_adapters"), strict=True
+        ):
             ax.plot(ps, [v[key] for _, v in pts], style, label=label)
     oracle = result["mcq_accuracy"].get("oracle")
     if oracle is not None:
@@ -126,8 +127,9 @@ def _plot_sweep(result: dict[str, Any], path: Path) -> Path:
     oracle_rl = result["generative_rougeL"].get("oracle")
     if oracle_rl is not None:
         axes[1].axhline(oracle_rl, color=SYSTEM_COLORS["oracle"], lw=1, label="oracle")
-    for ax, title in zip(axes, ("MCQ accuracy (%)", "generative ROUGE-L", "adapters per request"),
-                         strict=True):
+    for ax, title in zip(
+        axes, ("MCQ accuracy (%)", "generative ROUGE-L", "adapters per request"), strict=True
+    ):
         ax.set_xlabel("top-p threshold p")
         ax.set_title(title)
         ax.grid(alpha=0.3)

@@ -14,5 +14,6 @@ Typical use (see tests/dlp/lora/ for runnable examples)::
 
 Modules: adapter (load/save/validate PEFT dirs), fused_ops (the math), fused (the layer and
 its batch context), inject (put layers in / take them out), pool (slots, LRU, leases,
-plan_batches), reference (the Python-loop baseline).
+plan_batches), host (host tier), reference (the Python-loop baseline),
+coldload (cold-load timing on model-shaped pools, for benchmarks).
 """

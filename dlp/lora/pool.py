@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
-import math
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -43,6 +42,7 @@ from dlp.lora.adapter import (
     module_matches,
 )
 from dlp.lora.fused import LoraBatchContext
+from dlp.lora.host import HostAdapter, HostTier, to_host
 from dlp.routing.mix import AdapterMix
 
 
@@ -75,28 +75,6 @@ class _CatalogueEntry:
     adapter: LoraAdapter | None  # in-memory registrations keep the object
     generation: int
     removing: bool = False
-
-
-@dataclass
-class _HostEntry:
-    """One adapter in pool layout: ``flat`` holds, per module, A [r, in] then B^T [r, out]."""
-
-    name: str
-    generation: int
-    scaling: float
-    rank: int
-    flat: torch.Tensor
-    parts: list[tuple[str, int, int, int, int]]  # (module, rank, offset, d_in, d_out)
-    nbytes: int
-
-    def views(self, flat: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        out = {}
-        for module, rank, offset, d_in, d_out in self.parts:
-            a = flat[offset : offset + rank * d_in].view(rank, d_in)
-            start = offset + rank * d_in
-            b_t = flat[start : start + rank * d_out].view(rank, d_out)
-            out[module] = (a, b_t)
-        return out
 
 
 class PoolLease:
@@ -155,9 +133,7 @@ class _Counters:
     evictions: int = 0
     bytes_loaded: int = 0
     load_seconds: float = 0.0
-    host_hits: int = 0
     host_loads: int = 0
-    host_evictions: int = 0
     waits: int = 0
 
 
@@ -227,14 +203,16 @@ class AdapterPool:
                 self.n_slots, max_rank, d_out, dtype=dtype, device=self.device
             )
         self._staging: torch.Tensor | None = None
+        # cached view lists (building ~2 views per module per load costs more than the copy)
+        self._staging_views: dict[tuple[tuple[str, int], ...], list[torch.Tensor]] = {}
+        self._dst_views: dict[tuple[int, tuple[tuple[str, int], ...]], list[torch.Tensor]] = {}
 
         self._lock = threading.RLock()
         self._slot_cond = threading.Condition(self._lock)
         self._catalogue: dict[str, _CatalogueEntry] = {}
         self._generations = itertools.count(1)
-        self._host: OrderedDict[str, _HostEntry] = OrderedDict()
-        self._host_bytes = 0
-        self._loading: dict[str, concurrent.futures.Future[_HostEntry]] = {}
+        self._host = HostTier(self.host_budget_bytes)
+        self._loading: dict[str, concurrent.futures.Future[HostAdapter]] = {}
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, LRU first
         self._slot_owner: list[str | None] = [None] * self.n_slots
         self._slot_ranks: list[dict[str, int]] = [{} for _ in range(self.n_slots)]
@@ -320,14 +298,13 @@ class AdapterPool:
             )
         with self._lock:
             old = self._catalogue.get(name)
-            if old is not None and not old.removing:
-                if not replace:
+            if old is not None:
+                if not old.removing and not replace:
                     raise DlpError(f"adapter {name!r} is already registered (use replace)")
-                if self._pins[name]:
+                if self._pins[name]:  # also a removed-but-still-running one: its slot is live
                     raise AdapterInUseError(
                         f"adapter {name!r} is in use by a running batch; retry once it finishes"
                     )
-            if old is not None:
                 self._forget(name)
             entry = _CatalogueEntry(name, path, adapter, next(self._generations))
             self._catalogue[name] = entry
@@ -366,9 +343,7 @@ class AdapterPool:
 
     def _forget(self, name: str) -> None:
         """Drop every copy of ``name`` (caller holds the lock; name is not pinned)."""
-        host = self._host.pop(name, None)
-        if host is not None:
-            self._host_bytes -= host.nbytes
+        self._host.drop(name)
         slot = self._resident.pop(name, None)
         if slot is not None:
             self._slot_owner[slot] = None  # stale rows are zeroed/overwritten on the next load
@@ -395,43 +370,13 @@ class AdapterPool:
                     f"{source}: rank {a.shape[0]} is above the maximum rank {self.max_rank}"
                 )
 
-    def _to_host(self, adapter: LoraAdapter, generation: int) -> _HostEntry:
-        parts = []
-        offset = 0
-        for module in sorted(adapter.weights):
-            a, _ = adapter.weights[module]
-            rank, d_in = a.shape
-            d_out = self.base_shapes[module][1]
-            parts.append((module, rank, offset, d_in, d_out))
-            offset += rank * (d_in + d_out)
-        flat = torch.empty(offset, dtype=self.dtype, pin_memory=self._pin_host)
-        entry = _HostEntry(
-            adapter.name,
-            generation,
-            adapter.scaling,
-            adapter.max_module_rank,
-            flat,
-            parts,
-            offset * flat.element_size(),
-        )
-        for module, (a_view, b_t_view) in entry.views(flat).items():
-            a, b = adapter.weights[module]
-            a_view.copy_(a)
-            # rank_pattern / alpha_pattern: fold the module's own scaling into B so that every
-            # module of a slot shares the adapter-wide s_i used in row_scales.
-            ratio = adapter.scaling_of(module) / adapter.scaling
-            b_t_view.copy_(b.t() if ratio == 1.0 else (b.double() * ratio).t())
-        return entry
-
-    def _host_entry(self, name: str) -> _HostEntry:
+    def _host_entry(self, name: str) -> HostAdapter:
         """Host copy of ``name``, loading it from disk once even with concurrent callers.
         Runs the disk read outside the lock (call it from a worker thread in async code)."""
         with self._lock:
             entry = self._entry(name)
-            host = self._host.get(name)
-            if host is not None and host.generation == entry.generation:
-                self._host.move_to_end(name)
-                self._counters.host_hits += 1
+            host = self._host.get(name, entry.generation)
+            if host is not None:
                 return host
             pending = self._loading.get(name)
             owner = pending is None
@@ -452,7 +397,13 @@ class AdapterPool:
                     dtype=self.dtype,
                 )
                 self._check_adapter(adapter, source=f"adapter {entry.path}")
-            host = self._to_host(adapter, entry.generation)
+            host = to_host(
+                adapter,
+                self.base_shapes,
+                self.dtype,
+                generation=entry.generation,
+                pin=self._pin_host,
+            )
         except BaseException as exc:
             with self._lock:
                 self._loading.pop(name, None)
@@ -463,24 +414,23 @@ class AdapterPool:
             self._counters.host_loads += 1
             current = self._catalogue.get(name)
             if current is not None and current.generation == entry.generation:
-                self._host_insert(host)
+                self._host.put(host)
         pending.set_result(host)
         return host
 
-    def _host_insert(self, host: _HostEntry) -> None:
-        old = self._host.pop(host.name, None)
-        if old is not None:
-            self._host_bytes -= old.nbytes
-        if host.nbytes > self.host_budget_bytes:
-            return  # too big to cache; the caller still holds it for this placement
-        self._host[host.name] = host
-        self._host_bytes += host.nbytes
-        while self._host_bytes > self.host_budget_bytes:
-            _, evicted = self._host.popitem(last=False)
-            self._host_bytes -= evicted.nbytes
-            self._counters.host_evictions += 1
-
     # ----------------------------------------------------------------------- device slots
+    def _slot_views(self, slot: int, layout: tuple[tuple[str, int], ...]) -> list[torch.Tensor]:
+        key = (slot, layout)
+        views = self._dst_views.get(key)
+        if views is None:
+            if len(self._dst_views) > 8 * self.n_slots + 64:
+                self._dst_views.clear()  # many distinct layouts: keep the cache bounded
+            views = []
+            for module, rank in layout:
+                views += [self._a[module][slot, :rank], self._b_t[module][slot, :rank]]
+            self._dst_views[key] = views
+        return views
+
     def _zero_slot(self, slot: int) -> None:
         views = []
         for module, rank in self._slot_ranks[slot].items():
@@ -489,41 +439,45 @@ class AdapterPool:
             torch._foreach_zero_(views)
         self._slot_ranks[slot] = {}
 
-    def _copy_into_slot(self, slot: int, host: _HostEntry) -> None:
+    def _copy_into_slot(self, slot: int, host: HostAdapter) -> None:
         """Write ``host`` into ``slot``: its rank rows are copied, rows a previous occupant
-        left beyond the new ranks (or in modules it does not target) are zeroed."""
+        left beyond the new ranks (or in modules it does not target) are zeroed.
+
+        Per load: (CUDA) one H2D copy of the flat host buffer into a staging buffer, then one
+        multi-tensor copy into the slot views. View lists are cached per layout, so the Python
+        work does not scale with module count after the first load of a layout.
+        """
         previous = self._slot_ranks[slot]
-        ranks = {module: rank for module, rank, *_ in host.parts}
-        stale = []
-        for module, old_rank in previous.items():
-            new_rank = ranks.get(module, 0)
-            if old_rank > new_rank:
-                stale += [
-                    self._a[module][slot, new_rank:old_rank],
-                    self._b_t[module][slot, new_rank:old_rank],
-                ]
-        if stale:
-            torch._foreach_zero_(stale)
+        ranks = host.ranks()
+        if previous and previous != ranks:
+            stale = []
+            for module, old_rank in previous.items():
+                new_rank = ranks.get(module, 0)
+                if old_rank > new_rank:
+                    stale += [
+                        self._a[module][slot, new_rank:old_rank],
+                        self._b_t[module][slot, new_rank:old_rank],
+                    ]
+            if stale:
+                torch._foreach_zero_(stale)
         if self.device.type == "cpu":
-            source_flat = host.flat
+            sources = host.own_views
         else:
             numel = host.flat.numel()
             if self._staging is None or self._staging.numel() < numel:
                 self._staging = torch.empty(numel, dtype=self.dtype, device=self.device)
-            source_flat = self._staging[:numel]
-            source_flat.copy_(host.flat, non_blocking=host.flat.is_pinned())
-        sources = host.views(source_flat)
-        dst, src = [], []
-        for module, (a, b_t) in sources.items():
-            rank = a.shape[0]
-            dst += [self._a[module][slot, :rank], self._b_t[module][slot, :rank]]
-            src += [a, b_t]
-        torch._foreach_copy_(dst, src)
+                self._staging_views.clear()
+            self._staging[:numel].copy_(host.flat, non_blocking=host.flat.is_pinned())
+            sources = self._staging_views.get(host.layout)
+            if sources is None:
+                sources = host.view_list(self._staging[:numel])
+                self._staging_views[host.layout] = sources
+        torch._foreach_copy_(self._slot_views(slot, host.layout), sources)
         self._slot_ranks[slot] = ranks
         self._slot_scaling[slot] = host.scaling
         self._slot_rank[slot] = host.rank
 
-    def _try_place(self, names: Sequence[str], hosts: Mapping[str, _HostEntry]) -> PoolLease | int:
+    def _try_place(self, names: Sequence[str], hosts: Mapping[str, HostAdapter]) -> PoolLease | int:
         """Place and pin ``names``; returns the lease, or how many could be placed now."""
         for name in names:
             entry = self._entry(name)  # unknown / removed while we waited
@@ -554,8 +508,7 @@ class AdapterPool:
             self._copy_into_slot(slot, hosts[name])
             self._slot_owner[slot] = name
             self._resident[name] = slot
-            if name in self._host:
-                self._host.move_to_end(name)
+            self._host.touch(name)
             self._counters.loads += 1
             loaded_bytes += hosts[name].nbytes
         if missing:
@@ -588,13 +541,13 @@ class AdapterPool:
             )
         return unique
 
-    def _cached_hosts(self, names: Sequence[str]) -> tuple[dict[str, _HostEntry], list[str]]:
+    def _cached_hosts(self, names: Sequence[str]) -> tuple[dict[str, HostAdapter], list[str]]:
         hosts, need = {}, []
         with self._lock:
             for name in names:
                 entry = self._entry(name)
-                host = self._host.get(name)
-                if host is not None and host.generation == entry.generation:
+                host = self._host.get(name, entry.generation, count=False)
+                if host is not None:
                     hosts[name] = host
                 elif name not in self._resident:
                     need.append(name)
@@ -795,18 +748,18 @@ class AdapterPool:
                 "bytes_loaded": c.bytes_loaded,
                 "load_ms_total": c.load_seconds * 1e3,
                 "last_load_ms": self.last_load_ms,
-                "host_hits": c.host_hits,
+                "host_hits": self._host.hits,
                 "host_loads": c.host_loads,
-                "host_evictions": c.host_evictions,
+                "host_evictions": self._host.evictions,
                 "waits": c.waits,
                 "resident": list(self._resident),
-                "host_resident": list(self._host),
+                "host_resident": self._host.names(),
                 "pinned": sorted(self._pins),
                 "slots": self.n_slots,
                 "free_slots": sum(o is None for o in self._slot_owner),
                 "slot_bytes": self.slot_bytes,
                 "device_bytes": self.device_bytes,
-                "host_bytes": self._host_bytes,
+                "host_bytes": self._host.nbytes,
                 "host_budget_bytes": self.host_budget_bytes,
                 "registered": len([e for e in self._catalogue.values() if not e.removing]),
                 "max_rank": self.max_rank,
@@ -849,12 +802,3 @@ def plan_batches(mixes: Sequence[AdapterMix | Iterable[str]], capacity: int) -> 
         else:
             groups.append((set(names), [row]))
     return [rows for _, rows in groups]
-
-
-def slots_for_budget(
-    budget_bytes: int, shapes: Iterable[tuple[int, int]], max_rank: int, dtype: torch.dtype
-) -> int:
-    """How many adapter slots ``budget_bytes`` buys for modules of ``shapes``."""
-    element = torch.empty((), dtype=dtype).element_size()
-    per_slot = sum(max_rank * (i + o) * element for i, o in shapes)
-    return max(0, math.floor(budget_bytes / per_slot))

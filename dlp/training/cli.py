@@ -26,13 +26,25 @@ def _positive_float(text: str) -> float:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=None,
-                   help="converted base model dir (default: the embedded SmolLM2 in the cache)")
-    p.add_argument("--gguf", type=Path, default=None,
-                   help="read the weights from this GGUF (tokenizer from --model)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="converted base model dir (default: the embedded SmolLM2 in the cache)",
+    )
+    p.add_argument(
+        "--gguf",
+        type=Path,
+        default=None,
+        help="read the weights from this GGUF (tokenizer from --model)",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
-    p.add_argument("--data", type=Path, default=None,
-                   help="dir with tasks.parquet (default: the prepared data in the cache)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="dir with tasks.parquet (default: the prepared data in the cache)",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,20 +58,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "and OUT/training.json (recipe, steps, loss curves)."
         ),
     )
-    p.add_argument("--tasks", default="all",
-                   help="comma-separated task names, or 'all' (default)")
+    p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all' (default)")
     p.add_argument("--out", type=Path, required=True, help="output dir for the adapters")
     add_model_args(p)
-    p.add_argument("--epochs", type=_positive_float, default=2.0,
-                   help="passes over each task's training data (default 2)")
+    p.add_argument(
+        "--epochs",
+        type=_positive_float,
+        default=2.0,
+        help="passes over each task's training data (default 2)",
+    )
     p.add_argument("--min-steps", type=_positive_int, default=20)
-    p.add_argument("--max-steps", type=_positive_int, default=300,
-                   help="cap on steps per task adapter (default 300)")
+    p.add_argument(
+        "--max-steps",
+        type=_positive_int,
+        default=300,
+        help="cap on steps per task adapter (default 300)",
+    )
     p.add_argument("--composite-max-steps", type=_positive_int, default=3000)
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--lr", type=_positive_float, default=1e-3)
-    p.add_argument("--max-train-examples", type=_positive_int, default=None,
-                   help="use at most this many training examples per task")
+    p.add_argument(
+        "--max-train-examples",
+        type=_positive_int,
+        default=None,
+        help="use at most this many training examples per task",
+    )
     p.add_argument("--no-composite", action="store_true", help="skip the composite adapter")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_train_adapters)
@@ -105,8 +128,10 @@ def run_train_adapters(args: argparse.Namespace) -> int:
     command = "dlp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = train_all(model, tokenizer, train, tasks, out, plan, command=command)
     for name, info in report["adapters"].items():
-        print(f"{name}: {info['steps']} steps, loss {info['first_loss']:.3f} -> "
-              f"{info['last_loss']:.3f}")
+        print(
+            f"{name}: {info['steps']} steps, loss {info['first_loss']:.3f} -> "
+            f"{info['last_loss']:.3f}"
+        )
     print(f"adapters written to {out} ({report['seconds']:.0f}s)")
     return 0
 

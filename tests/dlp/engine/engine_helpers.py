@@ -71,9 +71,10 @@ def make_engine(
     )
     for name, path in (adapters or {}).items():
         pool.register(name, path)
+    reroute = cfg.pop("reroute", None)
     cfg.setdefault("max_batch", 4)
     cfg.setdefault("max_seq_len", 128)
-    return Engine(model, tokenizer, pool, EngineConfig(**cfg), reroute=cfg.pop("reroute", None))
+    return Engine(model, tokenizer, pool, EngineConfig(**cfg), reroute=reroute)
 
 
 def request(i, mix: AdapterMix, prompt=None, ids=None, max_tokens=12, **sampling):

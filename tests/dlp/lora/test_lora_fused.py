@@ -356,7 +356,7 @@ def test_inject_and_remove_restore_the_module_tree(tiny_model, tiny_shapes):
 
 def test_inject_refuses_a_pool_of_another_dtype(tiny_model, tiny_shapes):
     pool = AdapterPool(tiny_shapes, n_slots=1, dtype=torch.bfloat16)
-    with pytest.raises(DlpError, match="float32 on cpu, the pool holds torch.bfloat16"):
+    with pytest.raises(DlpError, match=r"float32 on cpu, the pool holds torch\.bfloat16"):
         inject_fused_lora(tiny_model, pool)
     assert not any(isinstance(m, FusedLoraLinear) for m in tiny_model.modules())
 

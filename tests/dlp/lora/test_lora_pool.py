@@ -273,6 +273,9 @@ def test_catalogue_register_unregister_replace(tiny_shapes, tmp_path):
         assert pool.names() == []
         with pytest.raises(UnknownAdapterError):
             pool.acquire_sync(["task"])
+        with pytest.raises(AdapterInUseError):  # the running batch still reads its slot
+            pool.register("task", tmp_path / "v1")
+        assert_slot_holds(pool, lease.slot_of("task"), v2)
     assert pool.stats()["resident"] == [] and pool.stats()["free_slots"] == 2
     with pytest.raises(UnknownAdapterError, match="unknown adapter 'nope'"):
         pool.acquire_sync(["nope"])
@@ -297,6 +300,12 @@ def test_register_refuses_bad_adapters(tiny_shapes, tmp_path):
     with pytest.raises(AdapterValidationError, match="only serves LoRA on"):
         pool.add(other)
     assert pool.names() == []
+    # without validation at registration, the refusal comes at first use, cleanly
+    pool.register("high", tmp_path / "high", validate=False)
+    with pytest.raises(AdapterValidationError, match="above the maximum rank 8"):
+        pool.acquire_sync(["high"])
+    stats = pool.stats()
+    assert (stats["pinned"], stats["resident"], stats["loads"]) == ([], [], 0)
     with pytest.raises(InvalidMixError, match="adapter name"):
         pool.add(random_adapter("a,b", tiny_shapes, seed=1))
 
@@ -328,3 +337,27 @@ def test_row_scales_and_batch_context(tiny_shapes):
         pool.row_scales(None, mixes)
     with pytest.raises(DlpError, match="already released"):
         pool.row_scales(lease, mixes)
+
+
+def test_loads_copy_into_the_preallocated_stacks(tiny_shapes, adapters):
+    pool = make_pool(tiny_shapes, n_slots=2)
+    for adapter in adapters.values():
+        pool.add(adapter)
+    pointers = {m: (pool.a_stack(m).data_ptr(), pool.b_stack(m).data_ptr()) for m in pool.modules}
+    for name in adapters:  # 6 adapters through 2 slots: loads and evictions
+        pool.release(pool.acquire_sync([name]))
+    assert pool.stats()["evictions"] == 4
+    assert pointers == {
+        m: (pool.a_stack(m).data_ptr(), pool.b_stack(m).data_ptr()) for m in pool.modules
+    }
+
+
+def test_cold_load_measurement_on_an_8b_shaped_pool():
+    from dlp.lora.coldload import measure_cold_load, qv_shapes
+
+    result = measure_cold_load("llama3-8b", repeats=3)
+    # r=8 q/v adapter of Llama-3-8B in bf16: 32 layers x 8 x (4096+4096 + 4096+1024) x 2 bytes
+    assert result.adapter_bytes == 32 * 8 * (4096 + 4096 + 4096 + 1024) * 2
+    assert len(result.samples_ms) == 3 and all(s > 0 for s in result.samples_ms)
+    assert result.as_dict()["median_ms"] == result.median_ms
+    assert len(qv_shapes("qwen2-1.5b")) == 56

@@ -62,8 +62,9 @@ def test_training_lowers_the_loss_saves_peft_format_and_restores_the_model(
     # q/v of a random 2-layer model can only move that so far in 40 steps, but it must move.
     tiny_model = make_tiny_llama(len(tokenizer), hidden=64)
     before = {n for n, _ in tiny_model.named_modules()}
-    result = train_lora(tiny_model, tokenizer, _data(tokenizer, "echo"), FAST, tmp_path / "a", "a",
-                        progress=False)
+    result = train_lora(
+        tiny_model, tokenizer, _data(tokenizer, "echo"), FAST, tmp_path / "a", "a", progress=False
+    )
     assert len(result.losses) == FAST.steps
     assert result.first_loss > 5.3
     assert result.last_loss < result.first_loss - 0.25
@@ -94,8 +95,15 @@ def test_training_is_seeded(tokenizer, tmp_path: Path):
     data = _data(tokenizer, "parity")
     recipe = replace(FAST, steps=5)
     for name in ("x", "y"):
-        train_lora(make_tiny_llama(len(tokenizer)), tokenizer, data, recipe, tmp_path / name, name,
-                   progress=False)
+        train_lora(
+            make_tiny_llama(len(tokenizer)),
+            tokenizer,
+            data,
+            recipe,
+            tmp_path / name,
+            name,
+            progress=False,
+        )
     x = load_file(str(tmp_path / "x" / "adapter_model.safetensors"))
     y = load_file(str(tmp_path / "y" / "adapter_model.safetensors"))
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
@@ -111,8 +119,16 @@ def test_train_all_writes_each_task_and_the_composite(tiny_model, tokenizer, tmp
         max_steps=4,
         composite_max_steps=5,
     )
-    report = train_all(tiny_model, tokenizer, train, ["echo", "parity"], tmp_path, plan,
-                       command="test", progress=False)
+    report = train_all(
+        tiny_model,
+        tokenizer,
+        train,
+        ["echo", "parity"],
+        tmp_path,
+        plan,
+        command="test",
+        progress=False,
+    )
     assert set(report["adapters"]) == {"echo", "parity", COMPOSITE_NAME}
     assert report["adapters"]["echo"]["steps"] == steps_for(16, 8, 1.0, 3, 4)
     assert report["adapters"][COMPOSITE_NAME]["steps"] == steps_for(32, 8, 1.0, 3, 5)
@@ -130,14 +146,22 @@ def test_steps_follow_epochs_within_bounds():
 
 def test_bad_recipe_and_empty_data_are_refused(tiny_model, tokenizer, tmp_path: Path):
     with pytest.raises(DlpError, match="rank"):
-        train_lora(tiny_model, tokenizer, _data(tokenizer, "echo"), replace(FAST, rank=0),
-                   tmp_path, "x", progress=False)
+        train_lora(
+            tiny_model,
+            tokenizer,
+            _data(tokenizer, "echo"),
+            replace(FAST, rank=0),
+            tmp_path,
+            "x",
+            progress=False,
+        )
     with pytest.raises(DlpError, match="no training examples"):
         train_lora(tiny_model, tokenizer, [], FAST, tmp_path, "x", progress=False)
 
 
 def test_cli_names_the_unknown_task(data_dir: Path, tmp_path: Path, capsys):
-    code = train_main(["train-adapters", "--tasks", "echo,nope", "--out", str(tmp_path),
-                       "--data", str(data_dir)])
+    code = train_main(
+        ["train-adapters", "--tasks", "echo,nope", "--out", str(tmp_path), "--data", str(data_dir)]
+    )
     assert code == 2
     assert "tasks: unknown task(s) nope" in capsys.readouterr().err

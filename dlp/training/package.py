@@ -1,0 +1,104 @@
+"""Adapter sets on disk: a folder of PEFT adapter dirs plus ``manifest.json`` (sha256 of each
+file, the recipe and command that made them). Used for the adapters shipped in the repo
+(``dlp/assets/adapters``) and for the copies ``dlp setup`` installs into the cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dlp.errors import DlpError
+from dlp.training.adapters import ADAPTER_FILES
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        return None
+    return manifest
+
+
+def write_set(
+    src: Path,
+    dest: Path,
+    names: Sequence[str],
+    info: dict[str, Any],
+) -> dict[str, Any]:
+    """Copy adapters ``names`` from ``src`` into ``dest`` and write the manifest (last)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    adapters: dict[str, Any] = {}
+    for name in names:
+        out = dest / name
+        out.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for fname in ADAPTER_FILES:
+            source = src / name / fname
+            if not source.is_file():
+                raise DlpError(f"adapters: {source} is missing")
+            if source.resolve() != (out / fname).resolve():
+                shutil.copyfile(source, out / fname)
+            files[fname] = sha256_file(out / fname)
+        config = json.loads((out / "adapter_config.json").read_text())
+        adapters[name] = {
+            "rank": config.get("r"),
+            "alpha": config.get("lora_alpha"),
+            "target_modules": sorted(config.get("target_modules") or []),
+            "bytes": sum((out / f).stat().st_size for f in ADAPTER_FILES),
+            "sha256": files,
+        }
+    manifest = {"format": MANIFEST_FORMAT, **info, "adapters": adapters}
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
+
+
+def verify_set(directory: Path, manifest: dict[str, Any] | None = None) -> list[str]:
+    """Check every listed file against its sha256; returns the adapter names, or raises."""
+    manifest = manifest or read_manifest(directory)
+    if manifest is None:
+        raise DlpError(f"adapters: {directory / MANIFEST} is missing or unreadable")
+    for name, entry in manifest["adapters"].items():
+        for fname, digest in entry["sha256"].items():
+            path = directory / name / fname
+            if not path.is_file():
+                raise DlpError(f"adapters: {path} is missing")
+            if sha256_file(path) != digest:
+                raise DlpError(f"adapters: {path} does not match its sha256 in {MANIFEST}")
+    return list(manifest["adapters"])
+
+
+def copy_set(src: Path, dest: Path) -> dict[str, Any]:
+    """Verify ``src`` and install its adapters into ``dest``, one dir at a time (copied to
+    ``<name>.partial`` then renamed), the manifest last: an interrupted copy has no manifest
+    and is redone. Other dirs in ``dest`` (adapters registered later) are left alone."""
+    manifest = read_manifest(src)
+    if manifest is None:
+        raise DlpError(f"adapters: {src / MANIFEST} is missing or unreadable")
+    verify_set(src, manifest)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / MANIFEST).unlink(missing_ok=True)
+    for name in manifest["adapters"]:
+        partial = dest / f"{name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(src / name, partial)
+        shutil.rmtree(dest / name, ignore_errors=True)
+        partial.rename(dest / name)
+    shutil.copyfile(src / MANIFEST, dest / MANIFEST)
+    return manifest
