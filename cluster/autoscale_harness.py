@@ -159,7 +159,7 @@ class Sampler:
         except Exception:
             return 0, 0, "UNKNOWN"
         if app is None or self.worker not in app.deployments:
-            return 0, 0, app.status if app else "NOT_STARTED"
+            return 0, 0, str(getattr(app.status, "value", app.status)) if app else "NOT_STARTED"
         states = app.deployments[self.worker].replica_states
         running = int(states.get("RUNNING", 0))
         pending = int(
@@ -167,7 +167,7 @@ class Sampler:
                 v for k, v in states.items() if k in ("STARTING", "PENDING_MIGRATION", "RECOVERING")
             )
         )
-        return running, pending, str(app.status)
+        return running, pending, str(getattr(app.status, "value", app.status))
 
     @staticmethod
     def nodes() -> tuple[int, int]:
@@ -251,6 +251,19 @@ def _load_thread(
     return thread
 
 
+def _ensure_embedded_default() -> None:
+    """What `dlp setup` builds (model, data, router, demo adapters), built here if missing, so
+    the app's builder inside the cluster only finds them (each step is a no-op when done)."""
+    from dlp.base_model import ensure_base_model
+    from dlp.data.prepare import ensure_default_data
+    from dlp.routing.train import ensure_default_router
+    from dlp.training.demo_adapters import ensure_demo_adapters
+
+    for step in (ensure_base_model, ensure_default_data, ensure_default_router,
+                 ensure_demo_adapters):
+        step()
+
+
 def _warm_up(url: str, prompts: list[Prompt], timeout_s: float) -> None:
     """First requests pay lazy start-up (engine loop, adapter loads); keep them off the clock."""
     import httpx
@@ -292,6 +305,7 @@ def run(
     from dlp.paths import cache_dir
     from dlp.paths import data_dir as default_data_dir
 
+    _ensure_embedded_default()
     prompts = load_prompts(data_dir or default_data_dir(cache_dir()), seed=0)
     http_port = free_port()
     config = harness_config(
@@ -311,6 +325,7 @@ def run(
     )
     url = f"http://127.0.0.1:{http_port}"
     timeline: list[dict[str, Any]] = []
+    failed = False
     started = time.perf_counter()
     try:
         gcs = cluster.start()
@@ -374,8 +389,15 @@ def run(
         if "error" in load_out:
             raise load_out["error"]
         result = load_out["result"]
+    except BaseException:
+        failed = True
+        raise
     finally:
-        left = cluster.shutdown()
+        # On failure keep Ray's logs (replica tracebacks live there) next to the report.
+        keep = out.parent / (out.stem + "_ray_logs") if failed else None
+        left = cluster.shutdown(keep_logs=keep)
+        if keep is not None:
+            print(f"run failed; Ray logs kept in {keep}", file=sys.stderr)
         if left:
             print(f"warning: {left} cluster processes survived SIGKILL", file=sys.stderr)
 
@@ -516,7 +538,18 @@ def plot(rep: dict[str, Any], png: Path) -> None:
     plt.close(fig)
 
 
+def _exit_on_sigterm() -> None:
+    """`timeout` and CI cancel with SIGTERM: turn it into SystemExit so `finally` cleans up."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _exit_on_sigterm()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--short", action="store_true", help="the CI preset (about 3 minutes)")
     p.add_argument("--serve-config", type=Path, default=ROOT / "serve_config.yaml")

@@ -183,7 +183,7 @@ class FakeCluster:
                 found.append(proc)
         return found
 
-    def shutdown(self, grace_s: float = 10.0) -> int:
+    def shutdown(self, grace_s: float = 10.0, keep_logs: Path | None = None) -> int:
         """Stop our processes only (SIGTERM, then SIGKILL); returns how many were running."""
         import ray
 
@@ -201,6 +201,9 @@ class FakeCluster:
             if not procs:
                 break
         count = len(procs)
+        if keep_logs is not None and self.temp_dir is not None:
+            for logs in self.temp_dir.glob("session_*/logs"):
+                shutil.copytree(logs, keep_logs, dirs_exist_ok=True)
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
         return count

@@ -32,6 +32,9 @@ class RequestError(Exception):
         super().__init__(status, field, message)
         self.status = status
         self.field = field
+        # The message always names the field, whoever raised it.
+        if field and field.split(".")[0] not in message:
+            message = f"{field}: {message}"
         self.message = message
 
     def __str__(self) -> str:
@@ -46,7 +49,9 @@ class RequestError(Exception):
             409: "conflict_error",
             413: "request_too_large",
             429: "rate_limit_error",
+            500: "server_error",
             503: "overloaded_error",
+            504: "timeout_error",
         }.get(self.status, "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.field, "code": None}}
 

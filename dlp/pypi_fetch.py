@@ -59,8 +59,13 @@ def pip_download(
 
 
 def _run(cmd: list[str], requirement: str, verbose: bool) -> None:
-    proc = subprocess.run(cmd, stdout=None if verbose else subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, check=False)
+    proc = subprocess.run(
+        cmd,
+        stdout=None if verbose else subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         lines = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.strip()]
         errors = [ln for ln in lines if ln.startswith("ERROR")]
@@ -73,7 +78,18 @@ def _pinned_pip(dest: Path, version: str, verbose: bool) -> list[str]:
     wheel = dest / f"pip-{version}-py3-none-any.whl"
     if not wheel.is_file():
         dest.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "-d", str(dest), *([] if verbose else ["-q"]), f"pip=={version}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "-d",
+            str(dest),
+            *([] if verbose else ["-q"]),
+            f"pip=={version}",
+        ]
         _run(cmd, f"pip=={version}", verbose)
     return [sys.executable, str(wheel / "pip")]

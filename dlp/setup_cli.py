@@ -28,8 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--model-only", action="store_true", help="only build the base model")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="cache root (overrides $DLP_CACHE_DIR and ~/.cache/dlp)")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="cache root (overrides $DLP_CACHE_DIR and ~/.cache/dlp)",
+    )
     p.set_defaults(func=run_setup)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from dlp.atomic import partial_path, swap_in
 from dlp.data.tasks import TaskSpec
 from dlp.errors import DlpError
 from dlp.pypi_fetch import pip_download
@@ -26,9 +27,9 @@ log = logging.getLogger(__name__)
 REQUIREMENT = "bigbench==1.0.0"
 SDIST = "bigbench-1.0.0.tar.gz"
 SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
-# Recent pip (26.3 here) refuses any PyPI sdist whose metadata declares a direct URL dependency, even for
-# `pip download --no-deps`; bigbench 1.0.0 declares `bleurt @ file://...`. So the sdist is
-# fetched with the last pip release before that check, run from its wheel.
+# Recent pip (26.3 here) refuses any PyPI sdist whose metadata declares a direct URL
+# dependency, even for `pip download --no-deps`; bigbench 1.0.0 declares `bleurt @ file://...`.
+# So the sdist is fetched with a pip release from before that check, run from its wheel.
 PIP_FOR_SDIST = "25.3"
 ARCHIVE_ENV = "DLP_BIGBENCH_ARCHIVE"  # a local copy of the sdist (offline use, tests)
 MARKER = "extracted.json"
@@ -38,8 +39,17 @@ _MEMBER = re.compile(r"(?:^|/)benchmark_tasks/([^/]+)/(?:([^/]+)/)?task\.json$")
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
-                                     desc="verify archive", disable=None, leave=False) as bar:
+    with (
+        path.open("rb") as fh,
+        tqdm(
+            total=path.stat().st_size,
+            unit="B",
+            unit_scale=True,
+            desc="verify archive",
+            disable=None,
+            leave=False,
+        ) as bar,
+    ):
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             digest.update(chunk)
             bar.update(len(chunk))
@@ -105,14 +115,21 @@ def extract_tasks(
     if _marker_covers(dest, archive_id, names):
         log.info("task files already extracted in %s", dest)
         return dest
-    partial = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    partial = partial_path(dest)
     found: dict[str, int] = {}
     try:
-        with archive.open("rb") as raw, tqdm.wrapattr(
-            raw, "read", total=archive.stat().st_size, desc="extract bigbench tasks",
-            disable=None, leave=False,
-        ) as counted, tarfile.open(fileobj=counted, mode="r|gz") as tar:
+        with (
+            archive.open("rb") as raw,
+            tqdm.wrapattr(
+                raw,
+                "read",
+                total=archive.stat().st_size,
+                desc="extract bigbench tasks",
+                disable=None,
+                leave=False,
+            ) as counted,
+            tarfile.open(fileobj=counted, mode="r|gz") as tar,
+        ):
             for member in tar:
                 m = _MEMBER.search(member.name)
                 if not m or not member.isfile() or m.group(1) not in names:
@@ -142,8 +159,7 @@ def extract_tasks(
     if official:
         marker["sha256"] = SDIST_SHA256
     (partial / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    shutil.rmtree(dest, ignore_errors=True)
-    partial.replace(dest)
+    swap_in(partial, dest)
     return dest
 
 

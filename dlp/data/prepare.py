@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from dlp.atomic import partial_path
 from dlp.data import bigbench
 from dlp.data.examples import Example, task_examples
 from dlp.data.splits import SPLITS, SplitConfig, split_task
@@ -64,9 +65,7 @@ def _extract(root: Path, specs: tuple[TaskSpec, ...], archive: Path | None) -> P
     return bigbench.extract_tasks(sdist, dest, tuple({*POOL, *specs}), official=True)
 
 
-def build_table(
-    task_dir: Path, specs: tuple[TaskSpec, ...], cfg: SplitConfig
-) -> pa.Table:
+def build_table(task_dir: Path, specs: tuple[TaskSpec, ...], cfg: SplitConfig) -> pa.Table:
     rows: dict[str, list[Any]] = {f.name: [] for f in SCHEMA}
     for spec in tqdm(specs, desc="convert tasks", unit="task", disable=None, leave=False):
         examples = task_examples(spec, bigbench.read_task_files(task_dir, spec))
@@ -92,8 +91,12 @@ def _append(rows: dict[str, list[Any]], ex: Example, split: str) -> None:
 
 
 def _settings(specs: tuple[TaskSpec, ...], cfg: SplitConfig) -> dict[str, Any]:
-    return {"format": FORMAT, "source": bigbench.REQUIREMENT,
-            "tasks": [s.name for s in specs], "split": asdict(cfg)}
+    return {
+        "format": FORMAT,
+        "source": bigbench.REQUIREMENT,
+        "tasks": [s.name for s in specs],
+        "split": asdict(cfg),
+    }
 
 
 def _read_meta(out: Path) -> dict[str, Any] | None:
@@ -123,21 +126,26 @@ def prepare(
     local = bigbench.explicit_archive(archive)
     if local is not None:
         settings["archive"] = str(local.resolve())
-    if not force and meta is not None and meta.get("settings") == settings \
-            and (out / PARQUET).is_file():
+    if (
+        not force
+        and meta is not None
+        and meta.get("settings") == settings
+        and (out / PARQUET).is_file()
+    ):
         log.info("task data up to date in %s", out)
         return out
     root = ensure_writable_dir(cache_root or cache_dir())
     out = ensure_writable_dir(out)
     task_dir = _extract(root, specs, archive)
     table = build_table(task_dir, specs, cfg)
-    tmp = out / (PARQUET + ".partial")
+    tmp = partial_path(out / PARQUET)
     pq.write_table(table, tmp)
     tmp.replace(out / PARQUET)
     meta = {"settings": settings, "rows": table.num_rows, "counts": count_table(table)}
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {table.num_rows} examples of {len(specs)} tasks to {out / PARQUET}",
-          file=sys.stderr)
+    print(
+        f"wrote {table.num_rows} examples of {len(specs)} tasks to {out / PARQUET}", file=sys.stderr
+    )
     return out
 
 
@@ -149,8 +157,9 @@ def ensure_default_data(cache_root: Path | None = None) -> Path:
 
 def count_table(table: pa.Table) -> dict[str, dict[str, int]]:
     """{task: {split: count}} in table order."""
-    counts = Counter(zip(table.column("task").to_pylist(), table.column("split").to_pylist(),
-                         strict=True))
+    counts = Counter(
+        zip(table.column("task").to_pylist(), table.column("split").to_pylist(), strict=True)
+    )
     out: dict[str, dict[str, int]] = {}
     for (task, split), n in counts.items():
         out.setdefault(task, {s: 0 for s in SPLITS})[split] = n

@@ -45,7 +45,7 @@ def _edge_tokens(text: str, from_end: bool) -> list[str]:
         return _WORD.findall(text)
     if from_end:
         tail = _WORD.findall(text[-window:])[1:]  # the first token may be a cut word
-        return ["\0", *tail[-(_MAX_WORDS + 2):]]
+        return ["\0", *tail[-(_MAX_WORDS + 2) :]]
     head = [m.group() for m, _ in zip(_WORD.finditer(text), range(_MAX_WORDS + 2), strict=False)]
     return [*head, "\0"]
 
@@ -121,7 +121,7 @@ def drop_harness_prefixes(text: str, fixed: Sequence[str]) -> str:
     for prefix in fixed:
         p = prefix.strip()
         if p and stripped.startswith(p):
-            stripped = stripped[len(p):].lstrip()
+            stripped = stripped[len(p) :].lstrip()
     return stripped
 
 
@@ -133,14 +133,19 @@ def strip_boilerplate(
     min_share: float = 0.9,
 ) -> tuple[list[str], str, str]:
     """Strip one task file's inputs; returns (stripped inputs, removed prefix, removed suffix)."""
-    cleaned = [replace_labels(drop_harness_prefixes(t, harness_prefixes), labels).strip()
-               for t in texts]
+    cleaned = [
+        replace_labels(drop_harness_prefixes(t, harness_prefixes), labels).strip() for t in texts
+    ]
     prefix = common_prefix(cleaned, min_share)
     if prefix:
-        cleaned = [t[len(prefix):].strip() if t.startswith(prefix) and len(t) > len(prefix)
-                   else t for t in cleaned]
+        cleaned = [
+            t[len(prefix) :].strip() if t.startswith(prefix) and len(t) > len(prefix) else t
+            for t in cleaned
+        ]
     suffix = common_suffix(cleaned, min_share)
     if suffix:
-        cleaned = [t[: -len(suffix)].strip() if t.endswith(suffix) and len(t) > len(suffix)
-                   else t for t in cleaned]
+        cleaned = [
+            t[: -len(suffix)].strip() if t.endswith(suffix) and len(t) > len(suffix) else t
+            for t in cleaned
+        ]
     return cleaned, prefix.strip(), suffix.strip()

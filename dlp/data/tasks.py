@@ -50,12 +50,19 @@ POOL: tuple[TaskSpec, ...] = (
     TaskSpec("play_dialog_same_or_different", "mcq"),
     TaskSpec("question_selection", "mcq", labels=("Context:",)),
     TaskSpec("reasoning_about_colored_objects", "mcq"),
-    TaskSpec("tracking_shuffled_objects", "mcq", ("three_objects", "five_objects", "seven_objects")),
+    TaskSpec(
+        "tracking_shuffled_objects", "mcq", ("three_objects", "five_objects", "seven_objects")
+    ),
     TaskSpec(
         "unit_conversion",
         "mcq",
-        ("chained_conversion", "different_systems", "novel_systems", "si_conversion",
-         "unit_identification"),
+        (
+            "chained_conversion",
+            "different_systems",
+            "novel_systems",
+            "si_conversion",
+            "unit_identification",
+        ),
     ),
     TaskSpec("vitaminc_fact_verification", "mcq", labels=("Claim:",)),
     TaskSpec("winowhy", "mcq"),

@@ -43,6 +43,7 @@ class DecodeRunner:
         # Two graphs: with the LoRA delta of every slot, and without it for steps in which no
         # row uses an adapter (then the base model runs at full speed).
         self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.compile_failed = False
 
     @property
     def captured(self) -> bool:
@@ -63,6 +64,20 @@ class DecodeRunner:
         during warm-up are garbage at position 0; every row is prefilled before use."""
         if not self.use_graph:
             return
+        try:
+            self._capture()
+        except Exception:
+            if self.layer_fn is decode_layer:
+                raise
+            # A compiler failure must not take the engine down: graphs of the eager layer
+            # are slower but still correct.
+            log.exception("compiled decode step failed; capturing the eager one instead")
+            self.compile_failed = True
+            self.graphs.clear()
+            self.layer_fn = decode_layer
+            self._capture()
+
+    def _capture(self) -> None:
         rows = self.model.max_batch
         variants = [False] + ([True] if self.row_scales is not None and self.model.lora else [])
         pool = None

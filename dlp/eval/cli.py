@@ -71,6 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON report ({DEFAULT_OUT})")
     p.add_argument("--plots", type=Path, default=None, help="PNG dir (default: next to --out)")
     p.add_argument(
+        "--tasks", default="all", help="comma-separated task names to evaluate, or 'all'"
+    )
+    p.add_argument(
         "--max-per-task",
         type=_positive_int,
         default=None,
@@ -124,6 +127,8 @@ def run_eval(args: argparse.Namespace) -> int:
             return 0
     else:
         routing = RouterOutputs.load(args.router_probs)
+        if args.mixed == 0:
+            routing.mixed = []
     return _evaluate(args, table, test, routing, adapters_dir(root))
 
 

@@ -264,6 +264,14 @@ def evaluate(
             ),
             "systems": {s: _task_scores(ev, queries[t], plans[s][t]) for s in systems},
         }
+        if kind == "generative":  # a few answers to read next to the numbers
+            per_task[t]["samples"] = [
+                {
+                    "reference": q.reference,
+                    **{s: ev.prediction(q, plans[s][t][i]) for s in systems},
+                }
+                for i, q in enumerate(queries[t][:3])
+            ]
     mcq_tasks = [t for t in tasks if per_task[t]["kind"] == "mcq"]
     gen_tasks = [t for t in tasks if per_task[t]["kind"] == "generative"]
 

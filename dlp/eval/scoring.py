@@ -60,7 +60,13 @@ def continuation_logprobs(
     max_rows: int = 256,
     desc: str = "score",
 ) -> list[float]:
-    """Sum over continuation tokens of log p(token | everything before it)."""
+    """Sum over continuation tokens of log p(token | everything before it).
+
+    Rows are left-padded (explicit position ids keep them equal to unpadded rows), so every
+    continuation sits in the last columns and the vocabulary projection runs only there
+    (``logits_to_keep``): with a 49k vocabulary that is most of the memory and a fifth of the
+    FLOPs of a full-length forward.
+    """
     model = mlm.model
     device = next(model.parameters()).device
     lengths = [len(it.prompt_ids) + len(it.continuation_ids) for it in items]
@@ -68,23 +74,28 @@ def continuation_logprobs(
     batches = list(_token_budget_batches(lengths, max_tokens, max_rows))
     for batch in tqdm(batches, desc=desc, leave=False, disable=None):
         width = max(lengths[i] for i in batch)
+        tail = max(len(items[i].continuation_ids) for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, i in enumerate(batch):
             seq = items[i].prompt_ids + items[i].continuation_ids
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         weights = torch.tensor([items[i].weights for i in batch], dtype=torch.float32)
         with mlm.mixing(weights), _autocast(device):
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)
+            logits = model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                logits_to_keep=tail + 1,
+            ).logits  # [rows, tail + 1, vocab]: predictions for the last tail tokens
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        targets = ids[:, width - tail :].to(device)
+        picked = logp.gather(-1, targets[..., None])[..., 0]  # [rows, tail]
         for row, i in enumerate(batch):
-            start = len(items[i].prompt_ids)
-            end = lengths[i]
-            targets = ids[row, start:end].to(device)
-            # logits at position t predict token t+1
-            picked = logp[row, start - 1 : end - 1].gather(-1, targets[:, None])
-            out[i] = float(picked.sum())
+            n = len(items[i].continuation_ids)
+            out[i] = float(picked[row, tail - n :].sum())
     return out
 
 

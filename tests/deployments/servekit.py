@@ -129,6 +129,8 @@ def wait_healthy(url: str, timeout_s: float) -> None:
                 )
                 if g.status_code == 200:
                     return
+                if g.status_code not in (404, 503):  # not a start-up state: fail now
+                    raise RuntimeError(f"app unhealthy: {g.status_code} {g.text}")
                 last = g.text
             else:
                 last = r.status_code

@@ -1,0 +1,34 @@
+"""The fusion benchmark's every code path (variants a-g, scale run, cold loads, report, PNG)
+on tiny versions of its GPU architectures, on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+from dlp.engine.bench_fusion import BenchConfig, main
+
+
+def test_fusion_bench_runs_all_variants(tmp_path):
+    out = tmp_path / "fusion.json"
+    cfg = BenchConfig(device="cpu", shapes=("tiny-qwen2", "tiny-llama3"), batch=6, prompt=8,
+                      new=6, adapters=5, pool_slots=6, repeats=1, g_new=4, g_time_s=5.0,
+                      scale=True, scale_shape="tiny-qwen2", scale_catalogue=40,
+                      scale_requests=12, scale_slots=24, out=str(out))
+    report = main(cfg, command="test")
+    saved = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    for key in ("ratio_dlp_to_base_time", "ratio_dlp_to_peft_mixed_throughput",
+                "decode_step_to_floor", "ratio_1000_to_8_adapters_throughput", "cold_load_ms",
+                "command", "machine", "date"):
+        assert key in saved
+    for shape in cfg.shapes:
+        r = report["shapes"][shape]
+        assert set("abcdefg") <= set(r["variants"])
+        assert r["variants"]["a"]["tokens"] == cfg.batch * cfg.new
+        assert r["variants"]["c"]["tokens"] == cfg.batch * cfg.new
+        assert r["variants"]["f"]["tokens"] == cfg.batch * cfg.new
+        assert saved["ratio_dlp_to_base_time"][shape] > 0
+        assert r["distinct_mixes"] >= 2
+    scale = report["shapes"]["tiny-qwen2"]["scale"]
+    assert scale["40"]["distinct_adapters"] > scale["pool_slots"] or scale["40"]["pool_loads"]
+    assert saved["cold_load_ms"] > 0
