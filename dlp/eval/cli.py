@@ -81,6 +81,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--mixed", type=int, default=200, help="number of mixed-task prompts")
     p.add_argument("--p", type=_probability, default=0.6, help="top-p threshold (0.6)")
+    p.add_argument(
+        "--sweep-per-task",
+        type=_positive_int,
+        default=None,
+        help="run the p sweep on the first N test examples of each task (all)",
+    )
+    p.add_argument(
+        "--batch-tokens",
+        type=_positive_int,
+        default=16384,
+        help="padded tokens per scoring batch (memory / speed)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_eval)
 
@@ -149,7 +161,9 @@ def _evaluate(args, table, test, routing, default_adapters: Path) -> int:
         raise DlpError(f"adapters: missing adapter dir(s) {', '.join(absent[:3])}")
     model, tokenizer = load_model(args.model, args.gguf, args.device)
     mlm = MultiLoraModel.from_dirs(model, dirs, names)
-    settings = EvalSettings(p=args.p)
+    settings = EvalSettings(
+        p=args.p, sweep_per_task=args.sweep_per_task, max_tokens_per_batch=args.batch_tokens
+    )
     caps = answer_caps(examples_from_table(table, "train"), tokenizer, settings.max_new_tokens)
     result = evaluate(mlm, tokenizer, test, routing, settings, caps)
     router_top1 = _router_top1(test, routing)

@@ -45,6 +45,7 @@ class EvalSettings:
     max_part_tokens: int = 160  # per part of a mixed prompt
     max_tokens_per_batch: int = 16384
     max_rows: int = 256
+    sweep_per_task: int | None = None  # the p sweep on the first N test examples of each task
 
 
 @dataclass(frozen=True)
@@ -141,12 +142,16 @@ class Evaluator:
             else:
                 gens.setdefault(q.max_new_tokens, []).append((k, GenerateItem(q.prompt_ids, w)))
         s = self.settings
+        t0 = time.monotonic()
         if items:
             scores = continuation_logprobs(
                 self.mlm, items, self.pad_id, s.max_tokens_per_batch, s.max_rows, desc="mcq"
             )
             for k, v in zip(owners, scores, strict=True):
                 self._scores.setdefault(k, []).append(v)
+        t1 = time.monotonic()
+        self.stats["mcq_sequences"] = self.stats.get("mcq_sequences", 0) + len(items)
+        self.stats["mcq_seconds"] = round(self.stats.get("mcq_seconds", 0) + t1 - t0, 1)
         for max_new, group in sorted(gens.items()):
             outs = greedy_generate(
                 self.mlm,
@@ -154,11 +159,15 @@ class Evaluator:
                 self.pad_id,
                 self.stop_ids,
                 max_new,
-                max_rows=max(1, s.max_rows // 2),
+                max_rows=s.max_rows,
                 desc=f"generate<= {max_new}",
             )
             for (k, _), toks in zip(group, outs, strict=True):
                 self._texts[k] = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+            self.stats["generations"] = self.stats.get("generations", 0) + len(group)
+        self.stats["generate_seconds"] = round(
+            self.stats.get("generate_seconds", 0) + time.monotonic() - t1, 1
+        )
 
     def mcq_correct(self, q: Query, mix: Mix) -> bool:
         return metrics.argmax(self._scores[(q.key, mix_key(mix))]) == q.gold
@@ -231,12 +240,12 @@ def evaluate(
             t: [system_mix(system, t, pr, labels, settings.p) for pr in probs[t]] for t in tasks
         }
     sweep_plans: dict[str, dict[str, list[Mix]]] = {}
-    for weighting, name in (("softmax", "dlp"), ("renorm", "dlp_renorm")):
+    cap = settings.sweep_per_task
+    for name in ("dlp", "dlp_renorm"):
         for p in settings.sweep:
             sweep_plans[f"{name}@{p:g}"] = {
-                t: [system_mix(name, t, pr, labels, p) for pr in probs[t]] for t in tasks
+                t: [system_mix(name, t, pr, labels, p) for pr in probs[t][:cap]] for t in tasks
             }
-        del weighting
 
     # Mixed-task prompts: each part is a query; mixes per system.
     index = {example_key(ex): ex for ex in test}
@@ -246,7 +255,7 @@ def evaluate(
 
     for plan in (*plans.values(), *sweep_plans.values()):
         for t in tasks:
-            for q, mix in zip(queries[t], plan[t], strict=True):
+            for q, mix in zip(queries[t], plan[t], strict=False):  # sweep: first `cap` only
                 ev.want(q, mix)
     for q, mixes in mixed_q:
         for mix in mixes.values():
@@ -281,7 +290,7 @@ def evaluate(
     by_system = {s: {t: per_task[t]["systems"][s] for t in tasks} for s in systems}
     sweep: dict[str, Any] = {}
     for name, plan in sweep_plans.items():
-        scores = {t: _task_scores(ev, queries[t], plan[t]) for t in tasks}
+        scores = {t: _task_scores(ev, queries[t][: len(plan[t])], plan[t]) for t in tasks}
         sizes = [len(m) for t in tasks for m in plan[t]]
         sweep[name] = {
             "mcq_accuracy": avg(scores, "accuracy", mcq_tasks),
@@ -317,6 +326,7 @@ def evaluate(
         "generative_tasks": gen_tasks,
         "test_examples": n_test,
         "settings": asdict(settings),
+        "sweep_examples": sum(len(v) for v in next(iter(sweep_plans.values()), {}).values()),
     }
     _mixed_results(ev, mixed_q, result)
     result["evaluator"] = {**ev.stats, "seconds": round(time.monotonic() - started, 1)}

@@ -75,6 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="cap on steps per task adapter (default 300)",
     )
     p.add_argument("--composite-max-steps", type=_positive_int, default=3000)
+    p.add_argument("--composite-batch-size", type=_positive_int, default=16)
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--lr", type=_positive_float, default=1e-3)
     p.add_argument(
@@ -114,7 +115,11 @@ def run_train_adapters(args: argparse.Namespace) -> int:
         train = _cap_per_task(train, args.max_train_examples)
     plan = TrainPlan()
     task_recipe = replace(plan.task, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    composite = None if args.no_composite else replace(plan.composite, seed=args.seed)
+    composite = (
+        None
+        if args.no_composite
+        else replace(plan.composite, seed=args.seed, batch_size=args.composite_batch_size)
+    )
     plan = replace(
         plan,
         task=task_recipe,

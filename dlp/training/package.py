@@ -102,3 +102,51 @@ def copy_set(src: Path, dest: Path) -> dict[str, Any]:
         partial.rename(dest / name)
     shutil.copyfile(src / MANIFEST, dest / MANIFEST)
     return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dlp.training.package SRC DEST``: turn a ``dlp train-adapters`` output dir
+    into a shipped set (task adapters only; the composite is an evaluation baseline)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("src", type=Path, help="dir written by dlp train-adapters")
+    parser.add_argument("dest", type=Path, help="e.g. dlp/assets/adapters")
+    parser.add_argument(
+        "--quality",
+        type=Path,
+        default=None,
+        help="quality.json whose headline numbers go into the manifest",
+    )
+    parser.add_argument("--note", default="", help="free text: machine, run")
+    args = parser.parse_args(argv)
+    try:
+        training = json.loads((args.src / "training.json").read_text())
+        names = [n for n in training["tasks"]]
+        info: dict[str, Any] = {
+            "kind": "trained",
+            "command": training.get("command", ""),
+            "recipe": training.get("plan", {}),
+            "training_seconds": training.get("seconds"),
+            "steps": {n: training["adapters"][n]["steps"] for n in names},
+            "final_loss": {n: training["adapters"][n]["last_loss"] for n in names},
+            "note": args.note,
+        }
+        if args.quality is not None:
+            quality = json.loads(args.quality.read_text())
+            info["quality"] = {
+                k: quality.get(k)
+                for k in ("router_top1", "mcq_accuracy", "generative_rougeL", "mixed_task")
+            }
+        write_set(args.src, args.dest, names, info)
+        verify_set(args.dest)
+    except (OSError, KeyError, ValueError, DlpError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(names)} adapters packaged into {args.dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

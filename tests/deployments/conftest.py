@@ -44,6 +44,7 @@ def ray_cluster() -> Iterator[int]:
 
     port = free_port()
     ray.init(
+        address="local",  # a new cluster, never one a `ray start` left behind
         num_cpus=4,
         include_dashboard=False,
         log_to_driver=False,
@@ -68,3 +69,14 @@ def served(ray_cluster: int, assets: Assets) -> Served:
     url = f"http://127.0.0.1:{ray_cluster}"
     wait_healthy(url, timeout_s=300)
     return Served(url=url, assets=assets)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests with their own Ray cluster run first, before the session cluster exists."""
+    own = [i for i in items if i.get_closest_marker("own_cluster")]
+    rest = [i for i in items if not i.get_closest_marker("own_cluster")]
+    items[:] = own + rest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "own_cluster: starts its own Ray cluster (runs first)")

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from servekit import ADMIN_TOKEN, Served, meta_base_shapes, base_model_dir, write_adapter
+from servekit import ADMIN_TOKEN, Served, base_model_dir, meta_base_shapes, write_adapter
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
 
@@ -68,8 +68,9 @@ def uploads(served: Served) -> Path:
     # Right file names, garbage inside.
     broken = up / "broken"
     broken.mkdir(exist_ok=True)
-    (broken / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16,
-                                                            "target_modules": ["q_proj"]}))
+    (broken / "adapter_config.json").write_text(
+        json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]})
+    )
     save_file({"junk": torch.zeros(2)}, str(broken / "adapter_model.safetensors"))
 
     # A symlink inside the root that points outside it.
@@ -119,8 +120,11 @@ def test_registration_refusals(
     assert words in err["message"], err["message"]
     # Nothing half-registered: not listed, not usable.
     assert listed(served) == before
-    r = httpx.post(f"{served.url}/v1/completions",
-                   json={"model": "candidate", "prompt": "hi", "max_tokens": 1}, timeout=60)
+    r = httpx.post(
+        f"{served.url}/v1/completions",
+        json={"model": "candidate", "prompt": "hi", "max_tokens": 1},
+        timeout=60,
+    )
     assert r.status_code == 404
 
 
@@ -131,8 +135,11 @@ def test_register_use_duplicate_replace_delete(served: Served, uploads: Path) ->
     assert "fresh" in listed(served)
     models = httpx.get(f"{served.url}/v1/models", timeout=60).json()
     assert "fresh" in {m["id"] for m in models["data"]}
-    gen = httpx.post(f"{served.url}/v1/completions",
-                     json={"model": "fresh", "prompt": "Hi", "max_tokens": 2}, timeout=120)
+    gen = httpx.post(
+        f"{served.url}/v1/completions",
+        json={"model": "fresh", "prompt": "Hi", "max_tokens": 2},
+        timeout=120,
+    )
     assert gen.status_code == 200 and gen.json()["dlp"]["mix"] == {"fresh": 1.0}
 
     dup = register(served, {"name": "fresh", "path": "uploads/good2"})
@@ -146,8 +153,11 @@ def test_register_use_duplicate_replace_delete(served: Served, uploads: Path) ->
     assert delete(served, "fresh").status_code == 200
     assert "fresh" not in listed(served)
     assert delete(served, "fresh").status_code == 404
-    gone = httpx.post(f"{served.url}/v1/completions",
-                      json={"model": "fresh", "prompt": "Hi", "max_tokens": 2}, timeout=60)
+    gone = httpx.post(
+        f"{served.url}/v1/completions",
+        json={"model": "fresh", "prompt": "Hi", "max_tokens": 2},
+        timeout=60,
+    )
     assert gone.status_code == 404
 
 
@@ -159,9 +169,15 @@ def test_register_and_delete_while_requests_run(served: Served, uploads: Path) -
     def load() -> None:
         with httpx.Client(timeout=120) as client:
             while not stop.is_set():
-                r = client.post(f"{served.url}/v1/completions",
-                                json={"model": "dlp", "adapters": {"alpha": 1, "beta": 1},
-                                      "prompt": "Tell me", "max_tokens": 4})
+                r = client.post(
+                    f"{served.url}/v1/completions",
+                    json={
+                        "model": "dlp",
+                        "adapters": {"alpha": 1, "beta": 1},
+                        "prompt": "Tell me",
+                        "max_tokens": 4,
+                    },
+                )
                 results.append(r.status_code)
 
     threads = [threading.Thread(target=load) for _ in range(3)]
@@ -171,8 +187,11 @@ def test_register_and_delete_while_requests_run(served: Served, uploads: Path) -
         for i in range(3):
             name = f"churn{i}"
             assert register(served, {"name": name, "path": "uploads/good2"}).status_code == 201
-            r = httpx.post(f"{served.url}/v1/completions",
-                           json={"model": name, "prompt": "Hi", "max_tokens": 2}, timeout=120)
+            r = httpx.post(
+                f"{served.url}/v1/completions",
+                json={"model": name, "prompt": "Hi", "max_tokens": 2},
+                timeout=120,
+            )
             assert r.status_code == 200, r.text
             assert delete(served, name).status_code == 200
     finally:

@@ -21,8 +21,12 @@ pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
 def _complete(url: str, model: str, max_tokens: int) -> dict:
     r = httpx.post(
         f"{url}/v1/completions",
-        json={"model": model, "prompt": "Write a short story about a cat.",
-              "max_tokens": max_tokens, "temperature": 0},
+        json={
+            "model": model,
+            "prompt": "Write a short story about a cat.",
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        },
         timeout=300,
     )
     assert r.status_code == 200, r.text

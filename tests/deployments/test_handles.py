@@ -48,6 +48,6 @@ def test_readme_handle_example_runs(served: Served) -> None:
     assert match, "README lacks the handle example block"
     code = match.group(1)
     namespace: dict = {}
-    exec(compile(code, "README-handle-example", "exec"), namespace)  # noqa: S102
+    exec(compile(code, "README-handle-example", "exec"), namespace)
     assert namespace["response"].dlp.mix_key
     assert namespace["routes"].decisions

@@ -148,3 +148,25 @@ def test_openai_client_completions_and_chat_streaming(served: Served) -> None:
     streamed = "".join(c.choices[0].text for c in text_stream if c.choices)
     plain = client.completions.create(model="gamma", prompt="Once upon a time", max_tokens=4)
     assert streamed == plain.choices[0].text
+
+
+def test_sentence_level_routing_runs_and_reports_switches(served: Served) -> None:
+    """routing=sentence re-routes at sentence ends through the router deployment; whatever
+    the router decides, the response lists the switches made (possibly none)."""
+    r = _post(
+        served,
+        "/v1/completions",
+        {
+            "model": "dlp",
+            "prompt": "First. Second. Third.",
+            "max_tokens": 24,
+            "routing": "sentence",
+            "stop": ["\n\n"],
+        },
+    )
+    assert r.status_code == 200, r.text
+    dlp = r.json()["dlp"]
+    assert dlp["source"] == "routed"
+    assert isinstance(dlp["switches"], list)
+    for s in dlp["switches"]:
+        assert s["at_token"] >= 1 and s["mix_key"]

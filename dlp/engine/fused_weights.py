@@ -1,0 +1,119 @@
+"""Merged decode weights: fewer, larger GEMMs per layer (the decode step is launch-bound at
+small model sizes, so kernel count matters as much as bytes).
+
+Per layer:
+  w_in  [q + k + v + T*S*R, hidden]: the q/k/v projections stacked, then the LoRA A rows of
+        every pool slot for the T attention projections the pool targets. One GEMM gives
+        q, k, v and every slot's LoRA hidden state at once.
+  bt    [T*S*R, q + k + v]: the slots' B matrices (transposed) as a block-diagonal matrix, so a
+        second GEMM maps the row-scaled hidden states back onto q/k/v.
+  w_gu  [2 * intermediate, hidden]: gate and up stacked.
+
+The HF modules' own parameters are re-pointed at slices of these buffers (no second copy;
+transformers/PEFT keep working on the same weights). The LoRA parts are engine-owned copies
+of the pool's slots, refreshed by :meth:`FusedDecodeWeights.refresh_slots` whenever the engine
+pins adapters (a few small copies per admission).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+ATTN_INPUTS = ("q_proj", "k_proj", "v_proj")
+
+
+@dataclass
+class FusedLayer:
+    w_in: torch.Tensor
+    b_in: torch.Tensor | None
+    w_gu: torch.Tensor
+    bt: torch.Tensor | None  # None when the pool targets none of q/k/v
+    qkv_sizes: tuple[int, int, int]
+    targets: tuple[int, ...]  # indices into ATTN_INPUTS with LoRA rows in w_in
+
+    @property
+    def qkv(self) -> int:
+        return sum(self.qkv_sizes)
+
+    def base_in(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The q/k/v rows only (the decode step of a batch without adapters)."""
+        b = self.b_in[: self.qkv] if self.b_in is not None else None
+        return self.w_in[: self.qkv], b
+
+
+def _rebind(module: nn.Linear, name: str, view: torch.Tensor) -> None:
+    param = getattr(module, name)
+    view.copy_(param.data)
+    param.data = view
+
+
+def fuse_layer(
+    modules: Mapping[str, nn.Linear],
+    prefix_attn: str,
+    lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+) -> FusedLayer:
+    q, k, v = (modules[n] for n in ATTN_INPUTS)
+    sizes = (q.out_features, k.out_features, v.out_features)
+    qkv = sum(sizes)
+    hidden = q.in_features
+    weight = q.weight
+    targets = tuple(i for i, n in enumerate(ATTN_INPUTS) if f"{prefix_attn}.{n}" in lora)
+    slot_rows = 0
+    if targets:
+        a0 = lora[f"{prefix_attn}.{ATTN_INPUTS[targets[0]]}"][0]
+        slot_rows = a0.shape[0] * a0.shape[1]  # S * R
+    w_in = torch.zeros(qkv + len(targets) * slot_rows, hidden, dtype=weight.dtype,
+                       device=weight.device)
+    has_bias = any(m.bias is not None for m in (q, k, v))
+    b_in = (torch.zeros(w_in.shape[0], dtype=weight.dtype, device=weight.device)
+            if has_bias else None)
+    offset = 0
+    for module, size in zip((q, k, v), sizes, strict=True):
+        _rebind(module, "weight", w_in[offset : offset + size])
+        if module.bias is not None:
+            _rebind(module, "bias", b_in[offset : offset + size])
+        offset += size
+    gate, up = modules["gate_proj"], modules["up_proj"]
+    w_gu = torch.empty(gate.out_features + up.out_features, hidden, dtype=weight.dtype,
+                       device=weight.device)
+    _rebind(gate, "weight", w_gu[: gate.out_features])
+    _rebind(up, "weight", w_gu[gate.out_features :])
+    bt = None
+    if targets:
+        bt = torch.zeros(len(targets) * slot_rows, qkv, dtype=weight.dtype, device=weight.device)
+    return FusedLayer(w_in, b_in, w_gu, bt, sizes, targets)
+
+
+def slot_copies(
+    layer: FusedLayer,
+    prefix_attn: str,
+    lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    slots: Iterable[int] | None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(destinations, sources) that bring ``slots`` (None: all) of the pool into ``layer``."""
+    dst: list[torch.Tensor] = []
+    src: list[torch.Tensor] = []
+    if layer.bt is None:
+        return dst, src
+    offsets = [0, layer.qkv_sizes[0], layer.qkv_sizes[0] + layer.qkv_sizes[1]]
+    for t, index in enumerate(layer.targets):
+        a, b = lora[f"{prefix_attn}.{ATTN_INPUTS[index]}"]  # [S, R, in], [S, out, R]
+        n_slots, rank, _ = a.shape
+        out = layer.qkv_sizes[index]
+        rows = layer.w_in[layer.qkv + t * n_slots * rank : layer.qkv + (t + 1) * n_slots * rank]
+        rows = rows.view(n_slots, rank, -1)
+        block = layer.bt[t * n_slots * rank : (t + 1) * n_slots * rank]
+        block = block[:, offsets[index] : offsets[index] + out].unflatten(0, (n_slots, rank))
+        b_t = b.transpose(1, 2)  # [S, R, out]
+        if slots is None:
+            dst += [rows, block]
+            src += [a, b_t]
+        else:
+            for s in slots:
+                dst += [rows[s], block[s]]
+                src += [a[s], b_t[s]]
+    return dst, src

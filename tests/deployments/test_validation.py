@@ -1,0 +1,155 @@
+"""The edge rules without Ray: admin token, adapter paths, config limits, app config."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from deployments.api_models import CompletionRequest, RequestError
+from deployments.validation import (
+    check_admin,
+    enforce_limits,
+    explicit_mix,
+    from_validation_error,
+    resolve_under_root,
+)
+from dlp.config import AppConfig, ServingLimits, deep_merge, load_app_config, parse_set_option
+from dlp.errors import DlpError
+
+
+def test_admin_token_rules() -> None:
+    check_admin("Bearer s3cret", expected="s3cret")
+    check_admin("bearer s3cret", expected="s3cret")
+    with pytest.raises(RequestError) as e:
+        check_admin(None, expected="s3cret")
+    assert e.value.status == 401
+    with pytest.raises(RequestError) as e:
+        check_admin("Token s3cret", expected="s3cret")
+    assert e.value.status == 401
+    with pytest.raises(RequestError) as e:
+        check_admin("Bearer s3cre", expected="s3cret")
+    assert e.value.status == 403
+    with pytest.raises(RequestError) as e:  # nothing configured: closed, not open
+        check_admin("Bearer anything", expected="")
+    assert e.value.status == 403
+
+
+def _adapter_dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text("{}")
+    (path / "adapter_model.safetensors").write_bytes(b"")
+    return path
+
+
+def test_resolve_under_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    good = _adapter_dir(root / "team" / "a")
+    assert resolve_under_root("team/a", root) == good.resolve()
+    outside = _adapter_dir(tmp_path / "outside")
+    os.symlink(outside, root / "link")
+    linked_file = _adapter_dir(root / "b")
+    (linked_file / "adapter_model.safetensors").unlink()
+    os.symlink(outside / "adapter_model.safetensors", linked_file / "adapter_model.safetensors")
+    pickled = _adapter_dir(root / "p")
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04")
+    cases = {
+        "../outside": (400, ".."),
+        "team/../../outside": (400, ".."),
+        str(outside): (400, "relative"),
+        "~/x": (400, "relative"),
+        "link": (400, "adapter root"),
+        "b": (400, "symlink"),
+        "p": (400, "pickle"),
+        "nothing": (404, "no adapter directory"),
+        "a\x00b": (400, "NUL"),
+    }
+    for raw, (status, words) in cases.items():
+        with pytest.raises(RequestError) as e:
+            resolve_under_root(raw, root)
+        assert e.value.status == status, raw
+        assert e.value.field == "path"
+        assert words in e.value.message, (raw, e.value.message)
+
+
+def test_enforce_limits_and_mix() -> None:
+    limits = ServingLimits(
+        max_tokens_cap=10,
+        default_max_tokens=4,
+        max_stop_strings=1,
+        max_adapters_per_mix=2,
+        max_context_tokens=64,
+    )
+    assert enforce_limits(CompletionRequest(prompt="x"), limits) == 4
+    assert enforce_limits(CompletionRequest(prompt="x", max_tokens=10), limits) == 10
+    for req, field in [
+        (CompletionRequest(prompt="x", max_tokens=11), "max_tokens"),
+        (CompletionRequest(prompt="x", stop=["a", "b"]), "stop"),
+        (CompletionRequest(prompt="x", stop=["a" * 65]), "stop"),
+    ]:
+        with pytest.raises(RequestError) as e:
+            enforce_limits(req, limits)
+        assert e.value.field == field
+    assert explicit_mix({"a": 1, "b": 3}, limits).as_dict() == {"a": 0.25, "b": 0.75}
+    with pytest.raises(RequestError) as e:
+        explicit_mix({"a": 1, "b": 1, "c": 1}, limits)
+    assert e.value.field == "adapters" and "at most 2" in e.value.message
+
+
+def test_validation_errors_name_the_field() -> None:
+    for payload, field in [
+        ({"prompt": 3}, "prompt"),
+        ({"prompt": "x", "stream": "maybe"}, "stream"),
+        ({"prompt": "x", "stop": 5}, "stop"),
+        ({"prompt": "x", "adapters": {"a": "b"}}, "adapters.a"),
+        ({}, "prompt"),
+    ]:
+        with pytest.raises(ValidationError) as e:
+            CompletionRequest.model_validate(payload)
+        err = from_validation_error(e.value)
+        assert err.status == 400 and err.field == field, (payload, err)
+
+
+def test_limits_are_consistent() -> None:
+    with pytest.raises(ValidationError):
+        ServingLimits(max_tokens_cap=1024, max_context_tokens=1024)
+    with pytest.raises(ValidationError):
+        ServingLimits(default_max_tokens=100, max_tokens_cap=50)
+    with pytest.raises(ValidationError):
+        AppConfig.model_validate({"limits": {"max_body_bytes": 10}})
+    with pytest.raises(ValidationError):
+        AppConfig.model_validate({"engine": {"model": "/m", "shape": "qwen2-1.5b"}})
+    with pytest.raises(ValidationError):
+        AppConfig.model_validate({"worker": {"no_such_field": 1}})
+
+
+def test_app_args_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DLP_APP_ARGS", json.dumps({"worker": {"num_gpus": 1}}))
+    cfg = load_app_config({"worker": {"num_cpus": 2}, "engine": {"device": "cpu"}})
+    assert cfg.worker.num_gpus == 1 and cfg.worker.num_cpus == 2
+    monkeypatch.setenv("DLP_APP_ARGS", "{not json")
+    with pytest.raises(DlpError, match="DLP_APP_ARGS"):
+        load_app_config({})
+
+
+def test_set_option_parsing() -> None:
+    assert parse_set_option("worker.num_gpus=1") == {"worker": {"num_gpus": 1}}
+    assert parse_set_option("engine.device=cuda") == {"engine": {"device": "cuda"}}
+    assert parse_set_option("router_dir=") == {"router_dir": None}
+    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
+    for bad in ("novalue", "=1", "a..b=1"):
+        with pytest.raises(DlpError):
+            parse_set_option(bad)
+
+
+def test_serve_config_yaml_is_a_valid_app_config() -> None:
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "serve_config.yaml").read_text())
+    (app,) = config["applications"]
+    assert app["name"] == "dlp" and app["import_path"] == "deployments.app:build_app"
+    cfg = AppConfig.model_validate(app["args"])
+    assert cfg.worker.num_gpus == 0 and cfg.engine.device == "cpu"
