@@ -29,7 +29,9 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_cluster import FakeCluster, NodeType, free_port, wait_for
 
+from dlp.errors import DlpError
 from dlp.loadgen import (
     Prompt,
     RequestRecord,
@@ -118,7 +121,7 @@ def harness_config(
     cfg["http_options"] = {**cfg.get("http_options", {}), "host": "127.0.0.1", "port": http_port}
     apps = [a for a in cfg["applications"] if a["name"] == app_name]
     if not apps:
-        raise SystemExit(f"serve config has no application named {app_name!r}")
+        raise DlpError(f"serve config: no application named {app_name!r}")
     cfg["applications"] = apps
     app = apps[0]
     args = app.setdefault("args", {})
@@ -127,7 +130,7 @@ def harness_config(
     deployments = app.setdefault("deployments", [])
     entry = next((d for d in deployments if d["name"] == worker), None)
     if entry is None or not entry.get("autoscaling_config"):
-        raise SystemExit(f"serve config has no autoscaling_config for {worker!r}")
+        raise DlpError(f"serve config: no autoscaling_config for deployment {worker!r}")
     auto = entry["autoscaling_config"]
     auto["max_replicas"] = plan.max_nodes
     for key in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s"):
@@ -212,6 +215,8 @@ class Sampler:
             "queue": self.queue(),
             "in_flight": self.sent - len(recs),
             "completed_window": len(done),
+            # worker replicas that answered in the window (each answer names its replica)
+            "replicas_serving": len({r.replica for r in ok if r.replica}),
             "p50_ms": lat["p50"],
             "p99_ms": lat["p99"],
             "errors_window": len(done) - len(ok),
@@ -251,17 +256,46 @@ def _load_thread(
     return thread
 
 
-def _ensure_embedded_default() -> None:
-    """What `dlp setup` builds (model, data, router, demo adapters), built here if missing, so
-    the app's builder inside the cluster only finds them (each step is a no-op when done)."""
-    from dlp.base_model import ensure_base_model
-    from dlp.data.prepare import ensure_default_data
-    from dlp.routing.train import ensure_default_router
-    from dlp.training.demo_adapters import ensure_demo_adapters
+def _default_assets_ready() -> bool:
+    from dlp.paths import adapters_dir, cache_dir, router_dir
 
-    for step in (ensure_base_model, ensure_default_data, ensure_default_router,
-                 ensure_demo_adapters):
-        step()
+    root = cache_dir()
+    return (router_dir(root) / "router.json").is_file() and any(
+        adapters_dir(root).glob("*/adapter_model.safetensors")
+    )
+
+
+def _quick_assets(where: Path, tasks: list[str]) -> dict[str, str]:
+    """Random PEFT adapters (one per task) and an untrained MiniMLP router over them, on the
+    embedded default model: the same files and code paths as trained ones, made in seconds.
+
+    Used when `dlp setup` has not trained the default router and adapters yet (tens of minutes
+    on 2 shared cores). Autoscaling depends on the load, not on what the adapters learnt.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dlp.base_model import ensure_base_model
+    from dlp.lora.adapter import base_linear_shapes, random_adapter, save_adapter
+    from dlp.routing.router import MiniMLPRouter, RouterConfig, load_tokenizer
+
+    model_dir = ensure_base_model()
+    with torch.device("meta"):  # shapes only, no weights
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    shapes = base_linear_shapes(model)
+    root = where / "adapter_root"
+    for i, task in enumerate(tasks):
+        adapter = random_adapter(task, shapes, rank=8, seed=i + 1, b_std=0.02)
+        save_adapter(adapter, root / "initial" / task, base_model_name="SmolLM2-135M-Instruct")
+    tokenizer = load_tokenizer(model_dir)
+    torch.manual_seed(0)
+    config = RouterConfig(vocab_size=len(tokenizer), embed_dim=16, hash_buckets=256, hidden=(32,))
+    router = MiniMLPRouter(tasks, tokenizer, config, tokenizer_ref=str(model_dir))
+    return {
+        "adapters_dir": str(root / "initial"),
+        "adapter_root": str(root),
+        "router_dir": str(router.save(where / "router")),
+    }
 
 
 def _warm_up(url: str, prompts: list[Prompt], timeout_s: float) -> None:
@@ -296,21 +330,31 @@ def run(
     worker: str,
     data_dir: Path | None,
     command: str,
+    assets: str = "auto",
 ) -> dict[str, Any]:
     import ray
     from ray.serve._private import api as serve_api
     from ray.serve.config import ProxyLocation
     from ray.serve.schema import ServeDeploySchema
 
-    from dlp.paths import cache_dir
-    from dlp.paths import data_dir as default_data_dir
+    from dlp.base_model import ensure_base_model
+    from dlp.data.prepare import ensure_default_data
 
-    _ensure_embedded_default()
-    prompts = load_prompts(data_dir or default_data_dir(cache_dir()), seed=0)
+    ensure_base_model()
+    prompts = load_prompts(data_dir or ensure_default_data(), seed=0)
     http_port = free_port()
     config = harness_config(
         yaml.safe_load(serve_config_path.read_text()), plan, http_port, app_name, worker
     )
+    scratch: Path | None = None
+    if assets == "quick" or (assets == "auto" and not _default_assets_ready()):
+        assets_used = "quick: random adapters + untrained router on the embedded model"
+        scratch = Path(tempfile.mkdtemp(prefix="dlp-harness-"))
+        tasks = sorted({p.task for p in prompts})[:4]
+        prompts = [p for p in prompts if p.task in tasks]
+        config["applications"][0]["args"].update(_quick_assets(scratch, tasks))
+    else:
+        assets_used = "cache: the trained default router and demo adapters (dlp setup)"
     schema = ServeDeploySchema.model_validate(config)
     cluster = FakeCluster(
         # Ingress, router and registry ask for fractions of a CPU; the head hosts them (the
@@ -395,42 +439,40 @@ def run(
     finally:
         # On failure keep Ray's logs (replica tracebacks live there) next to the report.
         keep = out.parent / (out.stem + "_ray_logs") if failed else None
+        temp_dir = str(cluster.temp_dir)
         left = cluster.shutdown(keep_logs=keep)
         if keep is not None:
             print(f"run failed; Ray logs kept in {keep}", file=sys.stderr)
         if left:
             print(f"warning: {left} cluster processes survived SIGKILL", file=sys.stderr)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
-    return build_report(
-        timeline,
-        result,
-        plan,
-        config,
-        app_name,
-        worker,
-        command,
-        load_started,
-        load_ended,
-        start_replicas,
-        start_nodes,
-        ready_s,
-    )
+    meta = {
+        "command": command,
+        "app_name": app_name,
+        "assets": assets_used,
+        "ready_s": ready_s,
+        "load_started": load_started,
+        "load_ended": load_ended,
+        "start_replicas": start_replicas,
+        "start_nodes": start_nodes,
+        # what the clean-up left: the CI test checks that nothing of this cluster survives
+        "cluster_temp_dir": temp_dir,
+        "processes_left": left,
+    }
+    return build_report(timeline, result, plan, config, worker, meta)
 
 
 def build_report(
     timeline: list[dict[str, Any]],
     result: Any,
     plan: Plan,
-    config: dict,
-    app_name: str,
+    config: dict[str, Any],
     worker: str,
-    command: str,
-    load_started: float,
-    load_ended: float,
-    start_replicas: int,
-    start_nodes: int,
-    ready_s: float,
+    meta: dict[str, Any],
 ) -> dict[str, Any]:
+    start_replicas, start_nodes = meta["start_replicas"], meta["start_nodes"]
     peak_r = max(s["replicas"] for s in timeline)
     peak_n = max(s["nodes"] for s in timeline)
     final = timeline[-1]
@@ -444,20 +486,28 @@ def build_report(
     ]
     return clean_nans(
         {
-            "command": command,
+            "command": meta["command"],
             "machine": f"{platform.node()}: {platform.machine()}, {os.cpu_count()} CPUs",
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "what": "Serve replica autoscaling + Ray autoscaler on a fake multi-node cluster "
             "(GPU nodes advertise GPU: 1; engines run on the CPU)",
             "app": {
-                "name": app_name,
+                "name": meta["app_name"],
                 "import_path": config["applications"][0]["import_path"],
                 "worker_deployment": worker,
                 "autoscaling_config": auto,
             },
             "plan": plan.__dict__,
-            "ready_s": ready_s,
-            "load": {"started_t": load_started, "ended_t": load_ended, **summary},
+            "assets": meta["assets"],
+            "cluster_temp_dir": meta["cluster_temp_dir"],
+            "processes_left": meta["processes_left"],
+            "ready_s": meta["ready_s"],
+            "load": {"started_t": meta["load_started"], "ended_t": meta["load_ended"], **summary},
+            # every answer reports its adapter mix: proof the requests ran the routed app
+            "replicas_served": len({r.replica for r in result.records if r.ok and r.replica}),
+            "mixes_served": len(
+                {json.dumps(r.mix, sort_keys=True) for r in result.records if r.ok and r.mix}
+            ),
             "start": {"replicas": start_replicas, "nodes": start_nodes},
             "peak": {
                 "replicas": peak_r,
@@ -500,6 +550,14 @@ def plot(rep: dict[str, Any], png: Path) -> None:
     ax = axes[0]
     ax.step(t, [s["replicas"] for s in tl], where="post", label="worker replicas (running)")
     ax.step(t, [s["nodes"] for s in tl], where="post", label="GPU nodes (alive)", ls="--")
+    ax.step(
+        t,
+        [s["replicas_pending"] for s in tl],
+        where="post",
+        label="replicas starting",
+        ls=":",
+        color="grey",
+    )
     ax.set_ylabel("count")
     ax.legend(loc="upper right")
     ax.set_title(rep["what"], fontsize=9)
@@ -561,13 +619,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=None)
     p.add_argument("--rate", type=float, default=None, help="open loop instead (req/s)")
     p.add_argument("--load-s", type=float, default=None)
+    p.add_argument(
+        "--assets",
+        choices=["auto", "cache", "quick"],
+        default="auto",
+        help="router + adapters: cache = trained ones from `dlp setup`; quick = random adapters"
+        " and an untrained router made on the spot; auto = cache when built, else quick",
+    )
     args = p.parse_args(argv)
     plan = copy.deepcopy(PRESETS["short" if args.short else "full"])
     for key in ("max_nodes", "concurrency", "rate", "load_s"):
         if getattr(args, key) is not None:
             setattr(plan, key, getattr(args, key))
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(argv)
-    rep = run(plan, args.serve_config, args.out, args.app, args.worker, args.data_dir, command)
+    rep = run(
+        plan,
+        args.serve_config,
+        args.out,
+        args.app,
+        args.worker,
+        args.data_dir,
+        command,
+        args.assets,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rep, indent=1, allow_nan=False))
     png = args.out.with_suffix(".png")

@@ -35,6 +35,7 @@ from dlp.engine.types import (
     SamplingParams,
 )
 from dlp.errors import AdapterValidationError, DlpError, InvalidMixError
+from dlp.lora.pool import AdapterInUseError
 from dlp.routing.mix import AdapterMix
 
 log = logging.getLogger("ray.serve")
@@ -162,6 +163,10 @@ class LoraWorker:
                     continue
                 try:
                     await asyncio.to_thread(self.pool.register, name, path, True)
+                except AdapterInUseError:
+                    # Replaced while a running batch pins the old version: serve this request
+                    # with the version in use; a later request picks up the new one.
+                    continue
                 except (AdapterValidationError, DlpError) as exc:
                     raise RequestError(
                         400, field, f"adapter {name!r} cannot be loaded: {exc}"
@@ -176,6 +181,8 @@ class LoraWorker:
         async with lock:
             try:
                 await asyncio.to_thread(self.pool.register, name, path, True)
+            except AdapterInUseError as exc:
+                raise RequestError(409, "name", f"{exc}") from None
             except (AdapterValidationError, DlpError) as exc:
                 # pool.register leaves nothing behind on failure, and the registry has not
                 # been told: a refused adapter is not half-registered anywhere.

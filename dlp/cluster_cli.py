@@ -230,9 +230,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         )
         q.add_argument("--no-overrides", action="store_true", help="embed the config as is")
         if name == "render":
-            q.add_argument("--print", action="store_true",
-                           help="print the whole Serve config with the overrides (for "
-                           "`serve deploy` on a launcher cluster) instead of writing the manifest")
+            q.add_argument(
+                "--print",
+                action="store_true",
+                help="print the whole Serve config with the overrides (for "
+                "`serve deploy` on a launcher cluster) instead of writing the manifest",
+            )
         q.set_defaults(func=func)
 
     def _help(args: argparse.Namespace) -> int:

@@ -98,6 +98,7 @@ class RequestRecord:
     status: str = "ok"  # "ok", an HTTP status code, or a transport error kind
     completion_tokens: int = 0
     mix: dict[str, float] | None = None
+    replica: str | None = None  # the worker replica that answered, when the server says
 
     @property
     def ok(self) -> bool:
@@ -156,6 +157,13 @@ def _chunk_text(obj: dict[str, Any]) -> str:
     return choice.get("text") or (choice.get("message") or {}).get("content") or ""
 
 
+def _note_dlp(rec: RequestRecord, obj: dict[str, Any]) -> None:
+    """The dlp extension every answer carries (`dlp: {mix, replica, ...}`)."""
+    info = obj.get("dlp") or {}
+    rec.mix = info.get("mix") or obj.get("mix") or rec.mix
+    rec.replica = info.get("replica") or rec.replica
+
+
 def _error_kind(exc: Exception) -> str:
     import httpx
 
@@ -192,7 +200,7 @@ async def _send(
                         if "error" in obj:
                             rec.status = "stream_error"
                             break
-                        rec.mix = obj.get("mix", rec.mix)
+                        _note_dlp(rec, obj)
                         if _chunk_text(obj):
                             if rec.ttft is None:
                                 rec.ttft = time.perf_counter() - t0 - rec.start
@@ -208,7 +216,7 @@ async def _send(
                 obj = resp.json()
                 _chunk_text(obj)  # a 200 without choices is a bad response, not a success
                 rec.completion_tokens = int((obj.get("usage") or {}).get("completion_tokens", 0))
-                rec.mix = obj.get("mix")
+                _note_dlp(rec, obj)
     except Exception as exc:  # every failure is data for the report, never a crash
         rec.status = _error_kind(exc)
     rec.end = time.perf_counter() - t0
@@ -457,7 +465,8 @@ def cmd_load(args: argparse.Namespace) -> int:
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     prompts = load_prompts(args.data_dir or data_dir(cache_dir()), tasks=tasks, seed=args.seed)
     result = asyncio.run(run_load(cfg, prompts))
-    rep = report(result, shlex.join(["dlp", *sys.argv[1:]]))
+    argv0 = "dlp" if Path(sys.argv[0]).name == "dlp" else f"python {sys.argv[0]}"
+    rep = report(result, f"{argv0} {shlex.join(sys.argv[1:])}")
     png = write_report(rep, args.out)
     lat, ttft = rep["latency_ms"], rep["ttft_ms"]
     print(

@@ -391,6 +391,7 @@ class Engine:
             if not seq.mix.is_base:
                 try:
                     seq.lease = await self.pool.acquire(seq.mix.names, wait=False)
+                    self._refresh(seq.lease, seq.mix)
                 except PoolBusyError:
                     still_waiting.append(seq)
                     continue
@@ -404,6 +405,11 @@ class Engine:
             admitted.append(seq)
         self._waiting = still_waiting
         return admitted
+
+    def _refresh(self, lease: Any, mix: AdapterMix) -> None:
+        """Bring the pinned adapters' slots into the merged decode weights. Done on every
+        pin, not only on loads: another pool user may have loaded a slot meanwhile."""
+        self.model.refresh_slots([lease.slot_of(name) for name in mix.names])
 
     def _set_scales(self, seq: _Seq) -> None:
         row = self._host_scales[seq.row]
@@ -451,14 +457,16 @@ class Engine:
         runner = self.runner
         live = [i for i, s in enumerate(self._rows) if s is not None]
         n = self.config.max_batch if runner.captured else live[-1] + 1
-        tokens = torch.zeros(n, dtype=torch.long)
-        positions = torch.zeros(n, dtype=torch.long)
+        # Plain lists, one tensor: per-element tensor writes would cost ~0.3 ms a step.
+        tokens = [0] * n
+        positions = [0] * n
         for i in live:
             seq = self._rows[i]
             tokens[i] = seq.out_ids[-1]
             positions[i] = seq.next_position
-        runner.tokens[:n].copy_(tokens, non_blocking=True)
-        runner.positions[:n].copy_(positions, non_blocking=True)
+        host = torch.tensor([tokens, positions], dtype=torch.long)
+        runner.tokens[:n].copy_(host[0], non_blocking=True)
+        runner.positions[:n].copy_(host[1], non_blocking=True)
         if self._scales_dirty and runner.row_scales is not None:
             runner.row_scales.copy_(self._host_scales[:, : runner.row_scales.shape[1]])
             self._scales_dirty = False
@@ -597,6 +605,7 @@ class Engine:
             try:
                 self._check_mix(mix)
                 lease = await self.pool.acquire(mix.names, wait=False)
+                self._refresh(lease, mix)
             except (PoolBusyError, DlpError) as exc:
                 log.info("mix switch for %s skipped: %s", seq.req.request_id, exc)
                 return

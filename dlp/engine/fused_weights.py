@@ -31,6 +31,7 @@ class FusedLayer:
     w_in: torch.Tensor
     b_in: torch.Tensor | None
     w_gu: torch.Tensor
+    b_gu: torch.Tensor | None
     bt: torch.Tensor | None  # None when the pool targets none of q/k/v
     qkv_sizes: tuple[int, int, int]
     targets: tuple[int, ...]  # indices into ATTN_INPUTS with LoRA rows in w_in
@@ -82,10 +83,16 @@ def fuse_layer(
                        device=weight.device)
     _rebind(gate, "weight", w_gu[: gate.out_features])
     _rebind(up, "weight", w_gu[gate.out_features :])
+    b_gu = None
+    if gate.bias is not None or up.bias is not None:
+        b_gu = torch.zeros(w_gu.shape[0], dtype=weight.dtype, device=weight.device)
+        for module, part in ((gate, b_gu[: gate.out_features]), (up, b_gu[gate.out_features :])):
+            if module.bias is not None:
+                _rebind(module, "bias", part)
     bt = None
     if targets:
         bt = torch.zeros(len(targets) * slot_rows, qkv, dtype=weight.dtype, device=weight.device)
-    return FusedLayer(w_in, b_in, w_gu, bt, sizes, targets)
+    return FusedLayer(w_in, b_in, w_gu, b_gu, bt, sizes, targets)
 
 
 def slot_copies(

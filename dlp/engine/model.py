@@ -15,13 +15,14 @@ max_seq, head_dim]``. Row ``b`` holds one request; its valid prefix is positions
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlp.engine.fused_weights import fuse_layer, slot_copies
 from dlp.errors import DlpError
 from dlp.lora.fused_ops import lora_delta
 
@@ -123,6 +124,7 @@ class CompactLM(nn.Module):
         self.lm_head = getattr(hf_model.lm_head, "base_layer", hf_model.lm_head)
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.set_lora(lora or {})
+        self._build_fused()
 
     @staticmethod
     def _layer_weights(index: int, layer: nn.Module) -> dict[str, nn.Module | str]:
@@ -149,8 +151,8 @@ class CompactLM(nn.Module):
         }
 
     def set_lora(self, lora: LoraStacks) -> None:
-        """Bind the pool's stacks. They are read by reference each step: loading an adapter
-        into a slot in place needs no re-binding (and keeps a captured CUDA graph valid)."""
+        """Bind the pool's stacks (once, at construction). Prefill and the o/MLP LoRA read
+        them by reference; q/k/v decode reads the merged copies (see refresh_slots)."""
         known = {f"{l_['attn_prefix']}.{n}" for l_ in self.layers for n in LINEAR_NAMES[:4]}
         known |= {f"{l_['mlp_prefix']}.{n}" for l_ in self.layers for n in LINEAR_NAMES[4:]}
         unknown = sorted(set(lora) - known)
@@ -190,16 +192,46 @@ class CompactLM(nn.Module):
 
     # --- decode: one token for each of the first ``rows`` rows -----------------------
 
-    def layer_tensors(self, i: int) -> tuple:
+    def _build_fused(self) -> None:
+        self.fused = [
+            fuse_layer(w, w["attn_prefix"], self.lora) for w in self.layers
+        ]
+        self.lora_targets = self.fused[0].targets if self.fused else ()
+        self.refresh_slots(None)
+
+    @torch.no_grad()
+    def refresh_slots(self, slots: Iterable[int] | None) -> None:
+        """Copy pool ``slots`` (None: all) into the merged decode weights. The engine calls
+        this after pinning adapters; one multi-tensor copy for every layer."""
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
+        for w, fused in zip(self.layers, self.fused, strict=True):
+            d, s_ = slot_copies(fused, w["attn_prefix"], self.lora, slots)
+            dst += d
+            src += s_
+        if dst:
+            torch._foreach_copy_(dst, src)
+
+    def layer_tensors(self, i: int, use_lora: bool) -> tuple:
         """The tensors one decode layer reads, as plain arguments so a single compiled
         ``decode_layer`` serves every layer (no per-layer recompiles)."""
         w = self.layers[i]
-        linears = tuple(w[n] for n in LINEAR_NAMES)
-        weights = tuple(m.weight for m in linears)
-        biases = tuple(m.bias for m in linears)
-        prefixes = (w["attn_prefix"],) * 4 + (w["mlp_prefix"],) * 3
-        lora = tuple(self.lora.get(f"{p}.{n}") for p, n in zip(prefixes, LINEAR_NAMES, strict=True))
-        return w["in_norm"].weight, w["post_norm"].weight, weights, biases, lora
+        f = self.fused[i]
+        if use_lora and f.bt is not None:
+            w_in, b_in, bt = f.w_in, f.b_in, f.bt
+        else:
+            (w_in, b_in), bt = f.base_in(), None
+        rest = ("o_proj", "gate_proj", "up_proj", "down_proj")
+        prefixes = (w["attn_prefix"],) + (w["mlp_prefix"],) * 3
+        lora = tuple(
+            self.lora.get(f"{p}.{n}") if use_lora else None
+            for p, n in zip(prefixes, rest, strict=True)
+        )
+        return (
+            w["in_norm"].weight, w["post_norm"].weight, w_in, b_in, bt,
+            w["o_proj"].weight, w["o_proj"].bias, f.w_gu, f.b_gu,
+            w["down_proj"].weight, w["down_proj"].bias, lora, f.qkv_sizes,
+        )
 
     def decode_inputs(
         self, tokens: torch.Tensor, positions: torch.Tensor
@@ -234,14 +266,21 @@ class CompactLM(nn.Module):
         b = tokens.shape[0]
         x, cos, sin, bias = self.decode_inputs(tokens, positions)
         batch_idx = torch.arange(b, device=tokens.device)
+        use_lora = row_scales is not None and bool(self.lora)
+        in_scales = None
+        if use_lora and self.lora_targets:
+            # Row scales expanded once per step to the merged LoRA rows: [b, 1, T*S*R].
+            rank = self.fused[0].bt.shape[0] // (len(self.lora_targets) * row_scales.shape[1])
+            in_scales = row_scales.to(x.dtype).repeat_interleave(rank, dim=-1)
+            in_scales = in_scales.repeat(1, len(self.lora_targets))[:, None, :]
         for i in range(s.n_layers):
             k_cache, v_cache = self.k_caches[i], self.v_caches[i]
             if b != k_cache.shape[0]:
                 k_cache, v_cache = k_cache[:b], v_cache[:b]
-            in_w, post_w, weights, biases, lora = self.layer_tensors(i)
             x = layer_fn(
-                x, cos, sin, bias, batch_idx, positions, in_w, post_w, weights, biases, lora,
-                k_cache, v_cache, row_scales, s.n_heads, s.n_kv_heads, s.head_dim, s.rms_eps,
+                x, cos, sin, bias, batch_idx, positions, *self.layer_tensors(i, use_lora),
+                in_scales, row_scales if use_lora else None, k_cache, v_cache,
+                s.n_heads, s.n_kv_heads, s.head_dim, s.rms_eps,
             )
         return self.decode_head(x)
 
@@ -323,27 +362,44 @@ def decode_layer(
     positions: torch.Tensor,
     in_norm: torch.Tensor,
     post_norm: torch.Tensor,
-    weights: tuple[torch.Tensor, ...],
-    biases: tuple[torch.Tensor | None, ...],
+    w_in: torch.Tensor,
+    b_in: torch.Tensor | None,
+    bt: torch.Tensor | None,
+    w_o: torch.Tensor,
+    b_o: torch.Tensor | None,
+    w_gu: torch.Tensor,
+    b_gu: torch.Tensor | None,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor | None,
     lora: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...],
+    qkv_sizes: tuple[int, int, int],
+    in_scales: torch.Tensor | None,
+    row_scales: torch.Tensor | None,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    row_scales: torch.Tensor | None,
     n_heads: int,
     n_kv_heads: int,
     head_dim: int,
     eps: float,
 ) -> torch.Tensor:
     """One transformer block for one new token per row; a pure function of its tensors so
-    one ``torch.compile`` of it serves every layer. Writes this token's K/V into the cache."""
+    one ``torch.compile`` of it serves every layer. Writes this token's K/V into the cache.
+
+    ``w_in`` holds q/k/v and (with ``bt``) every slot's LoRA A rows: one GEMM, then the
+    row-scaled LoRA hidden states go through the block-diagonal ``bt`` onto q/k/v."""
     b = x.shape[0]
-    wq, wk, wv, wo, wg, wu, wd = weights
-    bq, bk, bv, bo, bg, bu, bd = biases
-    lq, lk, lv, lo, lg, lu, ld = lora
+    lo, lg, lu, ld = lora
     h = rms_norm(x, in_norm, eps)
-    q = _lin(h, wq, bq, lq, row_scales).view(b, 1, n_heads, head_dim).transpose(1, 2)
-    k = _lin(h, wk, bk, lk, row_scales).view(b, 1, n_kv_heads, head_dim).transpose(1, 2)
-    v = _lin(h, wv, bv, lv, row_scales).view(b, 1, n_kv_heads, head_dim).transpose(1, 2)
+    big = F.linear(h, w_in, b_in)
+    qkv_size = qkv_sizes[0] + qkv_sizes[1] + qkv_sizes[2]
+    if bt is not None and in_scales is not None:
+        qkv = big[..., :qkv_size] + torch.matmul(big[..., qkv_size:] * in_scales, bt)
+    else:
+        qkv = big[..., :qkv_size]
+    q, k, v = qkv.split(list(qkv_sizes), dim=-1)
+    q = q.reshape(b, 1, n_heads, head_dim).transpose(1, 2)
+    k = k.reshape(b, 1, n_kv_heads, head_dim).transpose(1, 2)
+    v = v.reshape(b, 1, n_kv_heads, head_dim).transpose(1, 2)
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
     k_cache[batch_idx, :, positions] = k[:, :, 0]
@@ -353,8 +409,13 @@ def decode_layer(
     att = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * head_dim**-0.5 + bias
     att = torch.softmax(att, dim=-1).to(v_cache.dtype)
     o = torch.matmul(att, v_cache).reshape(b, 1, n_heads * head_dim)
-    x = x + _lin(o, wo, bo, lo, row_scales)
+    x = x + _lin(o, w_o, b_o, lo, row_scales)
     h = rms_norm(x, post_norm, eps)
-    gate = _lin(h, wg, bg, lg, row_scales)
-    up = _lin(h, wu, bu, lu, row_scales)
-    return x + _lin(F.silu(gate) * up, wd, bd, ld, row_scales)
+    gu = F.linear(h, w_gu, b_gu)
+    inter = w_gu.shape[0] // 2
+    gate, up = gu[..., :inter], gu[..., inter:]
+    if lg is not None and row_scales is not None:
+        gate = gate + lora_delta(h, lg[0], lg[1], None, row_scales).to(gate.dtype)
+    if lu is not None and row_scales is not None:
+        up = up + lora_delta(h, lu[0], lu[1], None, row_scales).to(up.dtype)
+    return x + _lin(F.silu(gate) * up, w_down, b_down, ld, row_scales)

@@ -148,6 +148,7 @@ def _evaluate(args, table, test, routing, default_adapters: Path) -> int:
     from dlp.eval.lora_mix import MultiLoraModel
     from dlp.eval.report import machine, plot_all, target_checks
     from dlp.eval.run import EvalSettings, answer_caps, evaluate
+    from dlp.paths import cache_dir, data_dir
     from dlp.training.adapters import COMPOSITE_NAME
     from dlp.training.examples import examples_from_table
     from dlp.training.model_io import load_model
@@ -176,6 +177,11 @@ def _evaluate(args, table, test, routing, default_adapters: Path) -> int:
         "router": routing.meta,
         "targets": target_checks(result, router_top1),
     }
+    data_file = (args.data or data_dir(cache_dir())) / "tasks.parquet"
+    if data_file.is_file():
+        from dlp.training.package import sha256_file
+
+        report["data_sha256"] = sha256_file(data_file)
     training = adapters / "training.json"
     if training.is_file():
         info = json.loads(training.read_text())

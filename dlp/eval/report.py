@@ -155,3 +155,55 @@ def _plot_mixed(result: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """Averages and per-task tables of a quality.json, as Markdown for benchmarks/README.md."""
+
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    systems = list(result["mcq_accuracy"])
+    lines = [
+        f"| system | MCQ acc ({len(result['mcq_tasks'])} tasks) | ROUGE-L "
+        f"({len(result['generative_tasks'])} tasks) | ROUGE-1 | BLEU | routed to own task | "
+        "adapters / request | mixed-task |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in systems:
+        lines.append(
+            f"| {s} | {f(result['mcq_accuracy'][s])} | {f(result['generative_rougeL'][s])} | "
+            f"{f(result['generative_rouge1'][s])} | {f(result['generative_bleu'][s])} | "
+            f"{f(result['router_accuracy'][s])} | {f(result['mean_adapters'][s])} | "
+            f"{f(result['mixed_task'].get(s))} |"
+        )
+    extra = [s for s in result["mixed_task"] if s not in systems]
+    for s in extra:
+        lines.append(f"| {s} | | | | | | | {f(result['mixed_task'][s])} |")
+    lines += [
+        "",
+        "| task | kind | n | router top-1 | " + " | ".join(systems) + " |",
+        "|---|---|---|---|" + "---|" * len(systems),
+    ]
+    for task, info in result["per_task"].items():
+        metric = "accuracy" if info["kind"] == "mcq" else "rougeL"
+        cells = " | ".join(f(info["systems"][s][metric]) for s in systems)
+        kind = "MCQ acc" if info["kind"] == "mcq" else "ROUGE-L"
+        lines.append(f"| {task} | {kind} | {info['n']} | {f(info['router_top1'])} | {cells} |")
+    lines += [
+        "",
+        "| p | "
+        + " | ".join(("MCQ softmax", "MCQ renorm", "R-L softmax", "R-L renorm", "adapters softmax"))
+        + " |",
+        "|---|---|---|---|---|---|",
+    ]
+    sweep = result.get("p_sweep", {})
+    ps = sorted({k.split("@")[1] for k in sweep}, key=float)
+    for p in ps:
+        a, b = sweep.get(f"dlp@{p}", {}), sweep.get(f"dlp_renorm@{p}", {})
+        lines.append(
+            f"| {p} | {f(a.get('mcq_accuracy'))} | {f(b.get('mcq_accuracy'))} | "
+            f"{f(a.get('generative_rougeL'))} | {f(b.get('generative_rougeL'))} | "
+            f"{f(a.get('mean_adapters'))} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -67,9 +67,7 @@ def test_drift_is_detected_and_render_fixes_it(tmp_path: Path, capsys) -> None:
     # Only the serveConfigV2 block changed: comments and the cluster spec survive.
     assert after.replace("max_replicas: 3", "max_replicas: 8") == before
     embedded = embedded_config(yaml.safe_load(after))
-    got = next(
-        d for d in embedded["applications"][0]["deployments"] if d["name"] == "LoraWorker"
-    )
+    got = next(d for d in embedded["applications"][0]["deployments"] if d["name"] == "LoraWorker")
     assert got["autoscaling_config"]["max_replicas"] == 3
 
 
@@ -80,8 +78,9 @@ def test_hand_edit_of_the_manifest_is_drift(tmp_path: Path) -> None:
 
 
 def test_print_gives_the_full_gpu_serve_config(capsys) -> None:
-    assert _cli("render", "--print", "--config", str(SERVE_CONFIG),
-                "--overrides", str(OVERRIDES)) == 0
+    assert (
+        _cli("render", "--print", "--config", str(SERVE_CONFIG), "--overrides", str(OVERRIDES)) == 0
+    )
     printed = yaml.safe_load(capsys.readouterr().out)
     ServeDeploySchema.model_validate(printed)
     local = yaml.safe_load(SERVE_CONFIG.read_text())

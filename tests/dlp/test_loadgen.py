@@ -8,6 +8,7 @@ whose latency and failures are known. The autoscaling harness drives the real ap
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 import threading
@@ -62,7 +63,7 @@ def make_app(stats: Stats) -> FastAPI:
                 return {
                     "choices": [{"text": "x" * TOKENS, "index": 0}],
                     "usage": {"completion_tokens": TOKENS},
-                    "mix": mix,
+                    "dlp": {"mix": mix, "replica": "r1"},
                 }
         finally:
             stats.in_flight -= 1
@@ -70,7 +71,7 @@ def make_app(stats: Stats) -> FastAPI:
         async def events():
             for i in range(TOKENS):
                 await asyncio.sleep(CHUNK_GAP_S)
-                chunk = {"choices": [{"text": f"t{i}", "index": 0}], "mix": mix}
+                chunk = {"choices": [{"text": f"t{i}", "index": 0}], "dlp": {"mix": mix}}
                 yield f"data: {json.dumps(chunk)}\n\n"
             yield "data: [DONE]\n\n"
 
@@ -119,7 +120,7 @@ async def test_closed_loop_keeps_concurrency_and_counts(server: tuple[str, Stats
     assert s["latency_ms"]["p50"] >= DELAY_S * 1000
     # 3 clients x 1 / 50 ms = at most 60 req/s
     assert 0 < s["throughput_rps"] <= 3 / DELAY_S
-    assert all(r.mix == {"task_a": 1.0} for r in result.records)
+    assert all(r.mix == {"task_a": 1.0} and r.replica == "r1" for r in result.records)
     assert s["tokens_per_s"] == pytest.approx(24 * TOKENS / result.wall_s)
 
 
@@ -134,7 +135,7 @@ async def test_open_loop_follows_the_rate_not_the_server(server: tuple[str, Stat
     starts = sorted(r.start for r in result.records)
     assert starts[-1] < duration + 0.1  # nothing is sent after the duration
     # Open loop: arrivals overlap (inter-arrival 25 ms < 50 ms service), unlike closed loop 1.
-    overlapping = sum(1 for a, b in zip(starts, starts[1:], strict=False) if b - a < DELAY_S)
+    overlapping = sum(1 for a, b in itertools.pairwise(starts) if b - a < DELAY_S)
     assert overlapping > n // 4
 
 
@@ -149,6 +150,7 @@ async def test_streams_measure_ttft_before_the_end(server: tuple[str, Stats]) ->
         assert r.ttft >= CHUNK_GAP_S
         assert r.latency - r.ttft >= (TOKENS - 1) * CHUNK_GAP_S * 0.9
         assert r.completion_tokens == TOKENS
+        assert r.mix == {"task_a": 1.0}
     s = summarize(result.records, result.wall_s)
     assert s["ttft_ms"]["p50"] < s["latency_ms"]["p50"]
 
@@ -170,8 +172,7 @@ async def test_errors_are_counted_by_status(server: tuple[str, Stats], tmp_path:
 
 async def test_unreachable_server_is_an_error_not_a_crash() -> None:
     port = _free_port()  # nobody listens here
-    cfg = parse_config(url=f"http://127.0.0.1:{port}", concurrency=1, max_requests=3,
-                       timeout_s=2)
+    cfg = parse_config(url=f"http://127.0.0.1:{port}", concurrency=1, max_requests=3, timeout_s=2)
     result = await run_load(cfg, PROMPTS, progress=False)
     assert [r.status for r in result.records] == ["connect"] * 3
 
@@ -199,9 +200,17 @@ def _write_tasks(path: Path) -> None:
     for task, n_test in (("alpha", 3), ("beta", 1), ("gamma", 2)):
         for i in range(n_test + 2):
             split = "test" if i < n_test else "train"
-            rows.append({"task": task, "split": split, "id": f"{task}-{i}",
-                         "input": f"{task} {split} {i}", "choices": [], "target": "t",
-                         "kind": "generative"})
+            rows.append(
+                {
+                    "task": task,
+                    "split": split,
+                    "id": f"{task}-{i}",
+                    "input": f"{task} {split} {i}",
+                    "choices": [],
+                    "target": "t",
+                    "kind": "generative",
+                }
+            )
     path.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path / "tasks.parquet")
 
@@ -219,3 +228,40 @@ def test_prompts_are_test_split_interleaved_across_tasks(tmp_path: Path) -> None
     assert [p.text for p in only] == ["beta test 0"]
     with pytest.raises(DlpError, match="delta"):
         load_prompts(tmp_path, tasks=["delta"])
+
+
+def test_cli_writes_json_and_png(server: tuple[str, Stats], tmp_path: Path, capsys) -> None:
+    from dlp.cli import main
+
+    url, _ = server
+    data = tmp_path / "data"
+    _write_tasks(data)
+    out = tmp_path / "res" / "load.json"
+    rc = main(
+        [
+            "bench",
+            "load",
+            "--url",
+            url,
+            "--concurrency",
+            "2",
+            "--max-requests",
+            "6",
+            "--stream-fraction",
+            "0.5",
+            "--data-dir",
+            str(data),
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert rep["ok"] == 6 and rep["mode"] == "closed"
+    assert set(rep["tasks"]) == {"alpha", "beta", "gamma"}
+    assert {"command", "machine", "date", "throughput_rps", "latency_ms", "ttft_ms"} <= set(rep)
+    assert out.with_suffix(".png").exists()
+    assert "6/6 ok" in capsys.readouterr().out
+    # bad input: one clear line, exit code 2
+    assert main(["bench", "load", "--url", url, "--rate", "0", "--data-dir", str(data)]) == 2
+    assert "rate" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from dlp.engine.bench_fusion import BenchConfig, main
 def test_fusion_bench_runs_all_variants(tmp_path):
     out = tmp_path / "fusion.json"
     cfg = BenchConfig(device="cpu", shapes=("tiny-qwen2", "tiny-llama3"), batch=6, prompt=8,
-                      new=6, adapters=5, pool_slots=6, repeats=1, g_new=4, g_time_s=5.0,
+                      new=6, adapters=5, pool_slots=6, repeats=1, f_new=4, g_new=4, g_time_s=5.0,
                       scale=True, scale_shape="tiny-qwen2", scale_catalogue=40,
                       scale_requests=12, scale_slots=24, out=str(out))
     report = main(cfg, command="test")
@@ -26,7 +26,7 @@ def test_fusion_bench_runs_all_variants(tmp_path):
         assert set("abcdefg") <= set(r["variants"])
         assert r["variants"]["a"]["tokens"] == cfg.batch * cfg.new
         assert r["variants"]["c"]["tokens"] == cfg.batch * cfg.new
-        assert r["variants"]["f"]["tokens"] == cfg.batch * cfg.new
+        assert r["variants"]["f"]["tokens"] == cfg.batch * cfg.f_new
         assert saved["ratio_dlp_to_base_time"][shape] > 0
         assert r["distinct_mixes"] >= 2
     scale = report["shapes"]["tiny-qwen2"]["scale"]

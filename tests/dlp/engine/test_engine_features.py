@@ -7,7 +7,15 @@ import asyncio
 
 import pytest
 import torch
-from engine_helpers import make_engine, request, run_all, write_adapters
+from engine_helpers import (
+    make_engine,
+    peft_reference,
+    request,
+    run_all,
+    strip_eos,
+    write_adapters,
+)
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from dlp.engine.types import GenerationRequest, InvalidRequestError, SamplingParams
@@ -143,6 +151,15 @@ async def test_requests_wait_for_pool_slots(vocab_model, default_tokenizer, adap
         stats = engine.stats()
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     assert stats["pool"]["evictions"] > 0
+    # After evictions and reloads into reused slots the outputs are still PEFT's.
+    peft = PeftModel.from_pretrained(vocab_model, adapters["a0"], adapter_name="a0")
+    for name in ("a1", "a2", "a3"):
+        peft.load_adapter(adapters[name], adapter_name=name)
+    ids = default_tokenizer(PROMPT, return_tensors="pt").input_ids
+    for req, res in zip(reqs, together, strict=True):
+        ref = peft_reference(peft, ids, req.mix, 8)
+        assert list(res.token_ids) == strip_eos(ref, set(engine.eos_ids)), req.mix.key
+    peft.unload()
 
 
 async def test_sentence_routing_switches_mix(default_model, default_tokenizer, tmp_path):

@@ -42,13 +42,16 @@ def test_prefill_and_decode_match_transformers(kind):
                 torch.testing.assert_close(out[r], ref, atol=1e-5, rtol=1e-5)
 
 
-def test_lora_rows_match_peft(tmp_path):
-    """One batch, three rows: base, one adapter, a weighted mix (PEFT 'cat' is exact)."""
+@pytest.mark.parametrize(
+    "targets",
+    [("q_proj", "v_proj", "down_proj"), ("k_proj", "o_proj", "gate_proj", "up_proj")],
+)
+def test_lora_rows_match_peft(tmp_path, targets):
+    """One batch, three rows: base, one adapter, a weighted mix (PEFT 'cat' is exact).
+    q/k/v go through the merged decode weights, the others through lora_delta."""
     model = tiny_model("qwen2")
-    paths = write_adapters(model, tmp_path, ["a", "b"], targets=("q_proj", "v_proj", "down_proj"))
-    pool = AdapterPool.for_model(
-        model, n_slots=3, max_rank=8, target_modules=("q_proj", "v_proj", "down_proj")
-    )
+    paths = write_adapters(model, tmp_path, ["a", "b"], targets=targets)
+    pool = AdapterPool.for_model(model, n_slots=3, max_rank=8, target_modules=targets)
     for name, path in paths.items():
         pool.register(name, path)
     lease = pool.acquire_sync(["a", "b"])
