@@ -13,7 +13,7 @@ cluster/rayservice-overrides.yaml) but runs its engine on the CPU. All nodes sha
 machine's cores, so extra replicas add no real capacity here: the run shows the control loop,
 not a speed-up.
 
-Timeline samples (one per `--period`): t, phase, replicas (worker replicas RUNNING), pending
+Timeline samples (one a second): t, phase, replicas (worker replicas RUNNING), pending
 replicas, nodes (alive GPU worker nodes), queue (requests Serve counts for the worker
 deployment: the autoscaling signal), in_flight (client side), p50/p99 latency and errors of
 requests finished in the last window.
@@ -75,6 +75,7 @@ class Plan:
     downscale_delay_s: float | None
     look_back_period_s: float | None
     max_tokens: int
+    stream_fraction: float = 0.25  # a quarter of the requests stream: TTFT is measured on them
     period_s: float = 1.0
     window_s: float = 5.0
 
@@ -233,6 +234,7 @@ def _load_thread(
         rate=plan.rate,
         duration_s=plan.load_s,
         max_tokens=plan.max_tokens,
+        stream_fraction=plan.stream_fraction,
         timeout_s=max(120.0, plan.load_s),
         seed=0,
     )

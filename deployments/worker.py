@@ -74,7 +74,7 @@ def _field_of(exc: BaseException, default: str) -> str:
 
 @serve.deployment(name="LoraWorker")
 class LoraWorker:
-    def __init__(
+    async def __init__(
         self,
         engine_config: dict[str, Any],
         limits: dict[str, Any],
@@ -82,6 +82,9 @@ class LoraWorker:
         registry: DeploymentHandle | None = None,
         torch_threads: int | None = None,
     ) -> None:
+        # Async constructor (Serve awaits it): the model loads in a thread, then the engine
+        # starts (CUDA graph capture / compile on GPUs) before the replica takes traffic, so
+        # a replica is only RUNNING once it is warm.
         import torch
 
         from dlp.engine.engine import Engine
@@ -90,7 +93,8 @@ class LoraWorker:
             torch.set_num_threads(torch_threads)
         self.limits = ServingLimits.model_validate(limits)
         config = EngineConfig(**engine_config)
-        self.engine = Engine.from_config(config, reroute=self._reroute if router else None)
+        reroute = self._reroute if router is not None else None
+        self.engine = await asyncio.to_thread(Engine.from_config, config, reroute)
         self.pool = self.engine.pool
         self.tokenizer = self.engine.tokenizer
         self.router = router
@@ -100,24 +104,15 @@ class LoraWorker:
         except Exception:  # outside Serve (never in production)
             self.replica = "local"
         self.metrics = WorkerMetrics()
-        self._start_lock = asyncio.Lock()
-        self._started = False
         self._adapter_locks: dict[str, asyncio.Lock] = {}
         self._registered: dict[str, str] = {}  # name -> path in this replica's pool
         self._inflight: dict[str, str] = {}  # request id -> mix key
         self._catalogue: dict[str, str] = {}
         self._catalogue_at = 0.0
+        await self.engine.start()
+        self._metrics_task = asyncio.get_running_loop().create_task(self._metrics_loop())
 
     # --- lifecycle -----------------------------------------------------------------------
-
-    async def _ensure_started(self) -> None:
-        if self._started:
-            return
-        async with self._start_lock:
-            if not self._started:
-                await self.engine.start()
-                asyncio.get_running_loop().create_task(self._metrics_loop())
-                self._started = True
 
     async def _metrics_loop(self) -> None:
         while True:
@@ -133,8 +128,8 @@ class LoraWorker:
                 log.exception("worker metrics")
 
     async def check_health(self) -> None:
-        task = getattr(self.engine, "_task", None)
-        if self._started and (task is None or task.done()):
+        task = getattr(self.engine, "_task", None)  # the engine's loop task
+        if task is None or task.done():
             raise RuntimeError("engine loop is not running")
 
     def record_routing_stats(self) -> dict[str, Any]:
@@ -225,7 +220,6 @@ class LoraWorker:
         return len(tok(req.prompt or "")["input_ids"])
 
     async def _prepare(self, req: WorkerRequest) -> GenerationRequest:
-        await self._ensure_started()
         field = "prompt" if req.messages is None else "messages"
         n_prompt = await asyncio.to_thread(self._prompt_tokens, req)
         cap = self.limits.max_context_tokens

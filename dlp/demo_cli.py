@@ -61,13 +61,26 @@ def _pick_examples(data: Path, adapters: list[str], n: int) -> list[dict[str, An
     return picked
 
 
+def _call(url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    """GET (or POST JSON) with the standard library: the demo needs no HTTP client package."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
 def _fmt_mix(mix: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in sorted(mix.items(), key=lambda kv: -kv[1]))
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import httpx
-
     from dlp.paths import cache_dir, data_dir
     from dlp.serve_cli import default_config_path, load_serve_config
     from dlp.training.prompts import chat_messages
@@ -106,35 +119,33 @@ def run_demo(args: argparse.Namespace) -> int:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(app_args), name="dlp", route_prefix=app_cfg.get("route_prefix", "/"))
         print(f"   app up in {time.monotonic() - started:.0f}s at {url}", flush=True)
-        with httpx.Client(base_url=url, timeout=300) as client:
-            adapters = [a["name"] for a in client.get("/v1/adapters").json()["data"]]
-            examples = _pick_examples(data_dir(root), adapters, args.tasks)
-            if len(examples) < min(5, args.tasks):
-                print(
-                    f"warning: only {len(examples)} tasks have both data and an adapter",
-                    file=sys.stderr,
-                )
-            print(f"== {len(examples)} test prompts, model=dlp (the router picks the mix)\n")
-            for ex in examples:
-                messages = chat_messages(ex["input"][-1500:], ex["choices"] or None)
-                r = client.post(
-                    "/v1/chat/completions",
-                    json={"model": "dlp", "messages": messages, "max_tokens": args.max_tokens},
-                )
-                if r.status_code != 200:
-                    print(f"[{ex['task']}] HTTP {r.status_code}: {r.text[:300]}")
-                    continue
-                body = r.json()
-                answer = body["choices"][0]["message"]["content"].strip().replace("\n", " ")
-                question = ex["input"].strip().replace("\n", " ")
-                print(f"task:   {ex['task']}")
-                print(f"prompt: {question[:160]}{'...' if len(question) > 160 else ''}")
-                print(
-                    f"mix:    {_fmt_mix(body['dlp']['mix'])}   (router top-1: "
-                    f"{body['dlp']['top1']})"
-                )
-                print(f"answer: {answer[:300]}")
-                print(f"target: {str(ex['target'])[:160]}\n", flush=True)
+        status, listing = _call(f"{url}/v1/adapters")
+        if status != 200:
+            raise DlpError(f"GET /v1/adapters answered {status}: {listing}")
+        adapters = [a["name"] for a in listing["data"]]
+        examples = _pick_examples(data_dir(root), adapters, args.tasks)
+        if len(examples) < min(5, args.tasks):
+            print(
+                f"warning: only {len(examples)} tasks have both data and an adapter",
+                file=sys.stderr,
+            )
+        print(f"== {len(examples)} test prompts, model=dlp (the router picks the mix)\n")
+        for ex in examples:
+            messages = chat_messages(ex["input"][-1500:], ex["choices"] or None)
+            status, body = _call(
+                f"{url}/v1/chat/completions",
+                {"model": "dlp", "messages": messages, "max_tokens": args.max_tokens},
+            )
+            if status != 200:
+                print(f"[{ex['task']}] HTTP {status}: {str(body)[:300]}")
+                continue
+            answer = body["choices"][0]["message"]["content"].strip().replace("\n", " ")
+            question = ex["input"].strip().replace("\n", " ")
+            print(f"task:   {ex['task']}")
+            print(f"prompt: {question[:160]}{'...' if len(question) > 160 else ''}")
+            print(f"mix:    {_fmt_mix(body['dlp']['mix'])}   (router top-1: {body['dlp']['top1']})")
+            print(f"answer: {answer[:300]}")
+            print(f"target: {str(ex['target'])[:160]}\n", flush=True)
         if args.keep_serving:
             print(f"== serving at {url} (OpenAI API under /v1); Ctrl-C stops", flush=True)
             try:

@@ -113,6 +113,9 @@ class Engine:
         )
         self.eos_ids = _eos_ids(model, tokenizer)
         self._host_scales = torch.zeros(config.max_batch, max(n_slots, 1))
+        # Which adapter each slot held when copied into the merged decode weights.
+        self._synced: dict[int, str] = {}
+        self._loads_seen = -1
         self._scales_dirty = True
         self._rows: list[_Seq | None] = [None] * config.max_batch
         self._waiting: deque[_Seq] = deque()
@@ -391,7 +394,6 @@ class Engine:
             if not seq.mix.is_base:
                 try:
                     seq.lease = await self.pool.acquire(seq.mix.names, wait=False)
-                    self._refresh(seq.lease, seq.mix)
                 except PoolBusyError:
                     still_waiting.append(seq)
                     continue
@@ -404,12 +406,28 @@ class Engine:
             budget -= len(seq.prompt_ids)
             admitted.append(seq)
         self._waiting = still_waiting
+        self._refresh([s.lease for s in admitted if s.lease is not None])
         return admitted
 
-    def _refresh(self, lease: Any, mix: AdapterMix) -> None:
-        """Bring the pinned adapters' slots into the merged decode weights. Done on every
-        pin, not only on loads: another pool user may have loaded a slot meanwhile."""
-        self.model.refresh_slots([lease.slot_of(name) for name in mix.names])
+    def _refresh(self, leases: list[Any]) -> None:
+        """Bring newly pinned adapters into the merged decode weights (one multi-tensor
+        copy). A slot is copied when it holds another adapter than at its last copy, or,
+        after any pool load (a replaced adapter may reuse its old slot), every slot of these
+        leases."""
+        if not leases or not self.model.lora_targets:
+            return
+        loads = self.pool.stats()["loads"]
+        loaded = loads != self._loads_seen
+        self._loads_seen = loads
+        slots = set()
+        for lease in leases:
+            for name in lease.names:
+                slot = lease.slot_of(name)
+                if loaded or self._synced.get(slot) != name:
+                    slots.add(slot)
+                    self._synced[slot] = name
+        if slots:
+            self.model.refresh_slots(sorted(slots))
 
     def _set_scales(self, seq: _Seq) -> None:
         row = self._host_scales[seq.row]
@@ -605,7 +623,7 @@ class Engine:
             try:
                 self._check_mix(mix)
                 lease = await self.pool.acquire(mix.names, wait=False)
-                self._refresh(lease, mix)
+                self._refresh([lease])
             except (PoolBusyError, DlpError) as exc:
                 log.info("mix switch for %s skipped: %s", seq.req.request_id, exc)
                 return

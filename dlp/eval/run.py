@@ -229,7 +229,7 @@ def evaluate(
 
     queries = {
         t: [ev.example_query(ex, caps.get(t, settings.max_new_tokens)) for ex in grouped[t]]
-        for t in tqdm(tasks, desc="prompts", leave=False, disable=None)
+        for t in tqdm(tasks, desc="prompts", leave=False, disable=False)
     }
     probs = {t: [routing.get(example_key(ex)) for ex in grouped[t]] for t in tasks}
 
@@ -250,7 +250,7 @@ def evaluate(
     # Mixed-task prompts: each part is a query; mixes per system.
     index = {example_key(ex): ex for ex in test}
     mixed_q: list[tuple[Query, dict[str, Mix]]] = []
-    for m in tqdm(routing.mixed, desc="mixed prompts", leave=False, disable=None):
+    for m in tqdm(routing.mixed, desc="mixed prompts", leave=False, disable=False):
         mixed_q.extend(_mixed_queries(ev, m, index, routing, settings, caps))
 
     for plan in (*plans.values(), *sweep_plans.values()):

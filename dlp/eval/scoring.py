@@ -72,7 +72,7 @@ def continuation_logprobs(
     lengths = [len(it.prompt_ids) + len(it.continuation_ids) for it in items]
     out = [0.0] * len(items)
     batches = list(_token_budget_batches(lengths, max_tokens, max_rows))
-    for batch in tqdm(batches, desc=desc, leave=False, disable=None):
+    for batch in tqdm(batches, desc=desc, leave=False, disable=False):
         width = max(lengths[i] for i in batch)
         tail = max(len(items[i].continuation_ids) for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -115,7 +115,7 @@ def greedy_generate(
     lengths = [len(it.prompt_ids) for it in items]
     out: list[list[int]] = [[] for _ in items]
     batches = list(_token_budget_batches(lengths, max_rows * max(lengths, default=1), max_rows))
-    for batch in tqdm(batches, desc=desc, leave=False, disable=None):
+    for batch in tqdm(batches, desc=desc, leave=False, disable=False):
         width = max(lengths[i] for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)

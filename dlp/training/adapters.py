@@ -209,7 +209,7 @@ def train_lora(
         total=recipe.steps,
         desc=f"train {name}",
         leave=False,
-        disable=not progress or None,
+        disable=not progress,
     )
     try:
         for batch in bar:
@@ -294,7 +294,7 @@ def train_all(
     results: dict[str, AdapterResult] = {}
     all_data: list[Encoded] = []
     started = time.monotonic()
-    outer = tqdm(list(tasks), desc="adapters", disable=not progress or None)
+    outer = tqdm(list(tasks), desc="adapters", disable=not progress)
     for i, task in enumerate(outer):
         outer.set_postfix(task=task)
         data = encode_examples(tokenizer, grouped[task], plan.task)

@@ -92,6 +92,8 @@ def test_load_scales_replicas_and_nodes_up_then_down(tmp_path: Path) -> None:
     assert rep["replicas_served"] >= 2
     assert max(s["replicas_serving"] for s in tl) >= 2
     assert rep["mixes_served"] >= 1
+    # streamed requests went through the app's SSE path and measured time to first token
+    assert load["streams"] > 0 and load["ttft_ms"]["p50"] is not None
 
     # Nothing of the private cluster is left running.
     assert rep["processes_left"] == 0

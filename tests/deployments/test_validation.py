@@ -153,3 +153,28 @@ def test_serve_config_yaml_is_a_valid_app_config() -> None:
     assert app["name"] == "dlp" and app["import_path"] == "deployments.app:build_app"
     cfg = AppConfig.model_validate(app["args"])
     assert cfg.worker.num_gpus == 0 and cfg.engine.device == "cpu"
+
+
+def test_engine_config_from_app_config() -> None:
+    """The GPU override maps onto a valid dlp.engine EngineConfig (no model is built)."""
+    from deployments.worker import engine_config_dict
+    from dlp.engine.config import EngineConfig
+
+    cfg = AppConfig.model_validate(
+        {
+            "engine": {
+                "shape": "qwen2-1.5b",
+                "device": "cuda",
+                "dtype": "bfloat16",
+                "max_batch": 64,
+            },
+            "limits": {"max_context_tokens": 2048, "max_adapter_rank": 8},
+        }
+    )
+    engine = EngineConfig(**engine_config_dict(cfg))
+    engine.validate()
+    assert engine.model_config["hidden_size"] == 1536 and engine.tokenizer_path
+    assert engine.max_seq_len == 2048 and engine.max_rank == 8 and engine.max_batch == 64
+    default = EngineConfig(**engine_config_dict(AppConfig()))
+    default.validate()
+    assert default.model_path is None and default.model_config is None  # embedded default
