@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dlp.engine.bench_fusion import add_arguments, cli_main  # noqa: E402
+from dlp.engine.bench_fusion import add_arguments, cli_main
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")

@@ -219,10 +219,21 @@ class LoraWorker:
             return len(tok(text, add_special_tokens=False)["input_ids"])
         return len(tok(req.prompt or "")["input_ids"])
 
+    def _surely_fits(self, req: WorkerRequest, cap: int) -> bool:
+        """Cheap upper bound: a byte-level BPE token covers >= 1 byte, so UTF-8 bytes (plus
+        room for special tokens and the chat template) bound the prompt's token count. Most
+        requests pass here and are tokenised once, by the engine."""
+        if req.messages is not None:
+            size = sum(len(m["content"].encode()) + 128 for m in req.messages) + 256
+        else:
+            size = len((req.prompt or "").encode()) + 8
+        return size + req.max_tokens <= cap
+
     async def _prepare(self, req: WorkerRequest) -> GenerationRequest:
         field = "prompt" if req.messages is None else "messages"
-        n_prompt = await asyncio.to_thread(self._prompt_tokens, req)
         cap = self.limits.max_context_tokens
+        fits = self._surely_fits(req, cap)
+        n_prompt = None if fits else await asyncio.to_thread(self._prompt_tokens, req)
         if n_prompt is not None and n_prompt + req.max_tokens > cap:
             raise RequestError(
                 400,

@@ -11,18 +11,29 @@ SHAPE_NAMES = ("qwen2-1.5b", "llama3-8b")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     parser.add_argument(
-        "--shapes", default=None,
-        help=f"comma list of {', '.join(SHAPE_NAMES)} (GPU default: both) or smollm2 (CPU)")
+        "--shapes",
+        default=None,
+        help=f"comma list of {', '.join(SHAPE_NAMES)} (GPU default: both) or smollm2 (CPU)",
+    )
     parser.add_argument("--batch", type=int, default=None, help="concurrent requests (GPU 64)")
     parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (GPU 128)")
     parser.add_argument("--new", type=int, default=None, help="new tokens (GPU 128)")
     parser.add_argument("--adapters", type=int, default=None, help="resident adapters (GPU 26)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant")
     parser.add_argument("--no-scale", action="store_true", help="skip the 1000-adapter run")
-    parser.add_argument("--scale-catalogue", type=int, default=None,
-                        help="adapters in the scale run's catalogue (GPU 1000)")
-    parser.add_argument("--time-limit", type=float, default=560.0,
-                        help="seconds; later variants are skipped past it")
+    parser.add_argument(
+        "--scale-catalogue",
+        type=int,
+        default=None,
+        help="adapters in the scale run's catalogue (GPU 1000)",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=560.0,
+        help="seconds; later variants are skipped past it",
+    )
     parser.add_argument("--out", default=None, help="JSON path (PNG written beside it)")
-    parser.add_argument("--plot-only", default=None, metavar="JSON",
-                        help="only draw the PNG of an existing report")
+    parser.add_argument(
+        "--plot-only", default=None, metavar="JSON", help="only draw the PNG of an existing report"
+    )

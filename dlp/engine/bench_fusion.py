@@ -46,31 +46,67 @@ HBM_BYTES_PER_S = 4.3e12  # measured device-to-device copy on the H200 (shared/G
 
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen2-1.5b": dict(
-        model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-        num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-        max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, eos_token_id=151643, bos_token_id=151643,
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        eos_token_id=151643,
+        bos_token_id=151643,
     ),
     "llama3-8b": dict(
-        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
-                             low_freq_factor=1.0, high_freq_factor=4.0,
-                             original_max_position_embeddings=8192),
-        eos_token_id=128001, bos_token_id=128000,
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+        eos_token_id=128001,
+        bos_token_id=128000,
     ),
 }
 
 # Same architectures, tiny sizes: the benchmark's own tests run every code path on the CPU.
-SHAPES["tiny-qwen2"] = {**SHAPES["qwen2-1.5b"], "vocab_size": 512, "hidden_size": 64,
-                        "intermediate_size": 128, "num_hidden_layers": 2,
-                        "num_attention_heads": 4, "num_key_value_heads": 2,
-                        "eos_token_id": 511, "bos_token_id": 0}
-SHAPES["tiny-llama3"] = {**SHAPES["llama3-8b"], "vocab_size": 512, "hidden_size": 64,
-                         "intermediate_size": 128, "num_hidden_layers": 2,
-                         "num_attention_heads": 4, "num_key_value_heads": 2,
-                         "eos_token_id": 511, "bos_token_id": 0}
+SHAPES["tiny-qwen2"] = {
+    **SHAPES["qwen2-1.5b"],
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "eos_token_id": 511,
+    "bos_token_id": 0,
+}
+SHAPES["tiny-llama3"] = {
+    **SHAPES["llama3-8b"],
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "eos_token_id": 511,
+    "bos_token_id": 0,
+}
 
 
 @dataclass
@@ -123,7 +159,9 @@ def _peak_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
-def make_mixes(n_rows: int, labels: list[str], seed: int, max_adapters: int = 3) -> list[AdapterMix]:
+def make_mixes(
+    n_rows: int, labels: list[str], seed: int, max_adapters: int = 3
+) -> list[AdapterMix]:
     """Router-like top-p mixes (p = 0.6, softmax weights as in the released code) of 1-3
     adapters, from random peaked probability vectors."""
     rng = np.random.default_rng(seed)
@@ -146,8 +184,9 @@ def zipf_mixes(n_rows: int, labels: list[str], s: float, seed: int) -> list[Adap
         k = min(int(rng.integers(1, 4)), len(labels))
         idx = rng.choice(len(labels), size=k, replace=False, p=p)
         w = rng.uniform(0.2, 1.0, size=k)
-        mixes.append(AdapterMix.from_weights({labels[i]: float(x) for i, x in zip(idx, w,
-                                                                                  strict=True)}))
+        mixes.append(
+            AdapterMix.from_weights({labels[i]: float(x) for i, x in zip(idx, w, strict=True)})
+        )
     return mixes
 
 
@@ -205,8 +244,12 @@ def requests_for(
 ) -> list[GenerationRequest]:
     params = SamplingParams(max_tokens=new, ignore_eos=True)
     return [
-        GenerationRequest(request_id=f"{tag}{i}", mix=m,
-                          prompt_token_ids=tuple(prompts[i].tolist()), sampling=params)
+        GenerationRequest(
+            request_id=f"{tag}{i}",
+            mix=m,
+            prompt_token_ids=tuple(prompts[i].tolist()),
+            sampling=params,
+        )
         for i, m in enumerate(mixes)
     ]
 
@@ -217,12 +260,19 @@ def hf_generate(
 ) -> dict[str, Any]:
     device = input_ids.device
     mask = torch.ones_like(input_ids)
-    gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
-               attention_mask=mask, **kwargs)
+    gen = dict(
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=0,
+        attention_mask=mask,
+        **kwargs,
+    )
     with torch.no_grad():
-        model.generate(input_ids=input_ids[:, :16], **{**gen, "max_new_tokens": 2,
-                                                         "min_new_tokens": 2,
-                                                         "attention_mask": mask[:, :16]})
+        model.generate(
+            input_ids=input_ids[:, :16],
+            **{**gen, "max_new_tokens": 2, "min_new_tokens": 2, "attention_mask": mask[:, :16]},
+        )
         _reset_peak(device)
         elapsed = math.inf
         for _ in range(repeats):
@@ -232,21 +282,28 @@ def hf_generate(
             _sync(device)
             elapsed = min(elapsed, time.perf_counter() - start)
     tokens = (out.shape[1] - input_ids.shape[1]) * out.shape[0]
-    return {"time_s": elapsed, "tokens": tokens, "tokens_per_s": tokens / elapsed,
-            "peak_gb": _peak_gb(device), "new_tokens": new}
+    return {
+        "time_s": elapsed,
+        "tokens": tokens,
+        "tokens_per_s": tokens / elapsed,
+        "peak_gb": _peak_gb(device),
+        "new_tokens": new,
+    }
 
 
 def _mix_adapter_name(mix: AdapterMix) -> str:
     return "mix_" + "_".join(f"{n}_{round(w * 1000)}" for n, w in mix.entries)
 
 
-def peft_variants(model, adapter_dirs: dict[str, Path], input_ids, mixes, cfg: BenchConfig,
-                  deadline: Deadline) -> tuple[dict[str, Any], Any]:
+def peft_variants(
+    model, adapter_dirs: dict[str, Path], input_ids, mixes, cfg: BenchConfig, deadline: Deadline
+) -> tuple[dict[str, Any], Any]:
     from peft import PeftModel
 
     names = list(adapter_dirs)
-    peft = PeftModel.from_pretrained(model, adapter_dirs[names[0]], adapter_name=names[0],
-                                     autocast_adapter_dtype=False)
+    peft = PeftModel.from_pretrained(
+        model, adapter_dirs[names[0]], adapter_name=names[0], autocast_adapter_dtype=False
+    )
     for name in names[1:]:
         peft.load_adapter(adapter_dirs[name], adapter_name=name, autocast_adapter_dtype=False)
     peft.eval()
@@ -258,8 +315,9 @@ def peft_variants(model, adapter_dirs: dict[str, Path], input_ids, mixes, cfg: B
             continue
         name = _mix_adapter_name(mix)
         if name not in peft.peft_config:
-            peft.add_weighted_adapter(list(mix.names), list(mix.weights), name,
-                                      combination_type="cat")
+            peft.add_weighted_adapter(
+                list(mix.names), list(mix.weights), name, combination_type="cat"
+            )
         row_adapter.append(name)
     out: dict[str, Any] = {}
     peft.set_adapter(names[0])
@@ -282,12 +340,16 @@ def peft_variants(model, adapter_dirs: dict[str, Path], input_ids, mixes, cfg: B
         done_tokens += r["tokens"]
         done_time += r["time_s"]
         done_groups += 1
-    out["g"] = {"time_s_measured": done_time, "tokens": done_tokens,
-                "tokens_per_s": done_tokens / done_time if done_time else None,
-                "groups_measured": done_groups, "groups": len(groups),
-                "new_tokens": cfg.g_new,
-                "time_s": (done_time / max(1, done_tokens)) * cfg.batch * cfg.new,
-                "note": "time_s extrapolated from the measured groups to batch x new tokens"}
+    out["g"] = {
+        "time_s_measured": done_time,
+        "tokens": done_tokens,
+        "tokens_per_s": done_tokens / done_time if done_time else None,
+        "groups_measured": done_groups,
+        "groups": len(groups),
+        "new_tokens": cfg.g_new,
+        "time_s": (done_time / max(1, done_tokens)) * cfg.batch * cfg.new,
+        "note": "time_s extrapolated from the measured groups to batch x new tokens",
+    }
     return out, peft
 
 
@@ -296,8 +358,18 @@ def _random_adapters(model, n: int, rank: int, dtype, seed: int, prefix: str = "
     from dlp.lora.adapter import base_linear_shapes, random_adapter
 
     shapes = base_linear_shapes(model)
-    return [random_adapter(f"{prefix}{i:03d}", shapes, rank=rank, alpha=2 * rank,
-                           seed=seed + i, dtype=dtype, b_std=0.02) for i in range(n)]
+    return [
+        random_adapter(
+            f"{prefix}{i:03d}",
+            shapes,
+            rank=rank,
+            alpha=2 * rank,
+            seed=seed + i,
+            dtype=dtype,
+            b_std=0.02,
+        )
+        for i in range(n)
+    ]
 
 
 def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int):
@@ -316,15 +388,20 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int)
     return model.eval(), None
 
 
-def memory_floor_ms(engine: Engine, batch: int, prompt: int, new: int,
-                    lora_bytes: int = 0) -> dict[str, float]:
+def memory_floor_ms(
+    engine: Engine, batch: int, prompt: int, new: int, lora_bytes: int = 0
+) -> dict[str, float]:
     model = engine.hf_model
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     mean_ctx = prompt + (new + 1) / 2  # keys read by the average decode step
     kv_bytes = batch * mean_ctx * engine.model.kv_bytes_per_token()
     total = weight_bytes + kv_bytes + lora_bytes
-    return {"weight_bytes": weight_bytes, "kv_bytes_per_step": kv_bytes,
-            "lora_bytes_per_step": lora_bytes, "floor_ms": 1e3 * total / HBM_BYTES_PER_S}
+    return {
+        "weight_bytes": weight_bytes,
+        "kv_bytes_per_step": kv_bytes,
+        "lora_bytes_per_step": lora_bytes,
+        "floor_ms": 1e3 * total / HBM_BYTES_PER_S,
+    }
 
 
 async def run_shape(shape: str, cfg: BenchConfig, deadline: Deadline) -> dict[str, Any]:
@@ -339,14 +416,25 @@ async def run_shape(shape: str, cfg: BenchConfig, deadline: Deadline) -> dict[st
     adapters = _random_adapters(model, cfg.adapters, cfg.rank, dtype, cfg.seed)
     labels = [a.name for a in adapters]
     slots = cfg.pool_slots
-    pool = AdapterPool.for_model(model, target_modules=("q_proj", "v_proj"), max_rank=cfg.rank,
-                                 n_slots=slots, host_budget_bytes=6 << 30)
+    pool = AdapterPool.for_model(
+        model,
+        target_modules=("q_proj", "v_proj"),
+        max_rank=cfg.rank,
+        n_slots=slots,
+        host_budget_bytes=6 << 30,
+    )
     for a in adapters:
         pool.add(a)
-    econf = EngineConfig(device=cfg.device, dtype=str(dtype).replace("torch.", ""),
-                         max_batch=cfg.batch, max_seq_len=cfg.prompt + cfg.new,
-                         pool_slots=slots, max_rank=cfg.rank, compile=cfg.compile,
-                         max_prefill_tokens=cfg.batch * cfg.prompt)
+    econf = EngineConfig(
+        device=cfg.device,
+        dtype=str(dtype).replace("torch.", ""),
+        max_batch=cfg.batch,
+        max_seq_len=cfg.prompt + cfg.new,
+        pool_slots=slots,
+        max_rank=cfg.rank,
+        compile=cfg.compile,
+        max_prefill_tokens=cfg.batch * cfg.prompt,
+    )
     engine = Engine(model, None, pool, econf)
     t0 = time.perf_counter()
     await engine.start()
@@ -358,29 +446,34 @@ async def run_shape(shape: str, cfg: BenchConfig, deadline: Deadline) -> dict[st
     prompts = torch.randint(0, vocab, (cfg.batch, cfg.prompt), generator=gen)
     mixes = make_mixes(cfg.batch, labels, cfg.seed)
     report["distinct_mixes"] = len({m.key for m in mixes})
-    report["adapters_per_mix"] = dict(sorted(
-        {k: sum(len(m) == k for m in mixes) for k in {len(m) for m in mixes}}.items()))
+    report["adapters_per_mix"] = dict(
+        sorted({k: sum(len(m) == k for m in mixes) for k in {len(m) for m in mixes}}.items())
+    )
     variants: dict[str, Any] = {}
     base = [AdapterMix.base()] * cfg.batch
     single = [AdapterMix.single(labels[0])] * cfg.batch
     for key, rows in (("a", base), ("b", single), ("c", mixes)):
-        variants[key] = await engine_variant(engine, requests_for(prompts, rows, cfg.new, key),
-                                             cfg.repeats)
+        variants[key] = await engine_variant(
+            engine, requests_for(prompts, rows, cfg.new, key), cfg.repeats
+        )
         log.warning("%s %s: %.3f s", shape, key, variants[key]["time_s"])
     step_a = time_decode_step(engine, lora=False)
     step_c = time_decode_step(engine, lora=True)
     lora_bytes = pool.device_bytes
     floor = memory_floor_ms(engine, cfg.batch, cfg.prompt, cfg.new)
     report.update(floor)
-    report["decode_step_ms"] = {"a_graph": step_a, "c_graph": step_c,
-                                "a_engine": variants["a"]["engine_ms_per_step"],
-                                "c_engine": variants["c"]["engine_ms_per_step"]}
+    report["decode_step_ms"] = {
+        "a_graph": step_a,
+        "c_graph": step_c,
+        "a_engine": variants["a"]["engine_ms_per_step"],
+        "c_engine": variants["c"]["engine_ms_per_step"],
+    }
     step_ref = step_a if step_a is not None else variants["a"]["engine_ms_per_step"]
     # The floor is the H200's HBM bound; on a CPU the ratio would mean nothing.
-    report["decode_step_to_floor"] = (
-        step_ref / floor["floor_ms"] if device.type == "cuda" else None)
-    report["floor_ms_with_lora"] = memory_floor_ms(engine, cfg.batch, cfg.prompt, cfg.new,
-                                                   lora_bytes)["floor_ms"]
+    report["decode_step_to_floor"] = step_ref / floor["floor_ms"] if device.type == "cuda" else None
+    report["floor_ms_with_lora"] = memory_floor_ms(
+        engine, cfg.batch, cfg.prompt, cfg.new, lora_bytes
+    )["floor_ms"]
 
     await engine.stop()
     if cfg.scale and shape == cfg.scale_shape and deadline.left() > 150:
@@ -388,11 +481,14 @@ async def run_shape(shape: str, cfg: BenchConfig, deadline: Deadline) -> dict[st
         # catalogue much larger than the pool.
         del engine
         gc.collect()
-        scale_pool = AdapterPool.for_model(model, target_modules=("q_proj", "v_proj"),
-                                           max_rank=cfg.rank, n_slots=cfg.scale_slots,
-                                           host_budget_bytes=6 << 30)
-        scale_engine = Engine(model, None, scale_pool,
-                              replace(econf, pool_slots=cfg.scale_slots))
+        scale_pool = AdapterPool.for_model(
+            model,
+            target_modules=("q_proj", "v_proj"),
+            max_rank=cfg.rank,
+            n_slots=cfg.scale_slots,
+            host_budget_bytes=6 << 30,
+        )
+        scale_engine = Engine(model, None, scale_pool, replace(econf, pool_slots=cfg.scale_slots))
         await scale_engine.start()
         report["scale"] = await run_scale(scale_engine, scale_pool, model, cfg, dtype)
         await scale_engine.stop()
@@ -420,7 +516,8 @@ async def run_shape(shape: str, cfg: BenchConfig, deadline: Deadline) -> dict[st
     report["ratio_b_to_a_time"] = variants["b"]["time_s"] / ta
     if "f" in variants and "tokens_per_s" in variants["f"]:
         report["ratio_c_to_f_throughput"] = (
-            variants["c"]["tokens_per_s"] / variants["f"]["tokens_per_s"])
+            variants["c"]["tokens_per_s"] / variants["f"]["tokens_per_s"]
+        )
     if "d" in variants:
         report["ratio_d_to_a_time"] = variants["d"]["time_s"] / ta
     del model
@@ -440,8 +537,16 @@ async def run_scale(engine: Engine, pool, model, cfg: BenchConfig, dtype) -> dic
     names = [f"z{i:04d}" for i in range(cfg.scale_catalogue)]
     for i, name in enumerate(names):
         src = seeds[i % len(seeds)]
-        pool.add(LoraAdapter(name=name, rank=src.rank, alpha=src.alpha, use_rslora=False,
-                             target_modules=src.target_modules, weights=src.weights))
+        pool.add(
+            LoraAdapter(
+                name=name,
+                rank=src.rank,
+                alpha=src.alpha,
+                use_rslora=False,
+                target_modules=src.target_modules,
+                weights=src.weights,
+            )
+        )
     t0 = time.perf_counter()
     for name in names:  # warm the host tier (conversion + pinning), as a serving replica would
         pool.acquire_sync([name]).release()
@@ -449,17 +554,27 @@ async def run_scale(engine: Engine, pool, model, cfg: BenchConfig, dtype) -> dic
     rng = np.random.default_rng(cfg.seed + 7)
     n = cfg.scale_requests
     lengths = rng.integers(cfg.new // 2, cfg.new + 1, size=n)
-    prompts = torch.randint(0, engine.model.shape.vocab, (n, cfg.prompt),
-                            generator=torch.Generator().manual_seed(3))
-    out: dict[str, Any] = {"catalogue": cfg.scale_catalogue, "pool_slots": pool.n_slots,
-                           "requests": n, "zipf_s": cfg.zipf, "host_warm_s": warm_s}
+    prompts = torch.randint(
+        0, engine.model.shape.vocab, (n, cfg.prompt), generator=torch.Generator().manual_seed(3)
+    )
+    out: dict[str, Any] = {
+        "catalogue": cfg.scale_catalogue,
+        "pool_slots": pool.n_slots,
+        "requests": n,
+        "zipf_s": cfg.zipf,
+        "host_warm_s": warm_s,
+    }
     for label, catalogue in (("8", names[:8]), (str(cfg.scale_catalogue), names)):
         mixes = zipf_mixes(n, catalogue, cfg.zipf, cfg.seed + 11)
-        reqs = [GenerationRequest(request_id=f"s{label}_{i}", mix=m,
-                                  prompt_token_ids=tuple(prompts[i].tolist()),
-                                  sampling=SamplingParams(max_tokens=int(lengths[i]),
-                                                          ignore_eos=True))
-                for i, m in enumerate(mixes)]
+        reqs = [
+            GenerationRequest(
+                request_id=f"s{label}_{i}",
+                mix=m,
+                prompt_token_ids=tuple(prompts[i].tolist()),
+                sampling=SamplingParams(max_tokens=int(lengths[i]), ignore_eos=True),
+            )
+            for i, m in enumerate(mixes)
+        ]
         stats0 = pool.stats()
         await _engine_run(engine, reqs[: cfg.batch])  # warm-up
         best = None
@@ -473,7 +588,8 @@ async def run_scale(engine: Engine, pool, model, cfg: BenchConfig, dtype) -> dic
         best["distinct_adapters"] = len({n for m in mixes for n in m.names})
         out[label] = best
     out["ratio_1000_to_8_adapters_throughput"] = (
-        out[str(cfg.scale_catalogue)]["tokens_per_s"] / out["8"]["tokens_per_s"])
+        out[str(cfg.scale_catalogue)]["tokens_per_s"] / out["8"]["tokens_per_s"]
+    )
     out["cold_load_ms"] = cold_load_ms(pool, names)
     return out
 
@@ -490,8 +606,12 @@ def cold_load_ms(pool, names: list[str], n: int = 30) -> dict[str, float]:
         _sync(pool.device)
         times.append(1e3 * (time.perf_counter() - t0))
         lease.release()
-    return {"median": statistics.median(times), "p90": float(np.percentile(times, 90)),
-            "n": len(times), "adapter_bytes": pool.slot_bytes}
+    return {
+        "median": statistics.median(times),
+        "p90": float(np.percentile(times, 90)),
+        "n": len(times),
+        "adapter_bytes": pool.slot_bytes,
+    }
 
 
 # --------------------------------------------------------------------- report
@@ -499,7 +619,8 @@ def headline(shapes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "ratio_dlp_to_base_time": {s: r.get("ratio_c_to_a_time") for s, r in shapes.items()},
         "ratio_dlp_to_peft_mixed_throughput": {
-            s: r.get("ratio_c_to_f_throughput") for s, r in shapes.items()},
+            s: r.get("ratio_c_to_f_throughput") for s, r in shapes.items()
+        },
         "decode_step_to_floor": {s: r.get("decode_step_to_floor") for s, r in shapes.items()},
         "ratio_1000_to_8_adapters_throughput": None,
         "cold_load_ms": None,
@@ -507,7 +628,8 @@ def headline(shapes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for r in shapes.values():
         if "scale" in r:
             out["ratio_1000_to_8_adapters_throughput"] = r["scale"][
-                "ratio_1000_to_8_adapters_throughput"]
+                "ratio_1000_to_8_adapters_throughput"
+            ]
             out["cold_load_ms"] = r["scale"]["cold_load_ms"]["median"]
     return out
 
@@ -541,9 +663,13 @@ def _report(cfg: BenchConfig, command: str, shapes: dict[str, Any]) -> dict[str,
         "machine": machine(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         **headline({s: r for s, r in shapes.items() if "variants" in r}),
-        "targets": {"ratio_dlp_to_base_time": {"llama3-8b": 1.10, "qwen2-1.5b": 1.20},
-                    "ratio_dlp_to_peft_mixed_throughput": 10.0, "decode_step_to_floor": 2.0,
-                    "ratio_1000_to_8_adapters_throughput": 0.9, "cold_load_ms": 2.0},
+        "targets": {
+            "ratio_dlp_to_base_time": {"llama3-8b": 1.10, "qwen2-1.5b": 1.20},
+            "ratio_dlp_to_peft_mixed_throughput": 10.0,
+            "decode_step_to_floor": 2.0,
+            "ratio_1000_to_8_adapters_throughput": 0.9,
+            "cold_load_ms": 2.0,
+        },
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         "shapes": shapes,
     }
@@ -572,9 +698,15 @@ def plot(report: dict[str, Any], png: Path) -> Path:
 
     shapes = {s: r for s, r in report["shapes"].items() if "variants" in r}
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    labels = {"a": "(a) engine base", "b": "(b) engine 1 LoRA", "c": "(c) engine DLP mixes",
-              "d": "(d) HF base", "e": "(e) PEFT 1 LoRA", "f": "(f) PEFT mixed",
-              "g": "(g) PEFT per mix"}
+    labels = {
+        "a": "(a) engine base",
+        "b": "(b) engine 1 LoRA",
+        "c": "(c) engine DLP mixes",
+        "d": "(d) HF base",
+        "e": "(e) PEFT 1 LoRA",
+        "f": "(f) PEFT mixed",
+        "g": "(g) PEFT per mix",
+    }
     width = 0.8 / max(1, len(shapes))
     for j, (shape, r) in enumerate(shapes.items()):
         keys = [k for k in labels if k in r["variants"] and r["variants"][k].get("tokens_per_s")]
@@ -582,14 +714,23 @@ def plot(report: dict[str, Any], png: Path) -> Path:
         ys = [r["variants"][k]["tokens_per_s"] for k in keys]
         bars = axes[0].bar(xs, ys, width, label=shape)
         for bar, y in zip(bars, ys, strict=True):
-            axes[0].text(bar.get_x() + bar.get_width() / 2, y, f"{y:,.0f}", ha="center",
-                         va="bottom", fontsize=7, rotation=90)
+            axes[0].text(
+                bar.get_x() + bar.get_width() / 2,
+                y,
+                f"{y:,.0f}",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                rotation=90,
+            )
     axes[0].set_xticks([i + width * (len(shapes) - 1) / 2 for i in range(len(labels))])
     axes[0].set_xticklabels(list(labels.values()), rotation=30, ha="right", fontsize=8)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("generated tokens / s")
-    axes[0].set_title(f"Throughput ({report['config']['batch']} requests, prompt "
-                      f"{report['config']['prompt']}, {report['config']['new']} new)")
+    axes[0].set_title(
+        f"Throughput ({report['config']['batch']} requests, prompt "
+        f"{report['config']['prompt']}, {report['config']['new']} new)"
+    )
     axes[0].legend()
     names, floor, a_step, c_step = [], [], [], []
     for shape, r in shapes.items():
@@ -634,18 +775,23 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             continue
         v = r["variants"]
         cells = " ".join(
-            f"{k}={v[k]['tokens_per_s']:.0f}" for k in "abcdefg"
-            if k in v and v[k].get("tokens_per_s"))
+            f"{k}={v[k]['tokens_per_s']:.0f}"
+            for k in "abcdefg"
+            if k in v and v[k].get("tokens_per_s")
+        )
         lines.append(f"{shape}: tok/s {cells}")
         lines.append(
             f"  c/a time {r['ratio_c_to_a_time']:.3f}  c/f thr "
             f"{r.get('ratio_c_to_f_throughput', math.nan):.1f}  step/floor "
             f"{r['decode_step_to_floor'] or math.nan:.2f} (step {r['decode_step_ms']}, floor "
-            f"{r['floor_ms']:.3f} ms)")
+            f"{r['floor_ms']:.3f} ms)"
+        )
         if "scale" in r:
             s = r["scale"]
-            lines.append(f"  scale 1000/8 {s['ratio_1000_to_8_adapters_throughput']:.3f} "
-                         f"cold load {s['cold_load_ms']}")
+            lines.append(
+                f"  scale 1000/8 {s['ratio_1000_to_8_adapters_throughput']:.3f} "
+                f"cold load {s['cold_load_ms']}"
+            )
     return lines
 
 
@@ -658,11 +804,25 @@ def config_from_args(args) -> BenchConfig:
         cfg = BenchConfig(device=device)
     elif device == "cpu":
         # Item 7: the same variants on the embedded default, sizes a CPU can do in minutes.
-        cfg = BenchConfig(device="cpu", shapes=("smollm2",), batch=8, prompt=32, new=16,
-                          adapters=8, pool_slots=12, repeats=2, f_new=8, g_new=8, g_time_s=30.0,
-                          scale=False, scale_shape="smollm2", scale_catalogue=100,
-                          scale_requests=32, scale_slots=48,
-                          out="benchmarks/results/fusion_cpu.json")
+        cfg = BenchConfig(
+            device="cpu",
+            shapes=("smollm2",),
+            batch=8,
+            prompt=32,
+            new=16,
+            adapters=8,
+            pool_slots=12,
+            repeats=2,
+            f_new=8,
+            g_new=8,
+            g_time_s=30.0,
+            scale=False,
+            scale_shape="smollm2",
+            scale_catalogue=100,
+            scale_requests=32,
+            scale_slots=48,
+            out="benchmarks/results/fusion_cpu.json",
+        )
     else:
         raise DlpError(f"--device must be cuda or cpu, got {device!r}")
     if args.shapes:

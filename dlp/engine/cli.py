@@ -18,11 +18,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "mix; tokens stream to stdout.",
     )
     gen.add_argument("prompt", help="the prompt (or the user message with --chat)")
-    gen.add_argument("--adapters", default="",
-                     help="mix as name=weight,... (weights renormalised); empty = base model")
-    gen.add_argument("--adapter-root", default=None,
-                     help="directory of PEFT adapter dirs (default: the dlp cache's adapters)")
-    gen.add_argument("--model", default=None, help="transformers checkpoint dir (default: embedded)")
+    gen.add_argument(
+        "--adapters",
+        default="",
+        help="mix as name=weight,... (weights renormalised); empty = base model",
+    )
+    gen.add_argument(
+        "--adapter-root",
+        default=None,
+        help="directory of PEFT adapter dirs (default: the dlp cache's adapters)",
+    )
+    gen.add_argument(
+        "--model", default=None, help="transformers checkpoint dir (default: embedded)"
+    )
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -75,22 +83,38 @@ def _generate(args: argparse.Namespace) -> int:
     from dlp.paths import adapters_dir, cache_dir
 
     mix = parse_mix(args.adapters)
-    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    sampling = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
     sampling.validate()
     root = args.adapter_root
     if root is None and not mix.is_base:
         root = str(adapters_dir(cache_dir()))
     if root is not None and not Path(root).is_dir():
         raise DlpError(f"--adapter-root: {root} is not a directory")
-    config = EngineConfig(model_path=args.model, device=args.device, max_batch=1,
-                          max_seq_len=2048, adapter_root=root, pool_slots=max(4, len(mix)))
+    config = EngineConfig(
+        model_path=args.model,
+        device=args.device,
+        max_batch=1,
+        max_seq_len=2048,
+        adapter_root=root,
+        pool_slots=max(4, len(mix)),
+    )
     if args.chat:
-        request = GenerationRequest(request_id="cli", mix=mix, sampling=sampling,
-                                    messages=({"role": "user", "content": args.prompt},))
+        request = GenerationRequest(
+            request_id="cli",
+            mix=mix,
+            sampling=sampling,
+            messages=({"role": "user", "content": args.prompt},),
+        )
     else:
-        request = GenerationRequest(request_id="cli", mix=mix, sampling=sampling,
-                                    prompt=args.prompt)
+        request = GenerationRequest(
+            request_id="cli", mix=mix, sampling=sampling, prompt=args.prompt
+        )
 
     async def run():
         engine = Engine.from_config(config)
@@ -105,10 +129,17 @@ def _generate(args: argparse.Namespace) -> int:
 
     result = asyncio.run(run())
     if args.json:
-        print(json.dumps({"text": result.text, "mix": result.mix.as_dict(),
-                          "finish_reason": result.finish_reason,
-                          "prompt_tokens": result.prompt_tokens,
-                          "completion_tokens": result.completion_tokens}))
+        print(
+            json.dumps(
+                {
+                    "text": result.text,
+                    "mix": result.mix.as_dict(),
+                    "finish_reason": result.finish_reason,
+                    "prompt_tokens": result.prompt_tokens,
+                    "completion_tokens": result.completion_tokens,
+                }
+            )
+        )
     else:
         print()
     return 0

@@ -184,6 +184,11 @@ class Engine:
             self._executor.shutdown(wait=True)
             self._executor = None
 
+    @property
+    def running(self) -> bool:
+        """True while the batching loop is alive (health checks)."""
+        return self._task is not None and not self._task.done()
+
     async def __aenter__(self) -> Engine:
         await self.start()
         return self
@@ -252,8 +257,10 @@ class Engine:
                 field="prompt",
             )
         params = request.sampling
-        need_text = stream or bool(params.stop) or (
-            request.routing == "sentence" and self.reroute is not None
+        need_text = (
+            stream
+            or bool(params.stop)
+            or (request.routing == "sentence" and self.reroute is not None)
         )
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer", field="stop")
@@ -388,7 +395,7 @@ class Engine:
         still_waiting: deque[_Seq] = deque()
         while self._waiting:
             seq = self._waiting.popleft()
-            if not free or len(seq.prompt_ids) > budget and admitted:
+            if not free or (len(seq.prompt_ids) > budget and admitted):
                 still_waiting.append(seq)
                 continue
             if not seq.mix.is_base:
@@ -677,9 +684,7 @@ def load_model(config: EngineConfig) -> tuple[torch.nn.Module, Any | None]:
     path = Path(config.model_path)
     if not path.is_dir():
         raise DlpError(f"engine config: model_path {path} is not a directory")
-    tokenizer = AutoTokenizer.from_pretrained(
-        config.tokenizer_path or path, local_files_only=True
-    )
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path or path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     model.to(config.device).eval()
     return model, tokenizer

@@ -67,11 +67,13 @@ def fuse_layer(
     if targets:
         a0 = lora[f"{prefix_attn}.{ATTN_INPUTS[targets[0]]}"][0]
         slot_rows = a0.shape[0] * a0.shape[1]  # S * R
-    w_in = torch.zeros(qkv + len(targets) * slot_rows, hidden, dtype=weight.dtype,
-                       device=weight.device)
+    w_in = torch.zeros(
+        qkv + len(targets) * slot_rows, hidden, dtype=weight.dtype, device=weight.device
+    )
     has_bias = any(m.bias is not None for m in (q, k, v))
-    b_in = (torch.zeros(w_in.shape[0], dtype=weight.dtype, device=weight.device)
-            if has_bias else None)
+    b_in = (
+        torch.zeros(w_in.shape[0], dtype=weight.dtype, device=weight.device) if has_bias else None
+    )
     offset = 0
     for module, size in zip((q, k, v), sizes, strict=True):
         _rebind(module, "weight", w_in[offset : offset + size])
@@ -79,8 +81,9 @@ def fuse_layer(
             _rebind(module, "bias", b_in[offset : offset + size])
         offset += size
     gate, up = modules["gate_proj"], modules["up_proj"]
-    w_gu = torch.empty(gate.out_features + up.out_features, hidden, dtype=weight.dtype,
-                       device=weight.device)
+    w_gu = torch.empty(
+        gate.out_features + up.out_features, hidden, dtype=weight.dtype, device=weight.device
+    )
     _rebind(gate, "weight", w_gu[: gate.out_features])
     _rebind(up, "weight", w_gu[gate.out_features :])
     b_gu = None

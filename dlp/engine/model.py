@@ -112,10 +112,12 @@ class CompactLM(nn.Module):
         cache_shape = (s.n_layers, max_batch, s.n_kv_heads, max_seq, s.head_dim)
         # One tensor per layer (not views of one buffer): a compiled layer then mutates a
         # graph input in place, which Inductor keeps in place.
-        self.k_caches = [torch.zeros(cache_shape[1:], device=device, dtype=dtype)
-                         for _ in range(s.n_layers)]
-        self.v_caches = [torch.zeros(cache_shape[1:], device=device, dtype=dtype)
-                         for _ in range(s.n_layers)]
+        self.k_caches = [
+            torch.zeros(cache_shape[1:], device=device, dtype=dtype) for _ in range(s.n_layers)
+        ]
+        self.v_caches = [
+            torch.zeros(cache_shape[1:], device=device, dtype=dtype) for _ in range(s.n_layers)
+        ]
         cos, sin = _rope_tables(inner.rotary_emb, max_seq, device)
         self.register_buffer("rope_cos", cos.to(param.dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(param.dtype), persistent=False)
@@ -163,7 +165,11 @@ class CompactLM(nn.Module):
     # --- building blocks -------------------------------------------------------------
 
     def _linear(
-        self, module: nn.Linear, name: str, x: torch.Tensor, scales: torch.Tensor | None,
+        self,
+        module: nn.Linear,
+        name: str,
+        x: torch.Tensor,
+        scales: torch.Tensor | None,
         slot_ids: torch.Tensor | None,
     ) -> torch.Tensor:
         out = F.linear(x, module.weight, module.bias)
@@ -193,9 +199,7 @@ class CompactLM(nn.Module):
     # --- decode: one token for each of the first ``rows`` rows -----------------------
 
     def _build_fused(self) -> None:
-        self.fused = [
-            fuse_layer(w, w["attn_prefix"], self.lora) for w in self.layers
-        ]
+        self.fused = [fuse_layer(w, w["attn_prefix"], self.lora) for w in self.layers]
         self.lora_targets = self.fused[0].targets if self.fused else ()
         self._slot_views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         if self.lora_targets:
@@ -242,9 +246,19 @@ class CompactLM(nn.Module):
             for p, n in zip(prefixes, rest, strict=True)
         )
         return (
-            w["in_norm"].weight, w["post_norm"].weight, w_in, b_in, bt,
-            w["o_proj"].weight, w["o_proj"].bias, f.w_gu, f.b_gu,
-            w["down_proj"].weight, w["down_proj"].bias, lora, f.qkv_sizes,
+            w["in_norm"].weight,
+            w["post_norm"].weight,
+            w_in,
+            b_in,
+            bt,
+            w["o_proj"].weight,
+            w["o_proj"].bias,
+            f.w_gu,
+            f.b_gu,
+            w["down_proj"].weight,
+            w["down_proj"].bias,
+            lora,
+            f.qkv_sizes,
         )
 
     def decode_inputs(
@@ -292,9 +306,21 @@ class CompactLM(nn.Module):
             if b != k_cache.shape[0]:
                 k_cache, v_cache = k_cache[:b], v_cache[:b]
             x = layer_fn(
-                x, cos, sin, bias, batch_idx, positions, *self.layer_tensors(i, use_lora),
-                in_scales, row_scales if use_lora else None, k_cache, v_cache,
-                s.n_heads, s.n_kv_heads, s.head_dim, s.rms_eps,
+                x,
+                cos,
+                sin,
+                bias,
+                batch_idx,
+                positions,
+                *self.layer_tensors(i, use_lora),
+                in_scales,
+                row_scales if use_lora else None,
+                k_cache,
+                v_cache,
+                s.n_heads,
+                s.n_kv_heads,
+                s.head_dim,
+                s.rms_eps,
             )
         return self.decode_head(x)
 

@@ -9,6 +9,7 @@ from typing import Literal
 from dlp.errors import DlpError
 from dlp.routing.mix import AdapterMix
 
+
 class InvalidRequestError(DlpError, ValueError):
     """A generation request the engine refuses; ``field`` names the offending field."""
 

@@ -99,8 +99,9 @@ async def run_all(engine: Engine, reqs, delays: Sequence[float] | None = None):
     return await asyncio.gather(*(one(r, d) for r, d in zip(reqs, delays, strict=True)))
 
 
-def peft_reference(peft_model, input_ids: torch.Tensor, mix: AdapterMix, max_tokens: int,
-                   eos=None) -> list[int]:
+def peft_reference(
+    peft_model, input_ids: torch.Tensor, mix: AdapterMix, max_tokens: int, eos=None
+) -> list[int]:
     """Greedy tokens from transformers/PEFT for one request (batch of one, no padding)."""
     kwargs = dict(max_new_tokens=max_tokens, do_sample=False)
     if eos is not None:
@@ -128,4 +129,3 @@ def strip_eos(tokens: list[int], eos: set[int]) -> list[int]:
         if t in eos:
             return tokens[:i]
     return tokens
-

@@ -10,16 +10,38 @@ from dlp.engine.bench_fusion import BenchConfig, main
 
 def test_fusion_bench_runs_all_variants(tmp_path):
     out = tmp_path / "fusion.json"
-    cfg = BenchConfig(device="cpu", shapes=("tiny-qwen2", "tiny-llama3"), batch=6, prompt=8,
-                      new=6, adapters=5, pool_slots=6, repeats=1, f_new=4, g_new=4, g_time_s=5.0,
-                      scale=True, scale_shape="tiny-qwen2", scale_catalogue=40,
-                      scale_requests=12, scale_slots=24, out=str(out))
+    cfg = BenchConfig(
+        device="cpu",
+        shapes=("tiny-qwen2", "tiny-llama3"),
+        batch=6,
+        prompt=8,
+        new=6,
+        adapters=5,
+        pool_slots=6,
+        repeats=1,
+        f_new=4,
+        g_new=4,
+        g_time_s=5.0,
+        scale=True,
+        scale_shape="tiny-qwen2",
+        scale_catalogue=40,
+        scale_requests=12,
+        scale_slots=24,
+        out=str(out),
+    )
     report = main(cfg, command="test")
     saved = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 0
-    for key in ("ratio_dlp_to_base_time", "ratio_dlp_to_peft_mixed_throughput",
-                "decode_step_to_floor", "ratio_1000_to_8_adapters_throughput", "cold_load_ms",
-                "command", "machine", "date"):
+    for key in (
+        "ratio_dlp_to_base_time",
+        "ratio_dlp_to_peft_mixed_throughput",
+        "decode_step_to_floor",
+        "ratio_1000_to_8_adapters_throughput",
+        "cold_load_ms",
+        "command",
+        "machine",
+        "date",
+    ):
         assert key in saved
     for shape in cfg.shapes:
         r = report["shapes"][shape]

@@ -45,10 +45,13 @@ async def test_tiny_models_continuous_batching_match_peft(kind, tmp_path):
     # 3 rows for 6 requests arriving at different times: later ones join a running batch.
     engine = make_engine(model, None, paths, slots=4, max_batch=3)
     gen = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(0, TINY_VOCAB - 1, (n,), generator=gen).tolist()
-               for n in (5, 9, 3, 12, 7, 4)]
-    reqs = [request(i, m, ids=p, max_tokens=16) for i, (m, p) in enumerate(
-        zip(MIXES, prompts, strict=True))]
+    prompts = [
+        torch.randint(0, TINY_VOCAB - 1, (n,), generator=gen).tolist() for n in (5, 9, 3, 12, 7, 4)
+    ]
+    reqs = [
+        request(i, m, ids=p, max_tokens=16)
+        for i, (m, p) in enumerate(zip(MIXES, prompts, strict=True))
+    ]
     async with engine:
         results = await run_all(engine, reqs, delays=[0, 0, 0.01, 0.02, 0.05, 0.08])
     assert engine.stats()["decode_steps"] > 0
@@ -74,13 +77,21 @@ async def test_embedded_default_matches_transformers_and_peft(
         "List three colours:",
         "Once upon a time",
     ]
-    reqs = [request(i, m, prompt=p, max_tokens=16) for i, (m, p) in enumerate(
-        zip(MIXES, prompts, strict=False))]
+    reqs = [
+        request(i, m, prompt=p, max_tokens=16)
+        for i, (m, p) in enumerate(zip(MIXES, prompts, strict=False))
+    ]
     chat = {"role": "user", "content": "Name a large animal."}
     from dlp.engine.types import GenerationRequest, SamplingParams
 
-    reqs.append(GenerationRequest(request_id="chat", mix=AdapterMix.single("a1"),
-                                  messages=(chat,), sampling=SamplingParams(max_tokens=16)))
+    reqs.append(
+        GenerationRequest(
+            request_id="chat",
+            mix=AdapterMix.single("a1"),
+            messages=(chat,),
+            sampling=SamplingParams(max_tokens=16),
+        )
+    )
     async with engine:
         results = await run_all(engine, reqs, delays=[0, 0, 0, 0.05, 0.3, 0.6])
     peft = _peft(model, paths)

@@ -28,9 +28,14 @@ def vocab_model(default_tokenizer):
     """Tiny random Llama with the real tokenizer's vocabulary, so text features work."""
     torch.manual_seed(3)
     config = LlamaConfig(
-        vocab_size=len(default_tokenizer), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512, initializer_range=0.2,
+        vocab_size=len(default_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,
         eos_token_id=default_tokenizer.eos_token_id,
     )
     return AutoModelForCausalLM.from_config(config).eval()
@@ -49,8 +54,9 @@ async def test_stream_matches_generate(vocab_model, default_tokenizer, adapters)
     mix = AdapterMix.from_weights({"a0": 0.6, "a1": 0.4})
     async with engine:
         full = await engine.generate(request(0, mix, prompt=PROMPT, max_tokens=20))
-        chunks = [c async for c in engine.generate_stream(
-            request(1, mix, prompt=PROMPT, max_tokens=20))]
+        chunks = [
+            c async for c in engine.generate_stream(request(1, mix, prompt=PROMPT, max_tokens=20))
+        ]
     assert chunks[-1].finish_reason == full.finish_reason == "length"
     assert all(c.finish_reason is None for c in chunks[:-1])
     assert "".join(c.text for c in chunks) == full.text
@@ -71,8 +77,12 @@ async def test_stop_string_is_trimmed_and_never_streamed(vocab_model, default_to
         res = await engine.generate(
             request(1, AdapterMix.base(), prompt=PROMPT, max_tokens=24, stop=(stop, "\x00"))
         )
-        chunks = [c async for c in engine.generate_stream(
-            request(2, AdapterMix.base(), prompt=PROMPT, max_tokens=24, stop=(stop,)))]
+        chunks = [
+            c
+            async for c in engine.generate_stream(
+                request(2, AdapterMix.base(), prompt=PROMPT, max_tokens=24, stop=(stop,))
+            )
+        ]
     assert res.finish_reason == "stop"
     assert res.text == text[:cut]
     assert "".join(c.text for c in chunks) == text[:cut]
@@ -90,7 +100,8 @@ async def test_eos_ends_generation(vocab_model, default_tokenizer):
     async with engine:
         res = await engine.generate(request(1, AdapterMix.base(), prompt=PROMPT, max_tokens=10))
         ignored = await engine.generate(
-            request(2, AdapterMix.base(), prompt=PROMPT, max_tokens=10, ignore_eos=True))
+            request(2, AdapterMix.base(), prompt=PROMPT, max_tokens=10, ignore_eos=True)
+        )
     assert res.finish_reason == "stop"
     assert res.token_ids == free.token_ids[:first]
     assert ignored.token_ids == free.token_ids
@@ -101,17 +112,28 @@ async def test_seeded_sampling_is_reproducible_in_any_batch(vocab_model, default
     params = dict(max_tokens=12, temperature=1.0, top_p=0.9, seed=123)
     async with engine:
         alone = await engine.generate(request(0, AdapterMix.base(), prompt=PROMPT, **params))
-        batch = await run_all(engine, [
-            request(1, AdapterMix.base(), prompt="Another prompt", max_tokens=12,
-                    temperature=1.0, seed=5),
-            request(2, AdapterMix.base(), prompt=PROMPT, **params),
-            request(3, AdapterMix.base(), prompt="Hello", max_tokens=12),
-        ])
+        batch = await run_all(
+            engine,
+            [
+                request(
+                    1,
+                    AdapterMix.base(),
+                    prompt="Another prompt",
+                    max_tokens=12,
+                    temperature=1.0,
+                    seed=5,
+                ),
+                request(2, AdapterMix.base(), prompt=PROMPT, **params),
+                request(3, AdapterMix.base(), prompt="Hello", max_tokens=12),
+            ],
+        )
         other_seed = await engine.generate(
-            request(4, AdapterMix.base(), prompt=PROMPT, **{**params, "seed": 999}))
+            request(4, AdapterMix.base(), prompt=PROMPT, **{**params, "seed": 999})
+        )
         greedy = await engine.generate(request(5, AdapterMix.base(), prompt=PROMPT, max_tokens=12))
-        tiny_p = await engine.generate(request(
-            6, AdapterMix.base(), prompt=PROMPT, max_tokens=12, temperature=1.0, top_p=1e-6))
+        tiny_p = await engine.generate(
+            request(6, AdapterMix.base(), prompt=PROMPT, max_tokens=12, temperature=1.0, top_p=1e-6)
+        )
     assert batch[1].token_ids == alone.token_ids
     assert other_seed.token_ids != alone.token_ids
     assert tiny_p.token_ids == greedy.token_ids  # top-p keeps only the argmax
@@ -121,7 +143,8 @@ async def test_cancelled_stream_frees_its_row(vocab_model, default_tokenizer, ad
     engine = make_engine(vocab_model, default_tokenizer, adapters, max_batch=1)
     async with engine:
         stream = engine.generate_stream(
-            request(0, AdapterMix.single("a0"), prompt=PROMPT, max_tokens=200))
+            request(0, AdapterMix.single("a0"), prompt=PROMPT, max_tokens=200)
+        )
         got = 0
         async for _chunk in stream:
             got += 1
@@ -130,7 +153,8 @@ async def test_cancelled_stream_frees_its_row(vocab_model, default_tokenizer, ad
         await stream.aclose()
         # The only row must come free for the next request.
         res = await asyncio.wait_for(
-            engine.generate(request(1, AdapterMix.single("a1"), prompt=PROMPT, max_tokens=3)), 30)
+            engine.generate(request(1, AdapterMix.single("a1"), prompt=PROMPT, max_tokens=3)), 30
+        )
         stats = engine.stats()
     assert res.completion_tokens == 3
     assert stats["cancelled"] == 1
@@ -141,8 +165,12 @@ async def test_cancelled_stream_frees_its_row(vocab_model, default_tokenizer, ad
 async def test_requests_wait_for_pool_slots(vocab_model, default_tokenizer, adapters):
     """Pool of 2 slots, concurrent requests needing 4 distinct adapters: all complete, each
     with the output it gets when run alone."""
-    mixes = [AdapterMix.from_weights({"a0": 1, "a1": 1}), AdapterMix.single("a2"),
-             AdapterMix.from_weights({"a3": 2, "a0": 1}), AdapterMix.single("a1")]
+    mixes = [
+        AdapterMix.from_weights({"a0": 1, "a1": 1}),
+        AdapterMix.single("a2"),
+        AdapterMix.from_weights({"a3": 2, "a0": 1}),
+        AdapterMix.single("a1"),
+    ]
     reqs = [request(i, m, prompt=PROMPT, max_tokens=8) for i, m in enumerate(mixes)]
     engine = make_engine(vocab_model, default_tokenizer, adapters, slots=2, max_batch=4)
     async with engine:
@@ -172,13 +200,17 @@ async def test_sentence_routing_switches_mix(default_model, default_tokenizer, t
 
     engine = make_engine(default_model, default_tokenizer, paths, reroute=reroute)
     req = GenerationRequest(
-        request_id="s", mix=AdapterMix.single("a0"), prompt="The capital of France is",
-        sampling=SamplingParams(max_tokens=12), routing="sentence")
+        request_id="s",
+        mix=AdapterMix.single("a0"),
+        prompt="The capital of France is",
+        sampling=SamplingParams(max_tokens=12),
+        routing="sentence",
+    )
     async with engine:
         routed = await engine.generate(req)
         fixed = await engine.generate(
-            GenerationRequest(request_id="p", mix=req.mix, prompt=req.prompt,
-                              sampling=req.sampling))
+            GenerationRequest(request_id="p", mix=req.mix, prompt=req.prompt, sampling=req.sampling)
+        )
     assert routed.mix_switches, routed.text
     switch = routed.mix_switches[0]
     assert switch.mix == AdapterMix.single("a1") and routed.mix == switch.mix

@@ -167,3 +167,24 @@ def test_cli_reports_missing_adapters(data_dir: Path, tmp_path: Path, capsys):
     )
     assert code == 2
     assert "adapters: missing adapter dir" in capsys.readouterr().err
+
+
+def test_paired_deltas_equal_the_full_evaluation_difference(
+    tiny_model, tokenizer, data_dir: Path, tmp_path: Path
+):
+    from dlp.eval.run import paired_deltas
+
+    mlm, test, routing = _setup(tiny_model, data_dir, tmp_path, confident=False)
+    routing.mixed = []
+    full = evaluate(mlm, tokenizer, test, routing, SETTINGS)
+    deltas = paired_deltas(mlm, tokenizer, test, routing, SETTINGS)
+    for system in ("dlp", "dlp_renorm", "top1"):
+        d = deltas["deltas"][system]
+        for table, key in (
+            ("mcq_accuracy", "mcq_accuracy"),
+            ("generative_rougeL", "generative_rougeL"),
+            ("generative_rouge1", "generative_rouge1"),
+        ):
+            expected = full[table][system] - full[table]["oracle"]
+            assert d[key] == pytest.approx(expected, abs=2e-3), (system, table)
+    assert 0 < deltas["examples_scored"] <= len(test)
