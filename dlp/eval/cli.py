@@ -88,6 +88,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run the p sweep on the first N test examples of each task (all)",
     )
     p.add_argument(
+        "--no-composite", action="store_true", help="leave out the composite adapter system"
+    )
+    p.add_argument(
+        "--deltas-full",
+        action="store_true",
+        help="also measure dlp/dlp_renorm/top1 minus oracle exactly on the whole test split, "
+        "scoring only the requests where their mixes differ",
+    )
+    p.add_argument(
+        "--deltas-sweep", action="store_true", help="with --deltas-full: also for every p"
+    )
+    p.add_argument(
         "--batch-tokens",
         type=_positive_int,
         default=16384,
@@ -123,7 +135,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from dlp.training.examples import task_names
 
     tasks = parse_tasks(args.tasks, task_names(table))
-    test = _cap(examples_from_table(table, "test", tasks), args.max_per_task)
+    full_test = examples_from_table(table, "test", tasks)
+    test = _cap(full_test, args.max_per_task)
     if not test:
         raise DlpError("data: the test split is empty")
 
@@ -141,13 +154,19 @@ def run_eval(args: argparse.Namespace) -> int:
         routing = RouterOutputs.load(args.router_probs)
         if args.mixed == 0:
             routing.mixed = []
-    return _evaluate(args, table, test, routing, adapters_dir(root))
+    routing_full = routing
+    if sorted(tasks) != sorted(routing.labels):
+        # Only some tasks' adapters take part: route as a server with just those registered.
+        routing = routing.restrict(sorted(tasks))
+        routing.mixed = routing.mixed[: args.mixed]
+    return _evaluate(args, table, test, routing, adapters_dir(root), full_test, routing_full)
 
 
-def _evaluate(args, table, test, routing, default_adapters: Path) -> int:
+def _evaluate(args, table, test, routing, default_adapters: Path, full_test, routing_full) -> int:
     from dlp.eval.lora_mix import MultiLoraModel
     from dlp.eval.report import machine, plot_all, target_checks
-    from dlp.eval.run import EvalSettings, answer_caps, evaluate
+    from dlp.eval.run import EvalSettings, answer_caps, evaluate, paired_deltas
+    from dlp.eval.systems import SYSTEMS
     from dlp.paths import cache_dir, data_dir
     from dlp.training.adapters import COMPOSITE_NAME
     from dlp.training.examples import examples_from_table
@@ -155,7 +174,8 @@ def _evaluate(args, table, test, routing, default_adapters: Path) -> int:
 
     adapters = args.adapters or default_adapters
     tasks = sorted({ex.task for ex in test})
-    names = [*tasks, COMPOSITE_NAME]
+    systems = [s for s in SYSTEMS if not (args.no_composite and s == "composite")]
+    names = [*tasks] if args.no_composite else [*tasks, COMPOSITE_NAME]
     dirs = [adapters / n for n in names]
     absent = [str(d) for d in dirs if not d.is_dir()]
     if absent:
@@ -166,8 +186,12 @@ def _evaluate(args, table, test, routing, default_adapters: Path) -> int:
         p=args.p, sweep_per_task=args.sweep_per_task, max_tokens_per_batch=args.batch_tokens
     )
     caps = answer_caps(examples_from_table(table, "train"), tokenizer, settings.max_new_tokens)
-    result = evaluate(mlm, tokenizer, test, routing, settings, caps)
-    router_top1 = _router_top1(test, routing)
+    result = evaluate(mlm, tokenizer, test, routing, settings, caps, systems, pool=full_test)
+    if args.deltas_full:
+        result["exact_deltas_vs_oracle"] = paired_deltas(
+            mlm, tokenizer, full_test, routing, settings, caps, sweep=args.deltas_sweep
+        )
+    router_top1 = _router_top1(full_test, routing_full)
     report = {
         "command": "dlp " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "machine": machine(),
@@ -175,6 +199,9 @@ def _evaluate(args, table, test, routing, default_adapters: Path) -> int:
         "router_top1": router_top1,
         **result,
         "router": routing.meta,
+        "router_labels": routing.labels,
+        "router_top1_note": "top-1 over all router labels on the whole test split of the "
+        "evaluated tasks",
         "targets": target_checks(result, router_top1),
     }
     data_file = (args.data or data_dir(cache_dir())) / "tasks.parquet"

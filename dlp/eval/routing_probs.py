@@ -36,6 +36,24 @@ class RouterOutputs:
         except KeyError:
             raise DlpError(f"router outputs have no entry for {key!r}") from None
 
+    def restrict(self, labels: Sequence[str]) -> RouterOutputs:
+        """The router as a server with only ``labels`` registered would use it: other
+        adapters' probabilities dropped and the rest renormalised; mixed prompts kept only
+        when all their parts belong to ``labels``."""
+        missing = [lab for lab in labels if lab not in self.labels]
+        if missing:
+            raise DlpError(f"router has no label(s) {', '.join(missing)}")
+        cols = [self.labels.index(lab) for lab in labels]
+        probs = {}
+        for key, row in self.probs.items():
+            sub = row[cols]
+            total = float(sub.sum())
+            probs[key] = sub / total if total > 0 else np.full(len(cols), 1.0 / len(cols))
+        keep = set(labels)
+        mixed = [m for m in self.mixed if all(p.split("/")[0] in keep for p in m.parts)]
+        meta = {**self.meta, "restricted_to": list(labels)}
+        return RouterOutputs(labels=list(labels), probs=probs, mixed=mixed, meta=meta)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT,

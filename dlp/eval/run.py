@@ -215,8 +215,10 @@ def evaluate(
     settings: EvalSettings,
     caps: dict[str, int] | None = None,
     systems: Sequence[str] = SYSTEMS,
+    pool: Sequence[TaskExample] | None = None,
 ) -> dict[str, Any]:
-    """Every system on ``test``, the p sweep, and the mixed-task prompts in ``routing``."""
+    """Every system on ``test``, the p sweep, and the mixed-task prompts in ``routing``
+    (whose parts are looked up in ``pool``, default ``test``)."""
     started = time.monotonic()
     caps = caps or {}
     ev = Evaluator(mlm, tokenizer, settings)
@@ -248,10 +250,10 @@ def evaluate(
             }
 
     # Mixed-task prompts: each part is a query; mixes per system.
-    index = {example_key(ex): ex for ex in test}
+    index = {example_key(ex): ex for ex in (pool or test)}
     mixed_q: list[tuple[Query, dict[str, Mix]]] = []
     for m in tqdm(routing.mixed, desc="mixed prompts", leave=False, disable=False):
-        mixed_q.extend(_mixed_queries(ev, m, index, routing, settings, caps))
+        mixed_q.extend(_mixed_queries(ev, m, index, routing, settings, caps, systems))
 
     for plan in (*plans.values(), *sweep_plans.values()):
         for t in tasks:
@@ -340,6 +342,7 @@ def _mixed_queries(
     routing: RouterOutputs,
     settings: EvalSettings,
     caps: dict[str, int],
+    systems: Sequence[str] = SYSTEMS,
 ) -> list[tuple[Query, dict[str, Mix]]]:
     labels = routing.labels
     try:
@@ -356,8 +359,9 @@ def _mixed_queries(
             "oracle": system_mix("oracle", ex.task, None, labels),
             "dlp": system_mix("dlp", ex.task, sentence_probs, labels, settings.p),
             "dlp_prompt": system_mix("dlp", ex.task, prompt_probs, labels, settings.p),
-            "composite": system_mix("composite", ex.task, None, labels),
         }
+        if "composite" in systems:
+            mixes["composite"] = system_mix("composite", ex.task, None, labels)
         out.append((q, mixes))
     return out
 
@@ -376,6 +380,8 @@ def _mixed_results(
         return
     detail: dict[str, Any] = {}
     for s in MIXED_SYSTEMS:
+        if s not in mixed_q[0][1]:
+            continue
         scores = [(q.kind, _part_score(ev, q, mixes[s])) for q, mixes in mixed_q]
         result["mixed_task"][s] = _average([v for _, v in scores])
         detail[s] = {

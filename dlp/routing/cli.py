@@ -24,8 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, default=None, help="task data dir (tasks.parquet)")
     p.add_argument("--out", type=Path, default=None, help="output dir for the router")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=12, help="maximum epochs")
-    p.add_argument("--patience", type=int, default=3, help="epochs without improvement")
+    p.add_argument("--epochs", type=int, default=5, help="maximum epochs")
+    p.add_argument("--patience", type=int, default=2, help="epochs without improvement")
     p.add_argument(
         "--tokenizer",
         type=Path,

@@ -153,9 +153,31 @@ class MiniMLPRouter(nn.Module):
     # --- model -----------------------------------------------------------------------------
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        mean = F.embedding_bag(indices, self.embedding, offsets, mode="mean")
-        peak = F.embedding_bag(indices, self.embedding, offsets, mode="max")
+        if self.training and torch.is_grad_enabled():
+            mean, peak = self._pool_sparse(indices, offsets)
+        else:
+            mean = F.embedding_bag(indices, self.embedding, offsets, mode="mean")
+            peak = F.embedding_bag(indices, self.embedding, offsets, mode="max")
         return self.mlp(torch.cat([mean, peak], dim=-1))
+
+    def _pool_sparse(
+        self, indices: torch.Tensor, offsets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same mean/max pooling, but with a sparse gradient for the embedding table.
+
+        Training touches a few thousand of the ~78k rows per step; a dense gradient would make
+        every step zero and update all 5M parameters (embedding_bag's max mode has no sparse
+        gradient, so max pooling is done with a scatter here).
+        """
+        n_bags = offsets.numel()
+        lengths = torch.diff(offsets, append=offsets.new_tensor([indices.numel()]))
+        bag = torch.repeat_interleave(torch.arange(n_bags), lengths)
+        mean = F.embedding_bag(indices, self.embedding, offsets, mode="mean", sparse=True)
+        rows = F.embedding(indices, self.embedding, sparse=True)
+        peak = rows.new_full((n_bags, rows.shape[1]), float("-inf"))
+        peak = peak.scatter_reduce(0, bag[:, None].expand_as(rows), rows, "amax")
+        peak = torch.where((lengths > 0)[:, None], peak, torch.zeros_like(peak))
+        return mean, peak
 
     @torch.inference_mode()
     def predict_proba(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:

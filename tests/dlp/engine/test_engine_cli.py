@@ -11,10 +11,19 @@ from dlp.cli import main
 
 def test_generate_with_a_mix_prints_json(default_model, tmp_path, capsys):
     write_adapters(default_model, tmp_path, ["alpha", "beta"], b_std=0.05)
-    code = main([
-        "generate", "The capital of France is", "--adapters", "alpha=3,beta=1",
-        "--adapter-root", str(tmp_path), "--max-tokens", "5", "--json",
-    ])
+    code = main(
+        [
+            "generate",
+            "The capital of France is",
+            "--adapters",
+            "alpha=3,beta=1",
+            "--adapter-root",
+            str(tmp_path),
+            "--max-tokens",
+            "5",
+            "--json",
+        ]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["mix"] == {"alpha": 0.75, "beta": 0.25}
@@ -33,8 +42,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert err.startswith("error:") and "max_tokens" in err and "\n" not in err
     assert main(["generate", "x", "--adapters", "a=heavy"]) == 2
     assert "--adapters" in capsys.readouterr().err
-    assert main(["generate", "x", "--adapters", "a=1", "--adapter-root",
-                 str(tmp_path / "none")]) == 2
+    assert (
+        main(["generate", "x", "--adapters", "a=1", "--adapter-root", str(tmp_path / "none")]) == 2
+    )
     assert "--adapter-root" in capsys.readouterr().err
     assert main(["generate", "x", "--adapters", "nope=1", "--adapter-root", str(tmp_path)]) == 2
     assert "unknown adapter" in capsys.readouterr().err

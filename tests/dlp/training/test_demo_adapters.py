@@ -9,6 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from quality_fixtures import make_tiny_llama
+from safetensors.torch import load_file
 
 from dlp.errors import DlpError
 from dlp.paths import adapters_dir
@@ -23,8 +24,9 @@ def shipped(tmp_path: Path, tokenizer) -> Path:
     raw = tmp_path / "raw"
     for i, name in enumerate(("alpha", "beta")):
         torch.manual_seed(i)
-        peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16,
-                                                target_modules=["q_proj", "v_proj"]))
+        peft = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+        )
         save_adapter(peft, raw / name)
         peft.unload()
     write_set(raw, tmp_path / "shipped", ["alpha", "beta"], {"kind": "trained", "command": "x"})
@@ -57,13 +59,38 @@ def test_a_corrupted_shipped_file_is_refused(shipped: Path, tmp_path: Path):
         ensure_demo_adapters(tmp_path / "cache", shipped=shipped)
 
 
-def test_the_repo_ships_a_verified_set_of_26_task_adapters():
+def test_the_repo_ships_a_verified_compact_set_of_task_adapters():
     manifest = read_manifest(SHIPPED_DIR)
     if manifest is None:
         pytest.skip("no trained adapters shipped in this checkout")
-    names = verify_set(SHIPPED_DIR)
-    assert len(names) == 26
+    names = verify_set(SHIPPED_DIR)  # every file matches its sha256
+    assert len(names) + len(manifest.get("missing_tasks", [])) == 26
+    assert len(names) == 26 or manifest["complete"] is False
     assert all(manifest["adapters"][n]["rank"] == 8 for n in names)
+    assert all(manifest["adapters"][n]["target_modules"] == ["q_proj", "v_proj"] for n in names)
     total = sum(p.stat().st_size for p in SHIPPED_DIR.rglob("*") if p.is_file())
     assert total < 40 * 2**20
     assert manifest["command"].startswith("dlp train-adapters")
+    tensors = load_file(str(SHIPPED_DIR / names[0] / "adapter_model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+
+
+def test_shipped_adapters_fit_the_embedded_base_model():
+    """Every shipped adapter passes dlp.lora's validation against SmolLM2-135M's shapes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dlp.lora.adapter import base_linear_shapes, load_adapter
+    from dlp.paths import cache_dir, model_dir
+
+    manifest = read_manifest(SHIPPED_DIR)
+    config_path = model_dir(cache_dir()) / "config.json"
+    if manifest is None or not config_path.is_file():
+        pytest.skip("needs the shipped adapters and the embedded model's config (dlp setup)")
+    config = AutoConfig.from_pretrained(config_path.parent)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = base_linear_shapes(model)
+    for name in manifest["adapters"]:
+        adapter = load_adapter(SHIPPED_DIR / name, base_shapes=shapes)
+        assert adapter.rank == 8 and adapter.scaling == 2.0
+        assert len(adapter.weights) == 2 * config.num_hidden_layers
