@@ -29,6 +29,10 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || tr
 python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
 
 MODEL_ARGS=(--model "$CARRY/tokenizer" --gguf "$STAGE/model.gguf" --data "$STAGE/data" --device "$DEVICE")
+if [ -d "$CARRY/adapters" ]; then  # resume: adapters trained by an earlier run are kept
+  mkdir -p "$STAGE/adapters" && cp -r "$CARRY"/adapters/* "$STAGE/adapters/"
+  TRAIN_ARGS="$TRAIN_ARGS --skip-existing"
+fi
 PROBS="$CARRY/router_probs.json"
 if [ ! -f "$PROBS" ]; then
   # No router outputs brought along: train the router (dlp.routing.train, its defaults, seed 0)

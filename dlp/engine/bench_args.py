@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--time-limit",
         type=float,
-        default=560.0,
-        help="seconds; later variants are skipped past it",
+        default=None,
+        help="seconds (GPU 560, CPU 1800); later variants are skipped past it",
     )
     parser.add_argument("--out", default=None, help="JSON path (PNG written beside it)")
     parser.add_argument(

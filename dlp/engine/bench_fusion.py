@@ -789,7 +789,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         if "scale" in r:
             s = r["scale"]
             lines.append(
-                f"  scale 1000/8 {s['ratio_1000_to_8_adapters_throughput']:.3f} "
+                f"  scale {s['catalogue']}/8 {s['ratio_1000_to_8_adapters_throughput']:.3f} "
                 f"cold load {s['cold_load_ms']}"
             )
     return lines
@@ -846,7 +846,10 @@ def config_from_args(args) -> BenchConfig:
     if args.scale_catalogue:
         cfg.scale_catalogue = args.scale_catalogue
     cfg.scale_shape = cfg.shapes[0] if cfg.scale_shape not in cfg.shapes else cfg.scale_shape
-    cfg.time_limit_s = args.time_limit
+    if args.time_limit is not None:
+        cfg.time_limit_s = args.time_limit
+    elif device == "cpu":
+        cfg.time_limit_s = 1800.0
     if args.out:
         cfg.out = args.out
     return cfg

@@ -273,6 +273,7 @@ class TrainPlan:
     min_steps: int = 20
     max_steps: int = 300
     composite_max_steps: int = 3000
+    skip_existing: bool = False  # keep adapters already in the output dir (resume a run)
 
 
 def train_all(
@@ -303,9 +304,13 @@ def train_all(
             len(data), plan.task.batch_size, plan.epochs, plan.min_steps, plan.max_steps
         )
         recipe = replace(plan.task, steps=steps, seed=plan.task.seed + i)
+        if plan.skip_existing and all((out / task / f).is_file() for f in ADAPTER_FILES):
+            results[task] = AdapterResult(task, str(out / task), len(data), 0, 0.0)
+            continue
         results[task] = train_lora(model, tokenizer, data, recipe, out / task, task, progress)
         log.info("%s: loss %.3f -> %.3f", task, results[task].first_loss, results[task].last_loss)
-    if plan.composite is not None:
+    done = plan.skip_existing and all((out / COMPOSITE_NAME / f).is_file() for f in ADAPTER_FILES)
+    if plan.composite is not None and not done:
         steps = steps_for(
             len(all_data),
             plan.composite.batch_size,
@@ -328,8 +333,9 @@ def train_all(
                 "examples": r.examples,
                 "steps": r.steps,
                 "seconds": round(r.seconds, 2),
-                "first_loss": round(r.first_loss, 4),
-                "last_loss": round(r.last_loss, 4),
+                "first_loss": round(r.first_loss, 4) if r.losses else None,
+                "last_loss": round(r.last_loss, 4) if r.losses else None,
+                "skipped": not r.losses,
                 "losses": [round(x, 4) for x in r.losses],
             }
             for name, r in results.items()

@@ -85,6 +85,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="use at most this many training examples per task",
     )
     p.add_argument("--no-composite", action="store_true", help="skip the composite adapter")
+    p.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="keep adapters already complete in --out (resume an interrupted run)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_train_adapters)
 
@@ -128,14 +133,18 @@ def run_train_adapters(args: argparse.Namespace) -> int:
         min_steps=args.min_steps,
         max_steps=args.max_steps,
         composite_max_steps=args.composite_max_steps,
+        skip_existing=args.skip_existing,
     )
     model, tokenizer = load_model(args.model, args.gguf, args.device)
     command = "dlp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = train_all(model, tokenizer, train, tasks, out, plan, command=command)
     for name, info in report["adapters"].items():
+        if info["skipped"]:
+            print(f"{name}: kept (already trained)")
+            continue
         print(
-            f"{name}: {info['steps']} steps, loss {info['first_loss']:.3f} -> "
-            f"{info['last_loss']:.3f}"
+            f"{name}: {info['steps']} steps in {info['seconds']:.1f}s, loss "
+            f"{info['first_loss']:.3f} -> {info['last_loss']:.3f}"
         )
     print(f"adapters written to {out} ({report['seconds']:.0f}s)")
     return 0

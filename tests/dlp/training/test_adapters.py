@@ -165,3 +165,20 @@ def test_cli_names_the_unknown_task(data_dir: Path, tmp_path: Path, capsys):
     )
     assert code == 2
     assert "tasks: unknown task(s) nope" in capsys.readouterr().err
+
+
+def test_skip_existing_resumes_without_retraining(tiny_model, tokenizer, tmp_path: Path):
+    train = make_examples("train", 8, seed=1)
+    plan = TrainPlan(
+        task=replace(FAST, steps=1), composite=None, epochs=1.0, min_steps=1, max_steps=1
+    )
+    train_all(tiny_model, tokenizer, train, ["echo"], tmp_path, plan, progress=False)
+    weights = tmp_path / "echo" / "adapter_model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    resumed = replace(plan, skip_existing=True)
+    report = train_all(
+        tiny_model, tokenizer, train, ["echo", "parity"], tmp_path, resumed, progress=False
+    )
+    assert report["adapters"]["echo"]["skipped"] and not report["adapters"]["parity"]["skipped"]
+    assert weights.stat().st_mtime_ns == stamp
+    assert (tmp_path / "parity" / "adapter_model.safetensors").is_file()
