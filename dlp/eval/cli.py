@@ -123,7 +123,7 @@ def _cap(examples: list, cap: int | None) -> list:
 
 def run_eval(args: argparse.Namespace) -> int:
     from dlp.eval.mixed import build_mixed
-    from dlp.eval.routing_probs import RouterOutputs, route_examples
+    from dlp.eval.routing_probs import RouterOutputs, route_examples, router_summary
     from dlp.paths import adapters_dir, cache_dir, data_dir, router_dir
     from dlp.training.examples import examples_from_table, load_table
 
@@ -148,6 +148,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.router_probs is not None:
             routing.save(args.router_probs)
             print(f"router outputs written to {args.router_probs}")
+            print(json.dumps(router_summary(routing), indent=1))
         if args.route_only:
             return 0
     else:

@@ -107,3 +107,26 @@ def route_examples(
         mixed=list(mixed),
         meta={"router_dir": str(router_dir), "parameters": int(router.num_parameters())},
     )
+
+
+def router_summary(
+    routing: RouterOutputs, sweep: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+) -> dict[str, Any]:
+    """Top-1 accuracy over the test inputs (keys ``task/id``) and, per p, how many adapters
+    the top-p rule keeps: what routing alone decides, before any LLM runs."""
+    from dlp.routing.select import top_p_indices
+
+    keys = [k for k in routing.probs if "/" in k]
+    tasks = [k.split("/")[0] for k in keys]
+    hits = [
+        routing.labels[int(np.argmax(routing.probs[k]))] == t
+        for k, t in zip(keys, tasks, strict=True)
+    ]
+    out: dict[str, Any] = {"requests": len(keys), "top1_accuracy": 100.0 * float(np.mean(hits))}
+    for p in sweep:
+        sizes = np.array([len(top_p_indices(routing.probs[k], p)) for k in keys])
+        out[f"p={p:g}"] = {
+            "mean_adapters": round(float(sizes.mean()), 4),
+            "single_adapter_pct": round(100.0 * float(np.mean(sizes == 1)), 2),
+        }
+    return out

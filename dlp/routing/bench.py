@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dlp.errors import DlpError
-from dlp.paths import cache_dir, data_dir, router_dir
+from dlp.paths import cache_dir, data_dir
 from dlp.routing.router import MiniMLPRouter, RouterService
 from dlp.routing.select import select_top_p_batch
 from dlp.routing.train import _encode_all, ensure_default_router, evaluate, load_splits
@@ -38,11 +38,7 @@ def run_router_bench(
 ) -> dict[str, Any]:
     root = cache_dir(cache_root)
     if router is None:
-        if retrain:
-            import shutil
-
-            shutil.rmtree(router_dir(root), ignore_errors=True)
-        router = ensure_default_router(root)
+        router = ensure_default_router(root, force=retrain)
     model = MiniMLPRouter.load(router)
     data = data or Path(model.metadata.get("data_dir") or data_dir(root))
     splits = load_splits(data)

@@ -126,11 +126,23 @@ def _route(args: argparse.Namespace) -> int:
 
 
 def _bench_router(args: argparse.Namespace) -> int:
-    import sys
-
     from dlp.routing.bench import run_router_bench
 
-    command = "dlp " + " ".join(sys.argv[1:]) if sys.argv[1:] else "dlp bench router"
+    # Rebuilt from the parsed flags (not sys.argv) so the report names the command exactly.
+    command = "dlp bench router"
+    for flag, value in (
+        ("--router", args.router),
+        ("--data", args.data),
+        ("--cache-dir", args.cache_dir),
+    ):
+        if value is not None:
+            command += f" {flag} {value}"
+    if args.out != Path("benchmarks/results"):
+        command += f" --out {args.out}"
+    if args.latency_batches != 200:
+        command += f" --latency-batches {args.latency_batches}"
+    if args.retrain:
+        command += " --retrain"
     result = run_router_bench(
         router=args.router,
         data=args.data,

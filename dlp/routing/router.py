@@ -42,7 +42,11 @@ HASH_SCHEME = "poly61-v1"
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """Hyper-parameters; everything needed to rebuild the module from its weights."""
+    """Hyper-parameters; everything needed to rebuild the module from its weights.
+
+    The defaults with the base model's 49152-token vocabulary and 26 labels give 5,020,698
+    parameters: (49152 + 28672) x 64 embedding rows (4.98M), LayerNorm(128), 128 -> 256 -> 26.
+    """
 
     vocab_size: int
     embed_dim: int = 64
@@ -172,9 +176,14 @@ class MiniMLPRouter(nn.Module):
         n_bags = offsets.numel()
         lengths = torch.diff(offsets, append=offsets.new_tensor([indices.numel()]))
         bag = torch.repeat_interleave(torch.arange(n_bags), lengths)
-        mean = F.embedding_bag(indices, self.embedding, offsets, mode="mean", sparse=True)
-        rows = F.embedding(indices, self.embedding, sparse=True)
-        peak = rows.new_full((n_bags, rows.shape[1]), float("-inf"))
+        # Look each distinct row up once: the sparse gradient then has one row per distinct
+        # index instead of one per occurrence, which keeps coalescing and SparseAdam cheap.
+        unique, inverse = torch.unique(indices, return_inverse=True)
+        rows = F.embedding(unique, self.embedding, sparse=True)[inverse]
+        dim = rows.shape[1]
+        sums = rows.new_zeros((n_bags, dim)).index_add(0, bag, rows)
+        mean = sums / lengths.clamp(min=1).to(rows.dtype)[:, None]
+        peak = rows.new_full((n_bags, dim), float("-inf"))
         peak = peak.scatter_reduce(0, bag[:, None].expand_as(rows), rows, "amax")
         peak = torch.where((lengths > 0)[:, None], peak, torch.zeros_like(peak))
         return mean, peak

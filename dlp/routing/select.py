@@ -4,7 +4,9 @@ The rule follows the DLP-LoRA released code: sort the probabilities in descendin
 keep adapters while the cumulative sum is still below ``p``, *including* the adapter whose
 probability makes the sum cross ``p``; at least one adapter is always kept. The kept
 adapters are then weighted either by a softmax over their probabilities (what the released
-code does) or by their renormalised probabilities ``p_i / sum(p_kept)``.
+code does) or by their renormalised probabilities ``p_i / sum(p_kept)``. Note that a softmax
+over values in [0, 1] is flat: two kept adapters with probabilities 0.55 and 0.05 get weights
+0.62 / 0.38, whereas "renorm" gives 0.92 / 0.08.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dlp.routing.mix import AdapterMix
 Weighting = Literal["softmax", "renorm"]
 WEIGHTINGS: tuple[str, ...] = ("softmax", "renorm")
 DEFAULT_P = 0.6
+_SUM_TOLERANCE = 1e-9
 
 
 def validate_selection(p: float, max_adapters: int | None, weighting: str) -> None:
@@ -45,9 +48,11 @@ def top_p_indices(probs: np.ndarray, p: float, max_adapters: int | None = None) 
     order = np.argsort(-probs, kind="stable")
     cumulative = np.cumsum(probs[order])
     # Number of entries whose *preceding* cumulative sum is still < p: that includes the
-    # entry that crosses p. Computed on the prefix sums so float noise cannot drop it.
+    # entry that crosses p. A sum within _SUM_TOLERANCE of p counts as reaching it, so that
+    # p = 1.0 with probabilities summing to 0.9999999999 does not keep the zero-probability
+    # tail (which softmax weighting would then give real weight).
     before = np.concatenate(([0.0], cumulative[:-1]))
-    keep = int(np.count_nonzero(before < p))
+    keep = int(np.count_nonzero(before < p - _SUM_TOLERANCE))
     keep = max(1, keep)
     if max_adapters is not None:
         keep = min(keep, max_adapters)

@@ -204,6 +204,7 @@ def fit(
     history: list[dict[str, float]] = []
     bar = tqdm(range(1, s.epochs + 1), desc="router", unit="epoch", disable=not progress)
     for epoch in bar:
+        epoch_started = time.perf_counter()
         order = _epoch_order(by_task, s.max_train_per_task, rng)
         router.train()
         total, seen = 0.0, 0
@@ -229,6 +230,7 @@ def fit(
                 "train_loss": total / seen,
                 "val_loss": result.loss,
                 "val_accuracy": result.accuracy,
+                "epoch_time_s": round(time.perf_counter() - epoch_started, 2),
             }
         )
         bar.set_postfix(loss=f"{total / seen:.3f}", val_acc=f"{result.accuracy:.4f}")
@@ -388,16 +390,17 @@ def default_router_ready(root: Path) -> bool:
     return recorded == data_fingerprint(data_dir(root))
 
 
-def ensure_default_router(cache_root: Path | None = None) -> Path:
+def ensure_default_router(cache_root: Path | None = None, *, force: bool = False) -> Path:
     """Train the default router into ``router_dir(root)`` unless a current one is there.
 
     Idempotent: the second call only checks ``router.json`` against the data's hash. A new
     router is trained into a sibling temp dir and moved into place, so a crash never leaves
-    a half-written router that a later call would accept.
+    a half-written router that a later call would accept. ``force`` retrains regardless
+    (the old router stays in place until the new one is ready).
     """
     root = ensure_writable_dir(cache_dir(cache_root))
     out = router_dir(root)
-    if default_router_ready(root):
+    if not force and default_router_ready(root):
         return out
     data = data_dir(root)
     if not (data / TASKS_FILE).is_file():
@@ -416,5 +419,11 @@ def ensure_default_router(cache_root: Path | None = None) -> Path:
     report = train_router(data, tmp, seed=0, tokenizer_ref=tok_dir)
     log.info("default router: test accuracy %s", report.test_accuracy)
     shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:
+        # Another process finished the same training first and moved its router into place.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not default_router_ready(root):
+            raise
     return out

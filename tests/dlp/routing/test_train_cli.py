@@ -168,3 +168,52 @@ def test_cli_errors_are_one_line(
 def test_cli_route_without_router(tmp_path: Path, capsys) -> None:
     assert main(["route", "hello", "--router", str(tmp_path / "none")]) == 2
     assert "dlp setup" in capsys.readouterr().err
+
+
+def test_bench_router_writes_json_and_png(
+    task_data_dir: Path, tokenizer_dir: Path, tmp_path: Path, capsys
+) -> None:
+    router = tmp_path / "router"
+    train_router(
+        task_data_dir,
+        router,
+        epochs=6,
+        tokenizer_ref=tokenizer_dir,
+        config=SMALL,
+        settings=FAST,
+        progress=False,
+    )
+    out = tmp_path / "results"
+    argv = [
+        "bench",
+        "router",
+        "--router",
+        str(router),
+        "--data",
+        str(task_data_dir),
+        "--out",
+        str(out),
+        "--latency-batches",
+        "5",
+    ]
+    assert main(argv) == 0
+    report = json.loads((out / "router.json").read_text())
+    for key in (
+        "command",
+        "machine",
+        "date",
+        "test_accuracy",
+        "per_task_accuracy",
+        "parameters",
+        "training_time_s",
+        "latency_ms_per_request_batch1",
+        "latency_ms_per_request_batch32",
+    ):
+        assert report[key] is not None, key
+    assert report["command"] == "dlp bench router " + " ".join(argv[2:])
+    assert set(report["per_task_accuracy"]) == set(TASKS)
+    matrix = np.array(report["confusion_matrix"])
+    assert matrix.sum() == report["n_test"] == 20 * len(TASKS)
+    assert report["test_accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum(), abs=1e-6)
+    assert report["latency_ms_per_request_batch32"] > 0
+    assert (out / "router_confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

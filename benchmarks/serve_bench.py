@@ -1,0 +1,260 @@
+"""Serving overhead on one GPU: HTTP through the Ray Serve app vs the engine alone, same run.
+
+    python benchmarks/serve_bench.py --tokenizer-dir DIR --out results/serve_h200.json
+
+1. Builds random r=8 q/v adapters (one per pool task) for a Qwen2-1.5B-shaped model with
+   random bf16 weights, and an untrained MiniMLP router over them (routing decisions are then
+   arbitrary but real: the same code path, the same number of distinct mixes).
+2. Serves `deployments.app:build_app` with the documented GPU override (worker num_gpus=1,
+   engine on cuda in bf16) and drives it over HTTP, closed loop at saturation
+   (dlp.loadgen), recording each request's mix.
+3. Shuts Serve down, builds the same engine in this process (the worker's own
+   EngineConfig) and replays the same prompts with the same mixes at the same concurrency.
+Reports ratio_http_to_engine_throughput (completion tokens/s, HTTP / engine) as JSON + PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def _prompts(n: int, words: int, seed: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    vocab = [
+        "the",
+        "a",
+        "model",
+        "adapter",
+        "route",
+        "serve",
+        "token",
+        "batch",
+        "river",
+        "stone",
+        "light",
+        "paper",
+        "window",
+    ]
+    return [" ".join(rng.choice(vocab) for _ in range(words)) + f" ({i})" for i in range(n)]
+
+
+def _assets(scratch: Path, tokenizer_dir: Path, shape: str) -> dict[str, str]:
+    """Cache dir with the embedded tokenizer, random adapters for ``shape``, untrained router."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dlp.config import NAMED_SHAPES
+    from dlp.data.tasks import POOL
+    from dlp.lora.adapter import base_linear_shapes, random_adapter, save_adapter
+    from dlp.paths import model_dir
+    from dlp.routing.router import MiniMLPRouter, RouterConfig, load_tokenizer
+
+    cache = scratch / "cache"
+    tok_dir = model_dir(cache)
+    tok_dir.mkdir(parents=True)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, tok_dir / name)
+    cfg = dict(NAMED_SHAPES[shape])
+    model_type = cfg.pop("model_type")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
+    shapes = base_linear_shapes(model)
+    names = [spec.name for spec in POOL]
+    root = scratch / "adapter_root"
+    for i, name in enumerate(names):
+        adapter = random_adapter(name, shapes, rank=8, seed=i + 1, b_std=0.02)
+        save_adapter(adapter, root / "initial" / name, base_model_name=shape)
+    tokenizer = load_tokenizer(tok_dir)
+    torch.manual_seed(0)
+    rcfg = RouterConfig(vocab_size=len(tokenizer), embed_dim=16, hash_buckets=256, hidden=(32,))
+    router = MiniMLPRouter(names, tokenizer, rcfg, tokenizer_ref=str(tok_dir))
+    return {
+        "cache_dir": str(cache),
+        "adapters_dir": str(root / "initial"),
+        "adapter_root": str(root),
+        "router_dir": str(router.save(scratch / "router")),
+    }
+
+
+def _app_args(assets: dict[str, str], a: argparse.Namespace) -> dict[str, Any]:
+    # The documented GPU override of serve_config.yaml's args (README "Serving").
+    on_gpu = a.device.startswith("cuda")
+    return {
+        **assets,
+        "limits": {
+            "max_context_tokens": 2048,
+            "max_tokens_cap": 1024,
+            "max_queued_requests": 4096,
+            "max_adapter_rank": 16,
+        },
+        "engine": {
+            "shape": a.shape,
+            "device": a.device,
+            "dtype": "bfloat16",
+            "max_batch": a.batch,
+            "pool_slots": a.slots,
+        },
+        "worker": {
+            "num_gpus": 1 if on_gpu else 0,
+            "num_cpus": 1,
+            "max_ongoing_requests": 4 * a.batch,
+        },
+    }
+
+
+def run_http(args_dict: dict[str, Any], prompts: list[str], a: argparse.Namespace) -> dict:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+    from dlp.loadgen import LoadConfig, Prompt, run_load, summarize
+
+    # Logical CPUs: ingress, router, registry and worker each ask for some.
+    ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": a.port})
+    serve.run(build_app(args_dict), name="dlp", route_prefix="/")
+    url = f"http://127.0.0.1:{a.port}"
+    items = [Prompt(task="synthetic", text=t) for t in prompts]
+    warm = LoadConfig(url=url, concurrency=a.batch, max_requests=a.batch, max_tokens=8)
+    asyncio.run(run_load(warm, items, progress=False))
+    cfg = LoadConfig(
+        url=url,
+        concurrency=a.concurrency,
+        max_requests=len(items),
+        max_tokens=a.max_tokens,
+        timeout_s=600,
+        duration_s=3600,
+    )
+    result = asyncio.run(run_load(cfg, items))
+    serve.shutdown()
+    ray.shutdown()
+    mixes = [rec.mix for rec in result.records]
+    summary = summarize(result.records, result.wall_s)
+    tokens = sum(r.completion_tokens for r in result.records if r.ok)
+    return {
+        "summary": summary,
+        "wall_s": result.wall_s,
+        "completion_tokens": tokens,
+        "tokens_per_s": tokens / result.wall_s,
+        "errors": sum(1 for r in result.records if not r.ok),
+        "mixes": mixes,
+    }
+
+
+def run_engine(args_dict: dict, prompts: list[str], mixes: list, a: argparse.Namespace) -> dict:
+    from deployments.worker import engine_config_dict
+    from dlp.config import load_app_config
+    from dlp.engine.config import EngineConfig
+    from dlp.engine.engine import Engine
+    from dlp.engine.types import GenerationRequest, SamplingParams
+    from dlp.routing.mix import AdapterMix
+
+    cfg = load_app_config(args_dict)
+    econf = EngineConfig(**engine_config_dict(cfg), adapter_root=cfg.adapters_dir)
+
+    async def go() -> tuple[float, int]:
+        engine = Engine.from_config(econf)
+        await engine.start()
+        sem = asyncio.Semaphore(a.concurrency)
+        sampling = SamplingParams(max_tokens=a.max_tokens)
+
+        async def one(i: int, text: str, max_tokens: int | None = None) -> int:
+            mix = AdapterMix.from_weights(mixes[i % len(mixes)] or {})
+            req = GenerationRequest(
+                request_id=f"e{i}-{max_tokens}",
+                mix=mix,
+                prompt=text,
+                sampling=SamplingParams(max_tokens=max_tokens) if max_tokens else sampling,
+            )
+            async with sem:
+                res = await engine.generate(req)
+            return res.completion_tokens
+
+        await asyncio.gather(*(one(i, t, 8) for i, t in enumerate(prompts[: a.batch])))
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(one(i, t) for i, t in enumerate(prompts)))
+        wall = time.perf_counter() - t0
+        await engine.stop()
+        return wall, sum(counts)
+
+    wall, tokens = asyncio.run(go())
+    return {"wall_s": wall, "completion_tokens": tokens, "tokens_per_s": tokens / wall}
+
+
+def plot(report: dict[str, Any], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    vals = [report["engine"]["tokens_per_s"], report["http"]["tokens_per_s"]]
+    ax.bar(["engine alone", "HTTP via Ray Serve"], vals, color=["#888", "#3a7"])
+    ax.set_ylabel("completion tokens / s")
+    ax.set_title(
+        f"{report['shape']}, {report['requests']} requests, concurrency {report['concurrency']}"
+        f"\nHTTP / engine = {report['ratio_http_to_engine_throughput']:.3f}"
+    )
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokenizer-dir", type=Path, required=True)
+    p.add_argument("--shape", default="qwen2-1.5b")
+    p.add_argument("--batch", type=int, default=64, help="engine max_batch (rows)")
+    p.add_argument("--slots", type=int, default=32, help="adapter pool slots")
+    p.add_argument("--concurrency", type=int, default=128, help="clients in flight")
+    p.add_argument("--requests", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--prompt-words", type=int, default=100)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run")
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    prompts = _prompts(a.requests, a.prompt_words, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        assets = _assets(Path(tmp), a.tokenizer_dir, a.shape)
+        args_dict = _app_args(assets, a)
+        http = run_http(args_dict, prompts, a)
+        engine = run_engine(args_dict, prompts, http.pop("mixes"), a)
+    import torch
+
+    report = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.node(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "shape": a.shape,
+        "requests": a.requests,
+        "concurrency": a.concurrency,
+        "max_tokens": a.max_tokens,
+        "ratio_http_to_engine_throughput": http["tokens_per_s"] / engine["tokens_per_s"],
+        "http": http,
+        "engine": engine,
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=2))
+    plot(report, a.out.with_suffix(".png"))
+    print(json.dumps({k: report[k] for k in ("ratio_http_to_engine_throughput",)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
