@@ -56,6 +56,17 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.field, "code": None}}
 
 
+def routing_view(text: str) -> str:
+    """What the router reads of a user turn: the text without the answer-options block that
+    the shared prompt format (dlp.training.prompts.user_text) appends to multiple-choice
+    inputs. The router classifies the task from the input itself; a list of options (the
+    same layout for every task) only blurs that."""
+    from dlp.training.prompts import OPTIONS_HEADER
+
+    head, sep, _ = text.rpartition("\n\n" + OPTIONS_HEADER + "\n")
+    return head if sep and head.strip() else text
+
+
 def check_text(value: str, field_name: str) -> str:
     """Refuse empty text, control characters and lone surrogates (naming the field)."""
     if not value.strip():
@@ -181,7 +192,7 @@ class ChatCompletionRequest(SamplingFields):
 
     def routing_text(self) -> str:
         """What the router reads: the last user message (the current request)."""
-        return next(m.text() for m in reversed(self.messages) if m.role == "user")
+        return routing_view(next(m.text() for m in reversed(self.messages) if m.role == "user"))
 
 
 # --- responses -----------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from deployments.api_models import (
     Usage,
     WorkerChunk,
     WorkerRequest,
+    routing_view,
 )
 from deployments.metrics import IngressMetrics
 from deployments.validation import (
@@ -370,7 +371,9 @@ class Ingress:
     async def _completions(self, request: Request) -> Response:
         req = _parse(CompletionRequest, await self._body(request))
         prompt = req.prompt_text()
-        plan = await self._plan(req, prompt=prompt, messages=None, routing_text=prompt)
+        plan = await self._plan(
+            req, prompt=prompt, messages=None, routing_text=routing_view(prompt)
+        )
         created = int(time.time())
         rid = plan.worker.request_id
         if not req.stream:
@@ -593,10 +596,13 @@ class Ingress:
             if req.messages is not None:
                 messages = [{"role": m.role, "content": m.text()} for m in req.messages]
                 text = next(m["content"] for m in reversed(messages) if m["role"] == "user")
-                plan = await self._plan(req, prompt=None, messages=messages, routing_text=text)
-            else:
                 plan = await self._plan(
-                    req, prompt=req.prompt, messages=None, routing_text=req.prompt or ""
+                    req, prompt=None, messages=messages, routing_text=routing_view(text)
+                )
+            else:
+                prompt = req.prompt or ""
+                plan = await self._plan(
+                    req, prompt=prompt, messages=None, routing_text=routing_view(prompt)
                 )
             res = await self._run(plan)
         except Exception as exc:
@@ -630,7 +636,7 @@ class Ingress:
             max_adapters = req.max_adapters or self.limits.max_adapters_per_mix
             decisions = await asyncio.gather(
                 *(
-                    self.router.route.remote(t, req.p, max_adapters, req.weighting)
+                    self.router.route.remote(routing_view(t), req.p, max_adapters, req.weighting)
                     for t in req.texts
                 )
             )
