@@ -74,6 +74,21 @@ def write_config(config: dict[str, Any]) -> Path:
     return Path(name)
 
 
+def stale_cluster_file(path: Path = Path("/tmp/ray/ray_current_cluster")) -> bool:
+    """True when `ray start` left its address file behind but nothing listens there any more
+    (Ray would then try, and fail, to join that dead cluster instead of starting one)."""
+    import socket
+
+    try:
+        host, _, port = path.read_text().strip().rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=1):
+            return False
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True
+
+
 def serve_command(config_path: Path, deploy: bool, address: str | None) -> list[str]:
     serve_bin = Path(sys.executable).with_name("serve")
     cmd = [str(serve_bin) if serve_bin.exists() else "serve"]
@@ -133,6 +148,8 @@ def run_serve(args: argparse.Namespace) -> int:
     # Ray 2.60 enables token auth for clusters started by `ray start`; dlp's local clusters
     # run without it, and the CLI must agree with the cluster.
     env.setdefault("RAY_AUTH_MODE", "disabled")
+    if not args.deploy and "RAY_ADDRESS" not in env and stale_cluster_file():
+        env["RAY_ADDRESS"] = "local"  # start a fresh local cluster
     cmd = serve_command(path, args.deploy, args.address)
     print("+ " + " ".join(cmd), file=sys.stderr)
     try:

@@ -28,9 +28,11 @@ def test_metrics_are_exported(served: Served) -> None:
     node = ray._private.worker.global_worker.node
     url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
     for _ in range(3):
-        r = httpx.post(f"{served.url}/v1/completions",
-                       json={"model": "dlp", "prompt": "Metrics please", "max_tokens": 8},
-                       timeout=120)
+        r = httpx.post(
+            f"{served.url}/v1/completions",
+            json={"model": "dlp", "prompt": "Metrics please", "max_tokens": 8},
+            timeout=120,
+        )
         assert r.status_code == 200
     deadline = time.monotonic() + 120
     missing: list[str] = list(EXPECTED)

@@ -178,3 +178,33 @@ def test_engine_config_from_app_config() -> None:
     default = EngineConfig(**engine_config_dict(AppConfig()))
     default.validate()
     assert default.model_path is None and default.model_config is None  # embedded default
+
+
+def test_routing_view_drops_the_options_block() -> None:
+    from deployments.api_models import routing_view
+    from dlp.training.prompts import user_text
+
+    text = user_text("Is the sky green?", ["yes", "no"])
+    assert routing_view(text) == "Is the sky green?"
+    assert routing_view("no options here") == "no options here"
+    assert routing_view("\n\nOptions:\n- a") == "\n\nOptions:\n- a"  # nothing before: keep
+
+
+def test_stale_cluster_file_detection(tmp_path: Path) -> None:
+    import socket
+
+    from dlp.serve_cli import stale_cluster_file
+
+    assert stale_cluster_file(tmp_path / "missing") is False
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = tmp_path / "dead"
+    dead.write_text(f"127.0.0.1:{port}")
+    assert stale_cluster_file(dead) is True
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        live = tmp_path / "live"
+        live.write_text(f"127.0.0.1:{server.getsockname()[1]}")
+        assert stale_cluster_file(live) is False
