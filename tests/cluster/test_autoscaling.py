@@ -50,6 +50,10 @@ def test_load_scales_replicas_and_nodes_up_then_down(tmp_path: Path) -> None:
             sys.executable,
             str(ROOT / "cluster" / "autoscale_harness.py"),
             "--short",
+            # Random adapters + untrained router: many distinct mixes, so the load spreads over
+            # the added replicas instead of sticking to the one that holds a hot mix.
+            "--assets",
+            "quick",
             "--out",
             str(out),
         ],
