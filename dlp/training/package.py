@@ -4,7 +4,6 @@ file, the recipe and command that made them). Used for the adapters shipped in t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -12,18 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from dlp.errors import DlpError
+from dlp.hashing import sha256_file
 from dlp.training.adapters import ADAPTER_FILES
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:

@@ -1,0 +1,245 @@
+"""Reliability on this machine (issue 8 items 3, 4, 6): load, memory, kill recovery.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/reliability_bench.py --duration 180
+
+1. Starts a local Ray cluster and serves ``deployments.app:build_app`` on the embedded default
+   model (trained default adapters/router when `dlp setup` made them, else random ones of
+   the same format), two LoRA worker replicas.
+2. Closed loop, 64 clients (dlp.loadgen) for ``--duration`` seconds over test-split prompts;
+   RSS of the cluster's Ray worker processes (psutil) before and after; latency p50/p99.
+3. Kill recovery: under a small load (8 clients), kills one LoRA worker replica actor, then
+   the router replica; recovery = kill -> first successful answer from the new replica
+   (worker) / first routed request succeeding after the kill (router).
+Writes benchmarks/results/reliability.json and reliability.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+APP = "dlp"
+OUT = Path("benchmarks/results/reliability.json")
+
+
+def ray_rss_mb() -> dict[str, float]:
+    """RSS (MB) of this process's descendant Ray worker processes, by process title."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            title = " ".join(p.cmdline())[:80]
+            rss = p.memory_info().rss / 2**20
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if title.startswith("ray::"):
+            key = title.split()[0]
+            out[key] = out.get(key, 0.0) + rss
+    return out
+
+
+def app_args(quick_dir: Path, duration: float) -> dict[str, Any]:
+    from cluster.autoscale_harness import _default_assets_ready, _quick_assets
+
+    args: dict[str, Any] = {
+        "worker": {"num_replicas": 2, "num_cpus": 1, "max_ongoing_requests": 16},
+        "router": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.2},
+        "ingress": {"num_cpus": 0.2, "request_timeout_s": 120},
+    }
+    if not _default_assets_ready():
+        tasks = ["task_a", "task_b", "task_c", "task_d"]
+        args.update(_quick_assets(quick_dir, tasks))
+    return args
+
+
+class Tap:
+    """Records (wall time, status, replica) of each finished request of a background load."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[float, str, str | None]] = []
+
+    def __call__(self, rec: Any) -> None:
+        self.rows.append((time.monotonic(), rec.status, rec.replica))
+
+
+def background_load(url: str, prompts: list[Any], clients: int, model: str) -> tuple[Any, ...]:
+    from dlp.loadgen import LoadConfig, run_load
+
+    tap, stop, box = Tap(), threading.Event(), {}
+    cfg = LoadConfig(url=url, concurrency=clients, duration_s=3600, max_tokens=8, model=model)
+
+    def target() -> None:
+        async def go() -> None:
+            astop = asyncio.Event()
+
+            async def watch() -> None:
+                while not stop.is_set():
+                    await asyncio.sleep(0.1)
+                astop.set()
+
+            w = asyncio.create_task(watch())
+            box["result"] = await run_load(cfg, prompts, tap, stop=astop, progress=False)
+            await w
+
+        asyncio.run(go())
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return tap, stop, thread, box
+
+
+def replica_names(deployment: str) -> set[str]:
+    import ray
+
+    tag = f"{APP}#{deployment}#"
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if tag in a["name"]}
+
+
+def kill_and_measure(url: str, prompts: list[Any], deployment: str, model: str) -> dict:
+    import ray
+
+    tap, stop, thread, _box = background_load(url, prompts, 8, model)
+    time.sleep(5)
+    before = replica_names(deployment)
+    victim = sorted(before)[0]
+    killed = time.monotonic()
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    new_id = None
+    recovered = None
+    deadline = killed + 300
+    while time.monotonic() < deadline and recovered is None:
+        if new_id is None:
+            new = replica_names(deployment) - before
+            new_id = new.pop().rsplit("#", 1)[-1] if new else None
+        for t, status, replica in list(tap.rows):
+            if t <= killed + 0.5 or status != "ok":
+                continue
+            if deployment == "Router" and new_id is not None:
+                recovered = t
+                break
+            if deployment == "LoraWorker" and replica == new_id:
+                recovered = t
+                break
+        time.sleep(0.25)
+    time.sleep(2)
+    stop.set()
+    thread.join(timeout=180)
+    statuses = Counter(s for _, s, _ in tap.rows)
+    return {
+        "recovery_s": None if recovered is None else round(recovered - killed, 2),
+        "statuses": dict(statuses),
+        "errors_not_503": sum(n for s, n in statuses.items() if s not in ("ok", "503")),
+    }
+
+
+def plot(rep: dict[str, Any], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    lat = [r["end"] - r["start"] for r in rep.pop("_records") if r["status"] == "ok"]
+    ax[0].hist([x * 1000 for x in lat], bins=40)
+    ax[0].set(title=f"latency, {rep['concurrency']} clients", xlabel="ms", ylabel="requests")
+    names = sorted(set(rep["rss_mb_before"]) | set(rep["rss_mb_after"]))
+    xs = range(len(names))
+    ax[1].bar([x - 0.2 for x in xs], [rep["rss_mb_before"].get(n, 0) for n in names], 0.4)
+    ax[1].bar([x + 0.2 for x in xs], [rep["rss_mb_after"].get(n, 0) for n in names], 0.4)
+    ax[1].set_xticks(list(xs), [n.replace("ray::", "")[:22] for n in names], rotation=30)
+    ax[1].legend(["before", "after"])
+    ax[1].set(title="RSS of Ray workers (MB)")
+    rec = rep["recovery_s"]
+    ax[2].bar(list(rec), [v or 0 for v in rec.values()])
+    ax[2].set(title="kill -> serving again (s)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--duration", type=float, default=180.0, help="seconds of 64-client load")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--out", type=Path, default=OUT)
+    a = p.parse_args(argv)
+    command = " ".join(shlex.quote(x) for x in [sys.executable, *sys.argv])
+
+    import ray
+    from ray import serve
+
+    from cluster.autoscale_harness import _warm_up
+    from deployments.app import build_app
+    from dlp.data.prepare import ensure_default_data
+    from dlp.loadgen import LoadConfig, load_prompts, machine, run_load, summarize
+
+    prompts = load_prompts(ensure_default_data(), seed=0)
+    scratch = Path(tempfile.mkdtemp(prefix="dlp-rel-"))
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    port = 8765
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        serve.run(build_app(app_args(scratch, a.duration)), name=APP, route_prefix="/")
+        _warm_up(url, prompts, timeout_s=600)
+        time.sleep(3)
+        rss_before = ray_rss_mb()
+        cfg = LoadConfig(
+            url=url,
+            concurrency=a.concurrency,
+            duration_s=a.duration,
+            max_tokens=a.max_tokens,
+            timeout_s=120,
+        )
+        result = asyncio.run(run_load(cfg, prompts))
+        time.sleep(3)
+        rss_after = ray_rss_mb()
+        summary = summarize(result.records, result.wall_s)
+        worker = kill_and_measure(url, prompts, "LoraWorker", "dlp")
+        router = kill_and_measure(url, prompts, "Router", "dlp")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    errors = sum(summary["errors"].values())
+    rep: dict[str, Any] = {
+        "command": command,
+        "machine": machine(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "duration_s": a.duration,
+        "concurrency": a.concurrency,
+        "max_tokens": a.max_tokens,
+        "requests": summary["requests"],
+        "errors": errors,
+        "error_kinds": summary["errors"],
+        "throughput_rps": summary["throughput_rps"],
+        "latency_ms": summary["latency_ms"],
+        "rss_mb_before": rss_before,
+        "rss_mb_after": rss_after,
+        "rss_mb_total_before": round(sum(rss_before.values()), 1),
+        "rss_mb_total_after": round(sum(rss_after.values()), 1),
+        "recovery_s": {"worker": worker["recovery_s"], "router": router["recovery_s"]},
+        "kill_runs": {"worker": worker, "router": router},
+        "_records": [{"start": r.start, "end": r.end, "status": r.status} for r in result.records],
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    plot(rep, a.out.with_suffix(".png"))
+    a.out.write_text(json.dumps(rep, indent=2, default=str) + "\n")
+    print(json.dumps({k: rep[k] for k in ("requests", "errors", "latency_ms", "recovery_s")}))
+    print("RSS MB before/after:", rep["rss_mb_total_before"], rep["rss_mb_total_after"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
