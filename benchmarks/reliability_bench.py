@@ -33,6 +33,14 @@ APP = "dlp"
 OUT = Path("benchmarks/results/reliability.json")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def ray_rss_mb() -> dict[str, float]:
     """RSS (MB) of this process's descendant Ray worker processes, by process title."""
     import psutil
@@ -144,6 +152,14 @@ def kill_and_measure(url: str, prompts: list[Any], deployment: str, model: str) 
     }
 
 
+def split_errors(kinds: dict[str, int]) -> tuple[int, int]:
+    """(errors, rejected): 4xx answers are the server refusing bad input (test-split prompts
+    longer than the model's context get 400 naming `prompt`), not failures; everything else
+    (5xx, timeouts, transport errors) is an error."""
+    rejected = sum(n for k, n in kinds.items() if k.isdigit() and 400 <= int(k) < 500)
+    return sum(kinds.values()) - rejected, rejected
+
+
 def plot(rep: dict[str, Any], png: Path) -> None:
     import matplotlib
 
@@ -158,7 +174,9 @@ def plot(rep: dict[str, Any], png: Path) -> None:
     xs = range(len(names))
     ax[1].bar([x - 0.2 for x in xs], [rep["rss_mb_before"].get(n, 0) for n in names], 0.4)
     ax[1].bar([x + 0.2 for x in xs], [rep["rss_mb_after"].get(n, 0) for n in names], 0.4)
-    ax[1].set_xticks(list(xs), [n.replace("ray::", "")[:22] for n in names], rotation=30)
+    ax[1].set_xticks(
+        list(xs), [n.replace("ray::", "")[:22] for n in names], rotation=30, ha="right"
+    )
     ax[1].legend(["before", "after"])
     ax[1].set(title="RSS of Ray workers (MB)")
     rec = rep["recovery_s"]
@@ -188,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_prompts(ensure_default_data(), seed=0)
     scratch = Path(tempfile.mkdtemp(prefix="dlp-rel-"))
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = 8765
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -212,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-    errors = sum(summary["errors"].values())
+    errors, rejected = split_errors(summary["errors"])
     rep: dict[str, Any] = {
         "command": command,
         "machine": machine(),
@@ -222,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_tokens": a.max_tokens,
         "requests": summary["requests"],
         "errors": errors,
+        "rejected_4xx": rejected,
         "error_kinds": summary["errors"],
         "throughput_rps": summary["throughput_rps"],
         "latency_ms": summary["latency_ms"],

@@ -138,13 +138,20 @@ class Load:
 
 def replica_stats(replica: str, timeout_s: float = 20) -> dict[str, Any]:
     """Engine stats of one worker replica (calls fan out; the one from ``replica`` is kept)."""
+    from ray.serve.exceptions import BackPressureError
+
     handle = worker_handle()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         calls = [handle.stats.remote() for _ in range(2 * WORKER_REPLICAS)]
-        for s in (c.result(timeout_s=10) for c in calls):
+        for c in calls:
+            try:
+                s = c.result(timeout_s=10)
+            except BackPressureError:  # this app's queues are tiny on purpose; try again
+                continue
             if s["replica"] == replica:
                 return s
+        time.sleep(0.05)
     raise TimeoutError(f"no stats from replica {replica} after {timeout_s}s")
 
 
