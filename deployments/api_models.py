@@ -94,6 +94,9 @@ class SamplingFields(_Model):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stop: str | list[str] | None = None
+    ignore_eos: bool = Field(
+        False, description="extension (as in vLLM): generate max_tokens even past EOS"
+    )
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
     adapters: dict[str, float] | None = Field(
         None, description="explicit mix {adapter: weight}; overrides routing"
@@ -363,6 +366,7 @@ class WorkerRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
     routing: Literal["prompt", "sentence"] = "prompt"
     routing_params: dict[str, Any] = field(default_factory=dict)
 

@@ -277,6 +277,7 @@ class Ingress:
             top_p=req.top_p,
             seed=req.seed,
             stop=tuple(req.stop_list()),
+            ignore_eos=req.ignore_eos,
             routing=req.routing,
         )
         return _Plan(worker=worker_req, source=source, top1=top1, model=req.model)

@@ -250,6 +250,7 @@ class LoraWorker:
             top_p=req.top_p,
             seed=req.seed,
             stop=req.stop,
+            ignore_eos=req.ignore_eos,
         )
         return GenerationRequest(
             request_id=req.request_id,

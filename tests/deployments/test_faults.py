@@ -163,6 +163,8 @@ def _open_stream_and_check_busy(fapp: str) -> tuple[str, dict]:
         "prompt": "Write a very long story about a dragon who counts every star in the sky.",
         "max_tokens": 200,
         "stream": True,
+        # Without it a random adapter may end the story at once (EOS) and the stream with it.
+        "ignore_eos": True,
     }
     replica = None
     with (
