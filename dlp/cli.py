@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts: a clear usage error instead of a traceback for 0 or less."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def run_group(register: Callable[[Any], None], argv: list[str] | None = None) -> int:
     """Run one command group on its own, without importing the others (used on machines that
     lack some of their packages, e.g. the GPU machine without Ray or pydantic)."""

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dlp.engine.shapes import PUBLISHED_SHAPES
 from dlp.errors import DlpError
 
 ADAPTER_ROOT_ENV = "DLP_ADAPTER_ROOT"
@@ -86,34 +87,7 @@ class EngineSettings(_Strict):
 
 
 # Published configs of the paper's backbones (random weights of these shapes for benchmarks).
-NAMED_SHAPES: dict[str, dict[str, Any]] = {
-    "qwen2-1.5b": {
-        "model_type": "qwen2",
-        "hidden_size": 1536,
-        "intermediate_size": 8960,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 12,
-        "num_key_value_heads": 2,
-        "vocab_size": 151936,
-        "max_position_embeddings": 32768,
-        "rope_theta": 1000000.0,
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": True,
-    },
-    "llama3-8b": {
-        "model_type": "llama",
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "vocab_size": 128256,
-        "max_position_embeddings": 8192,
-        "rope_theta": 500000.0,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-    },
-}
+NAMED_SHAPES: dict[str, dict[str, Any]] = PUBLISHED_SHAPES
 
 
 class WorkerSettings(_Strict):

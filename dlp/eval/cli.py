@@ -9,16 +9,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from dlp.cli import positive_int
 from dlp.errors import DlpError
 
 DEFAULT_OUT = Path("benchmarks/results/quality.json")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _probability(text: str) -> float:
@@ -75,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-per-task",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="evaluate at most this many test examples per task",
     )
@@ -83,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--p", type=_probability, default=0.6, help="top-p threshold (0.6)")
     p.add_argument(
         "--sweep-per-task",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="run the p sweep on the first N test examples of each task (all)",
     )
@@ -101,7 +95,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--batch-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=16384,
         help="padded tokens per scoring batch (memory / speed)",
     )

@@ -8,14 +8,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from dlp.cli import positive_int
 from dlp.errors import DlpError
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _positive_float(text: str) -> float:
@@ -67,20 +61,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=2.0,
         help="passes over each task's training data (default 2)",
     )
-    p.add_argument("--min-steps", type=_positive_int, default=20)
+    p.add_argument("--min-steps", type=positive_int, default=20)
     p.add_argument(
         "--max-steps",
-        type=_positive_int,
+        type=positive_int,
         default=300,
         help="cap on steps per task adapter (default 300)",
     )
-    p.add_argument("--composite-max-steps", type=_positive_int, default=3000)
-    p.add_argument("--composite-batch-size", type=_positive_int, default=16)
-    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--composite-max-steps", type=positive_int, default=3000)
+    p.add_argument("--composite-batch-size", type=positive_int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--lr", type=_positive_float, default=1e-3)
     p.add_argument(
         "--max-train-examples",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="use at most this many training examples per task",
     )
