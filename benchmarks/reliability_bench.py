@@ -6,7 +6,9 @@
    model (trained default adapters/router when `dlp setup` made them, else random ones of
    the same format), two LoRA worker replicas.
 2. Closed loop, 64 clients (dlp.loadgen) for ``--duration`` seconds over test-split prompts;
-   RSS of the cluster's Ray worker processes (psutil) before and after; latency p50/p99.
+   RSS of the cluster's Ray worker processes (psutil) before, after and every ``--rss-every``
+   seconds during the load, so a plateau can be told from a leak (the growth per minute over
+   the second half of the run is reported); latency p50/p99.
 3. Kill recovery: under a small load (8 clients), kills one LoRA worker replica actor, then
    the router replica; recovery = kill -> first successful answer from the new replica
    (worker) / first routed request succeeding after the kill (router).
@@ -70,6 +72,66 @@ def app_args(quick_dir: Path, duration: float) -> dict[str, Any]:
         tasks = ["task_a", "task_b", "task_c", "task_d"]
         args.update(_quick_assets(quick_dir, tasks))
     return args
+
+
+class RssSampler:
+    """Samples ``ray_rss_mb`` every ``every_s`` seconds in a thread, from start() to stop()."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self.rows: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._t0 = 0.0
+
+    def _run(self) -> None:
+        while True:
+            by_title = ray_rss_mb()
+            self.rows.append(
+                {
+                    "t_s": round(time.monotonic() - self._t0, 1),
+                    "total_mb": round(sum(by_title.values()), 1),
+                    "by_title_mb": {k: round(v, 1) for k, v in by_title.items()},
+                }
+            )
+            if self._stop.wait(self.every_s):
+                return
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._thread.start()
+
+    def stop(self) -> list[dict[str, Any]]:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        return self.rows
+
+
+def rss_growth(timeline: list[dict[str, Any]]) -> dict[str, float | None]:
+    """How RSS moved during the load: total change, and the least-squares slope (MB/min) over
+    the whole run and over its second half. A leak keeps its slope in the second half; memory
+    that only warms up (allocator pools, caches) flattens out."""
+
+    def slope(rows: list[dict[str, Any]]) -> float | None:
+        if len(rows) < 3:
+            return None
+        ts = [r["t_s"] / 60 for r in rows]
+        ys = [r["total_mb"] for r in rows]
+        mt, my = sum(ts) / len(ts), sum(ys) / len(ys)
+        var = sum((t - mt) ** 2 for t in ts)
+        return round(sum((t - mt) * (y - my) for t, y in zip(ts, ys, strict=True)) / var, 2)
+
+    if not timeline:
+        return {"change_mb": None, "slope_mb_per_min": None, "slope_second_half_mb_per_min": None}
+    half = timeline[len(timeline) // 2 :]
+    return {
+        "change_mb": round(timeline[-1]["total_mb"] - timeline[0]["total_mb"], 1),
+        "max_mb": max(r["total_mb"] for r in timeline),
+        "slope_mb_per_min": slope(timeline),
+        "first_half_change_mb": round(half[0]["total_mb"] - timeline[0]["total_mb"], 1),
+        "second_half_change_mb": round(timeline[-1]["total_mb"] - half[0]["total_mb"], 1),
+        "slope_second_half_mb_per_min": slope(half),
+    }
 
 
 class Tap:
@@ -170,15 +232,17 @@ def plot(rep: dict[str, Any], png: Path) -> None:
     lat = [r["end"] - r["start"] for r in rep.pop("_records") if r["status"] == "ok"]
     ax[0].hist([x * 1000 for x in lat], bins=40)
     ax[0].set(title=f"latency, {rep['concurrency']} clients", xlabel="ms", ylabel="requests")
-    names = sorted(set(rep["rss_mb_before"]) | set(rep["rss_mb_after"]))
-    xs = range(len(names))
-    ax[1].bar([x - 0.2 for x in xs], [rep["rss_mb_before"].get(n, 0) for n in names], 0.4)
-    ax[1].bar([x + 0.2 for x in xs], [rep["rss_mb_after"].get(n, 0) for n in names], 0.4)
-    ax[1].set_xticks(
-        list(xs), [n.replace("ray::", "")[:22] for n in names], rotation=30, ha="right"
-    )
-    ax[1].legend(["before", "after"])
-    ax[1].set(title="RSS of Ray workers (MB)")
+    timeline = rep["rss_timeline"]
+    if timeline:
+        titles = sorted({k for r in timeline for k in r["by_title_mb"]})
+        ts = [r["t_s"] / 60 for r in timeline]
+        ax[1].plot(ts, [r["total_mb"] for r in timeline], lw=2, label="all Ray workers")
+        for name in titles:
+            ys = [r["by_title_mb"].get(name, 0) for r in timeline]
+            if max(ys) > 200:  # the small helper processes would only clutter the plot
+                ax[1].plot(ts, ys, lw=1, label=name.replace("ray::", "")[:28])
+        ax[1].legend(fontsize=7)
+    ax[1].set(title="RSS during the load (MB)", xlabel="minutes", ylim=(0, None))
     rec = rep["recovery_s"]
     ax[2].bar(list(rec), [v or 0 for v in rec.values()])
     ax[2].set(title="kill -> serving again (s)")
@@ -191,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=180.0, help="seconds of 64-client load")
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--rss-every", type=float, default=5.0, help="seconds between RSS samples")
     p.add_argument("--out", type=Path, default=OUT)
     a = p.parse_args(argv)
     command = " ".join(shlex.quote(x) for x in [sys.executable, *sys.argv])
@@ -221,7 +286,12 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens=a.max_tokens,
             timeout_s=120,
         )
-        result = asyncio.run(run_load(cfg, prompts))
+        sampler = RssSampler(a.rss_every)
+        sampler.start()
+        try:
+            result = asyncio.run(run_load(cfg, prompts))
+        finally:
+            timeline = sampler.stop()
         time.sleep(3)
         rss_after = ray_rss_mb()
         summary = summarize(result.records, result.wall_s)
@@ -248,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         "rss_mb_after": rss_after,
         "rss_mb_total_before": round(sum(rss_before.values()), 1),
         "rss_mb_total_after": round(sum(rss_after.values()), 1),
+        "rss_every_s": a.rss_every,
+        "rss_growth": rss_growth(timeline),
+        "rss_timeline": timeline,
         "recovery_s": {"worker": worker["recovery_s"], "router": router["recovery_s"]},
         "kill_runs": {"worker": worker, "router": router},
         "_records": [{"start": r.start, "end": r.end, "status": r.status} for r in result.records],
@@ -257,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     a.out.write_text(json.dumps(rep, indent=2, default=str) + "\n")
     print(json.dumps({k: rep[k] for k in ("requests", "errors", "latency_ms", "recovery_s")}))
     print("RSS MB before/after:", rep["rss_mb_total_before"], rep["rss_mb_total_after"])
+    print("RSS growth:", json.dumps(rep["rss_growth"]))
     return 0
 
 
