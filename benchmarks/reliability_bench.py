@@ -43,6 +43,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_key(title: str) -> str:
+    """A Ray worker's process title without the method it is running right now: a replica
+    shows up as ``ray::ServeReplica:dlp:LoraWorker.handle_request_with_rejection`` while it
+    serves and as ``ray::ServeReplica:dlp:LoraWorker`` when idle; both are the same process."""
+    key = title.split()[0]
+    if key.startswith("ray::ServeReplica:"):
+        key = key.split(".", 1)[0]
+    return key
+
+
 def ray_rss_mb() -> dict[str, float]:
     """RSS (MB) of this process's descendant Ray worker processes, by process title."""
     import psutil
@@ -55,7 +65,7 @@ def ray_rss_mb() -> dict[str, float]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         if title.startswith("ray::"):
-            key = title.split()[0]
+            key = process_key(title)
             out[key] = out.get(key, 0.0) + rss
     return out
 
@@ -222,6 +232,16 @@ def split_errors(kinds: dict[str, int]) -> tuple[int, int]:
     return sum(kinds.values()) - rejected, rejected
 
 
+def latency_hist(latencies_s: list[float], bins: int = 40) -> dict[str, list[float]] | None:
+    """A compact histogram (the JSON keeps it instead of every request's times)."""
+    import numpy as np
+
+    if not latencies_s:
+        return None
+    counts, edges = np.histogram(latencies_s, bins=bins)
+    return {"edges": [round(float(e), 3) for e in edges], "counts": counts.tolist()}
+
+
 def plot(rep: dict[str, Any], png: Path) -> None:
     import matplotlib
 
@@ -229,9 +249,16 @@ def plot(rep: dict[str, Any], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 3, figsize=(14, 4))
-    lat = [r["end"] - r["start"] for r in rep.pop("_records") if r["status"] == "ok"]
-    ax[0].hist([x * 1000 for x in lat], bins=40)
-    ax[0].set(title=f"latency, {rep['concurrency']} clients", xlabel="ms", ylabel="requests")
+    hist = rep.get("latency_hist_s")
+    if hist:
+        edges, counts = hist["edges"], hist["counts"]
+        ax[0].stairs(counts, edges, fill=True)
+        ax[0].set(xlabel="s", ylabel="requests")
+    else:  # runs recorded before the histogram was kept: their percentiles
+        lat = rep["latency_ms"]
+        ax[0].bar(list(lat), [v / 1000 for v in lat.values()])
+        ax[0].set(ylabel="s")
+    ax[0].set(title=f"latency of successful requests, {rep['concurrency']} clients")
     timeline = rep["rss_timeline"]
     if timeline:
         titles = sorted({k for r in timeline for k in r["by_title_mb"]})
@@ -257,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--rss-every", type=float, default=5.0, help="seconds between RSS samples")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG from --out")
     a = p.parse_args(argv)
+    if a.replot:
+        plot(json.loads(a.out.read_text()), a.out.with_suffix(".png"))
+        return 0
     command = " ".join(shlex.quote(x) for x in [sys.executable, *sys.argv])
 
     import ray
@@ -323,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         "rss_timeline": timeline,
         "recovery_s": {"worker": worker["recovery_s"], "router": router["recovery_s"]},
         "kill_runs": {"worker": worker, "router": router},
-        "_records": [{"start": r.start, "end": r.end, "status": r.status} for r in result.records],
+        "latency_hist_s": latency_hist(
+            [r.end - r.start for r in result.records if r.status == "ok"]
+        ),
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     plot(rep, a.out.with_suffix(".png"))

@@ -128,8 +128,7 @@ class LoraWorker:
                 log.exception("worker metrics")
 
     async def check_health(self) -> None:
-        task = getattr(self.engine, "_task", None)  # the engine's loop task
-        if task is None or task.done():
+        if not self.engine.running:
             raise RuntimeError("engine loop is not running")
 
     def record_routing_stats(self) -> dict[str, Any]:
@@ -139,7 +138,9 @@ class LoraWorker:
         stats = self.pool.stats()
         held = sorted(set(stats["resident"]) | set(stats["host_resident"]))
         # Only what routing needs: every change of this dict is broadcast to all routers.
-        return {"adapters": held}
+        # `resident`: the device slots, least recently used first (what a request can use
+        # without a load); `adapters`: also the host tier (no disk read).
+        return {"adapters": held, "resident": list(stats["resident"])}
 
     def stats(self) -> dict[str, Any]:
         out = self.engine.stats()
