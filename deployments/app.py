@@ -45,6 +45,26 @@ def _adapters_dir(cfg: AppConfig) -> str:
     return str(ensure_demo_adapters(cfg.resolved_cache_dir()))
 
 
+def _worker_router_options(cfg: AppConfig) -> dict[str, Any]:
+    """The worker's request router: adapter-aware, or (worker.request_router: default) Serve's
+    own power-of-two-choices router, kept selectable as the baseline to measure against."""
+    if cfg.worker.request_router == "default":
+        return {}
+    return {
+        "request_router_config": RequestRouterConfig(
+            request_router_class=AdapterAffinityRouter,
+            request_router_kwargs={
+                "spill_queue_len": cfg.worker.spill_queue_len,
+                "pool_slots": cfg.engine.pool_slots,
+                # own sends count for a few stats periods, until the replicas' stats show them
+                "memory_s": max(2.0, 3 * cfg.worker.routing_stats_period_s),
+            },
+            request_routing_stats_period_s=cfg.worker.routing_stats_period_s,
+            request_routing_stats_timeout_s=max(5.0, cfg.worker.routing_stats_period_s),
+        )
+    }
+
+
 def build_app(args: AppConfig | dict[str, Any] | None = None) -> Application:
     """Build the app from validated args (Serve passes the ``args`` of the config file)."""
     raw = args.model_dump(exclude_unset=True) if isinstance(args, AppConfig) else (args or {})
@@ -79,12 +99,7 @@ def build_app(args: AppConfig | dict[str, Any] | None = None) -> Application:
         max_ongoing_requests=cfg.worker.max_ongoing_requests,
         max_queued_requests=limits.max_queued_requests,
         ray_actor_options={"num_cpus": cfg.worker.num_cpus, "num_gpus": cfg.worker.num_gpus},
-        request_router_config=RequestRouterConfig(
-            request_router_class=AdapterAffinityRouter,
-            request_router_kwargs={"spill_queue_len": cfg.worker.spill_queue_len},
-            request_routing_stats_period_s=cfg.worker.routing_stats_period_s,
-            request_routing_stats_timeout_s=max(5.0, cfg.worker.routing_stats_period_s),
-        ),
+        **_worker_router_options(cfg),
         health_check_period_s=5,
         health_check_timeout_s=60,
     ).bind(

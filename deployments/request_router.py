@@ -2,18 +2,25 @@
 
 Loading an adapter onto a replica costs a disk read and a host->device copy, and every
 resident adapter takes a pool slot. So a request should go to a replica that already holds
-the adapters of its mix. Two sources say which replica holds what:
+the adapters of its mix *in its device slots*. Two sources say which replica holds what:
 
-- each replica publishes its resident adapter names as routing stats
+- each replica publishes its device-resident adapters (``resident``, least recently used
+  first) and everything it holds on the host tier too (``adapters``) as routing stats
   (``LoraWorker.record_routing_stats``, every ``routing_stats_period_s``);
-- between two publications, this router remembers where it sent each adapter itself
-  (a burst of a new mix must not fan out before the first stats arrive).
+- between two publications, this router remembers where it sent each adapter itself (a
+  burst of a new mix must not fan out before the first stats arrive).
 
-Ranking: replicas holding most of the mix's adapters first, as long as their queue is
-shorter than ``spill_queue_len``; then every replica (Serve picks the shortest queue among a
-rank and skips full ones). So a hot mix stays on one replica while that replica keeps up,
-and spreads to the others once it saturates. Requests without a mix (admin calls) go to the
-least loaded replica.
+The two are merged into a model of each replica's LRU slots: the published list, then this
+router's sends of the last few stats periods (more recent than the snapshot), keeping the
+last ``pool_slots`` names. Matching the host tier alone is not enough: once the host tiers
+of all replicas hold every adapter (they are large), it no longer tells replicas apart.
+
+Ranking: replicas whose slots hold most of the mix's adapters (ties broken by the host
+tier) first, as long as their queue is shorter than ``spill_queue_len``. When every such
+replica is at that length, the mix spreads to a replica that is not (Serve picks the
+shortest queue); when every replica is, it stays where its adapters are (spreading would
+only add loads, nobody has spare room). Serve skips full replicas (max_ongoing_requests)
+and then tries every replica. Requests without a mix (admin calls) go to the least loaded.
 """
 
 from __future__ import annotations
@@ -47,20 +54,38 @@ def mix_names(pending: PendingRequest | None) -> tuple[str, ...]:
 
 
 class AdapterAffinityRouter(RequestRouter):
-    def initialize_state(self, spill_queue_len: int = 4, memory_s: float = 30.0, **_: Any) -> None:
+    def initialize_state(
+        self,
+        spill_queue_len: int = 4,
+        pool_slots: int | None = None,
+        memory_s: float = 3.0,
+        **_: Any,
+    ) -> None:
         self._spill_queue_len = int(spill_queue_len)
+        self._slots = int(pool_slots) if pool_slots else None
+        # How long this router's own sends count on top of the published stats: a few stats
+        # periods (older sends are in the published snapshot, or were evicted since).
         self._memory_s = float(memory_s)
-        # replica -> adapter name -> when this router last sent it there
+        # replica -> adapter name -> when this router last sent it there (oldest first)
         self._sent: dict[ReplicaID, dict[str, float]] = {}
 
     # Routing memory -------------------------------------------------------------------------
 
-    def _held(self, replica: RunningReplica, now: float) -> set[str]:
+    def _slot_model(self, replica: RunningReplica, now: float) -> set[str]:
+        """Adapters this replica most likely holds in its device slots right now."""
         stats = replica.routing_stats or {}
-        held = set(stats.get("adapters", ()))
+        # Older workers publish only `adapters` (host + device).
+        published = list(stats.get("resident", stats.get("adapters", ())))
         sent = self._sent.get(replica.replica_id, {})
-        held.update(n for n, t in sent.items() if now - t < self._memory_s)
-        return held
+        recent = [n for n, t in sent.items() if now - t < self._memory_s]
+        lru = dict.fromkeys(n for n in published if n not in recent)
+        lru.update(dict.fromkeys(recent))  # most recent last, like the pool's LRU
+        names = list(lru)
+        return set(names[-self._slots :] if self._slots else names)
+
+    @staticmethod
+    def _host_held(replica: RunningReplica) -> set[str]:
+        return set((replica.routing_stats or {}).get("adapters", ()))
 
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult
@@ -70,7 +95,11 @@ class AdapterAffinityRouter(RequestRouter):
             now = time.monotonic()
             sent = self._sent.setdefault(replica_id, {})
             for n in names:
+                sent.pop(n, None)  # re-insert: dicts keep insertion order = recency
                 sent[n] = now
+            if len(sent) > 4 * (self._slots or 16):
+                for n in list(sent)[: len(sent) // 2]:
+                    del sent[n]
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
@@ -99,16 +128,22 @@ class AdapterAffinityRouter(RequestRouter):
         if not wanted:
             return [candidate_replicas]
         now = time.monotonic()
-        overlap = {r.replica_id: len(wanted & self._held(r, now)) for r in candidate_replicas}
-        best = max(overlap.values())
-        if best == 0:
+        score = {
+            r.replica_id: (
+                len(wanted & self._slot_model(r, now)),
+                len(wanted & self._host_held(r)),
+            )
+            for r in candidate_replicas
+        }
+        best = max(score.values())
+        if best == (0, 0):
             # Nobody holds any of it: the least loaded replica takes it (and becomes its home).
             return [candidate_replicas]
-        affine = [
-            r
-            for r in candidate_replicas
-            if overlap[r.replica_id] == best and not self._saturated(r)
-        ]
-        ranks = [affine] if affine else []
-        ranks.append(candidate_replicas)
-        return ranks
+        holders = [r for r in candidate_replicas if score[r.replica_id] == best]
+        affine = [r for r in holders if not self._saturated(r)]
+        if affine:
+            return [affine, candidate_replicas]
+        spill = [r for r in candidate_replicas if not self._saturated(r)]
+        if spill:
+            return [spill, candidate_replicas]
+        return [holders, candidate_replicas]

@@ -102,7 +102,14 @@ class WorkerSettings(_Strict):
         4,
         ge=1,
         description="a replica holding the mix's adapters is preferred until its queue reaches"
-        " this length; then the mix spreads to the least loaded replica",
+        " this length; then the mix spreads to the least loaded replica below this length"
+        " (when every replica is at it, the mix stays where its adapters are)",
+    )
+    request_router: Literal["adapter_affinity", "default"] = Field(
+        "adapter_affinity",
+        description="adapter_affinity: send a mix to the replica holding its adapters"
+        " (deployments/request_router.py); default: Serve's power-of-two-choices router"
+        " (the baseline benchmarks/affinity_bench.py measures against)",
     )
 
 
