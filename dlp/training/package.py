@@ -96,6 +96,66 @@ def copy_set(src: Path, dest: Path) -> dict[str, Any]:
     return manifest
 
 
+def _provenance(
+    training: dict[str, Any],
+    names: Sequence[str],
+    previous: dict[str, Any] | None,
+    machine: str,
+) -> dict[str, Any]:
+    """Manifest fields saying how each adapter was made. A resumed run (``--skip-existing``)
+    trained only some adapters; the ones it skipped keep the provenance of ``previous`` (the
+    manifest of the set it resumed), so a set made in two runs lists both in ``runs``."""
+    stats = training["adapters"]
+    trained = [n for n in names if not stats[n].get("skipped")]
+    kept = [n for n in names if stats[n].get("skipped")]
+    if kept and previous is None:
+        raise DlpError(
+            f"adapters {', '.join(kept)} were skipped by this run; "
+            "--previous must name the manifest they came from"
+        )
+    steps = {n: stats[n]["steps"] for n in trained}
+    final_loss = {n: stats[n]["last_loss"] for n in trained}
+    this_run = {
+        "command": training.get("command", ""),
+        "machine": machine,
+        "recipe": training.get("plan", {}),
+        "training_seconds": training.get("seconds"),
+        "adapters": trained,
+    }
+    runs = [this_run]
+    if previous is not None and kept:
+        missing = [n for n in kept if n not in previous.get("adapters", {})]
+        if missing:
+            raise DlpError(f"--previous: no entry for skipped adapter(s) {', '.join(missing)}")
+        earlier = previous.get("runs") or [
+            {
+                "command": previous.get("command", ""),
+                "machine": previous.get("script", ""),
+                "recipe": previous.get("recipe", {}),
+                "adapters": list(previous.get("adapters", {})),
+            }
+        ]
+        for run in earlier:
+            run = {**run, "adapters": [n for n in run["adapters"] if n in kept]}
+            if run["adapters"]:
+                runs.insert(0, run)
+        steps.update({n: previous.get("steps", {}).get(n) for n in kept})
+        final_loss.update({n: previous.get("final_loss", {}).get(n) for n in kept})
+    from dlp.data.tasks import POOL
+
+    missing_tasks = sorted({t.name for t in POOL} - set(names))
+    return {
+        "kind": "trained",
+        "complete": not missing_tasks,
+        "missing_tasks": missing_tasks,
+        "command": this_run["command"],
+        "recipe": this_run["recipe"],
+        "runs": runs,
+        "steps": {n: steps[n] for n in names},
+        "final_loss": {n: final_loss[n] for n in names},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m dlp.training.package SRC DEST``: turn a ``dlp train-adapters`` output dir
     into a shipped set (task adapters only; the composite is an evaluation baseline)."""
@@ -112,19 +172,23 @@ def main(argv: list[str] | None = None) -> int:
         help="quality.json whose headline numbers go into the manifest",
     )
     parser.add_argument("--note", default="", help="free text: machine, run")
+    parser.add_argument(
+        "--previous",
+        type=Path,
+        default=None,
+        help="manifest of the set a resumed run (--skip-existing) started from: the adapters "
+        "it skipped keep that manifest's provenance",
+    )
+    parser.add_argument("--machine", default="", help="where this training run ran")
     args = parser.parse_args(argv)
     try:
         training = json.loads((args.src / "training.json").read_text())
+        previous = None
+        if args.previous is not None:
+            previous = json.loads(args.previous.read_text())
         names = [n for n in training["tasks"]]
-        info: dict[str, Any] = {
-            "kind": "trained",
-            "command": training.get("command", ""),
-            "recipe": training.get("plan", {}),
-            "training_seconds": training.get("seconds"),
-            "steps": {n: training["adapters"][n]["steps"] for n in names},
-            "final_loss": {n: training["adapters"][n]["last_loss"] for n in names},
-            "note": args.note,
-        }
+        info = _provenance(training, names, previous, args.machine)
+        info["note"] = args.note
         if args.quality is not None:
             quality = json.loads(args.quality.read_text())
             info["quality"] = {
