@@ -138,7 +138,9 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.route_only and args.router_probs is None:
             raise DlpError("router-probs: --route-only needs a file to write")
         mixed = build_mixed(test, args.mixed, args.seed) if args.mixed else []
-        routing = route_examples(args.router or router_dir(root), test, mixed)
+        # The whole test split, not only the capped sample: --deltas-full and the router's
+        # top-1 accuracy read every example's outputs (routing all of it takes seconds).
+        routing = route_examples(args.router or router_dir(root), full_test, mixed)
         if args.router_probs is not None:
             routing.save(args.router_probs)
             print(f"router outputs written to {args.router_probs}")

@@ -189,3 +189,35 @@ def test_paired_deltas_equal_the_full_evaluation_difference(
             expected = full[table][system] - full[table]["oracle"]
             assert d[key] == pytest.approx(expected, abs=2e-3), (system, table)
     assert 0 < deltas["examples_scored"] <= len(test)
+
+
+def test_cli_routes_the_whole_test_split_when_the_sample_is_capped(tmp_path: Path):
+    """--max-per-task caps what the LLM scores, but --deltas-full and the router's top-1
+    read every test example's router outputs: routing must cover the whole split."""
+    from dlp.paths import cache_dir, data_dir, router_dir
+
+    if (
+        not (router_dir(cache_dir()) / "router.json").is_file()
+        or not (data_dir(cache_dir()) / "tasks.parquet").is_file()
+    ):
+        pytest.skip("default router or task data not built (run `dlp setup`)")
+    probs = tmp_path / "probs.json"
+    code = eval_main(
+        [
+            "eval",
+            "--route-only",
+            "--router-probs",
+            str(probs),
+            "--max-per-task",
+            "1",
+            "--mixed",
+            "3",
+        ]
+    )
+    assert code == 0
+    routing = RouterOutputs.load(probs)
+    test = examples_from_table(load_table(data_dir(cache_dir())), "test")
+    assert len(test) > 26  # more than the capped sample of one per task
+    for ex in test:
+        assert routing.get(example_key(ex)).shape == (len(routing.labels),)
+    assert len(routing.mixed) == 3
