@@ -177,21 +177,10 @@ def pool_stats(app: str, replicas: int = 2, timeout_s: float = 120) -> dict[str,
 
 def wait_ready(url: str, timeout_s: float) -> None:
     """Base-model requests (no adapter: nothing is loaded) until the app answers."""
-    import httpx
+    from dlp.loadgen import post_until_answered
 
-    deadline = time.monotonic() + timeout_s
     body = {"model": "dlp", "prompt": "Hello", "max_tokens": 1, "adapters": {}}
-    while True:
-        try:
-            r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
-            if r.status_code == 200:
-                return
-            last = f"{r.status_code} {r.text[:200]}"
-        except httpx.HTTPError as exc:
-            last = repr(exc)
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} does not answer: {last}")
-        time.sleep(1)
+    post_until_answered(url, body, time.monotonic() + timeout_s)
 
 
 # --- load ------------------------------------------------------------------------------------

@@ -302,26 +302,12 @@ def _quick_assets(where: Path, tasks: list[str]) -> dict[str, str]:
 
 def _warm_up(url: str, prompts: list[Prompt], timeout_s: float) -> None:
     """First requests pay lazy start-up (engine loop, adapter loads); keep them off the clock."""
-    import httpx
+    from dlp.loadgen import post_until_answered
 
     deadline = time.monotonic() + timeout_s
-    last = ""
     for prompt in prompts[:2]:
-        while True:
-            try:
-                r = httpx.post(
-                    f"{url}/v1/completions",
-                    timeout=120,
-                    json={"model": "dlp", "prompt": prompt.text, "max_tokens": 2},
-                )
-                if r.status_code == 200:
-                    break
-                last = f"{r.status_code} {r.text[:200]}"
-            except httpx.HTTPError as exc:
-                last = repr(exc)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"app does not answer: {last}")
-            time.sleep(1)
+        body = {"model": "dlp", "prompt": prompt.text, "max_tokens": 2}
+        post_until_answered(url, body, deadline)
 
 
 def run(

@@ -136,6 +136,9 @@ class FakeCluster:
         ]
         if head:
             cmd.append(f"--resources={json.dumps(head)}")
+        # `ray start` turns token auth on by default (Ray 2.60); this process connects to the
+        # cluster too, so both must agree: off unless the caller chose otherwise.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         env = {
             **os.environ,
             "RAY_FAKE_CLUSTER": "1",

@@ -178,6 +178,25 @@ def _error_kind(exc: Exception) -> str:
     return type(exc).__name__
 
 
+def post_until_answered(url: str, body: dict[str, Any], deadline: float) -> None:
+    """POST ``body`` to ``url``/v1/completions once a second until a 200 comes back (a replica
+    still starting answers 503 or refuses the connection); TimeoutError past ``deadline``
+    (a ``time.monotonic()`` value) with the last answer."""
+    import httpx
+
+    while True:
+        try:
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+            if r.status_code == 200:
+                return
+            last = f"{r.status_code} {r.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} does not answer: {last}")
+        time.sleep(1)
+
+
 async def _send(
     client: Any, cfg: LoadConfig, prompt: Prompt, stream: bool, t0: float
 ) -> RequestRecord:
