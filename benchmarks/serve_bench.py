@@ -109,13 +109,84 @@ def _app_args(assets: dict[str, str], a: argparse.Namespace) -> dict[str, Any]:
             "dtype": "bfloat16",
             "max_batch": a.batch,
             "pool_slots": a.slots,
+            "admit_min_rows": a.admit_min_rows,
+            "admit_max_wait_steps": a.admit_max_wait_steps,
         },
         "worker": {
             "num_gpus": 1 if on_gpu else 0,
             "num_cpus": 1,
             "max_ongoing_requests": 4 * a.batch,
         },
+        "ingress": {"num_replicas": a.ingress_replicas},
     }
+
+
+COUNTERS = (
+    "decode_steps",
+    "decode_s",
+    "generated_tokens",
+    "prefill_calls",
+    "prefill_rows",
+    "prefill_tokens",
+    "prefill_s",
+)
+
+
+def engine_delta(before: dict[str, Any], after: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """What the engine did during one phase: steps, rows per step, prefills and their cost."""
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in COUNTERS}
+    steps = max(1, d["decode_steps"])
+    calls = max(1, d["prefill_calls"])
+    return {
+        **d,
+        "prefill_compiled": after.get("prefill_compiled"),
+        "rows_per_step": d["generated_tokens"] / steps,
+        "decode_ms_per_step": 1e3 * d["decode_s"] / steps,
+        "rows_per_prefill": d["prefill_rows"] / calls,
+        "prefill_ms_per_call": 1e3 * d["prefill_s"] / calls,
+        "share_prefill": d["prefill_s"] / wall_s,
+        "share_decode": d["decode_s"] / wall_s,
+    }
+
+
+def _phase(records: list, wall: float, before: dict, after: dict) -> dict[str, Any]:
+    from dlp.loadgen import summarize
+
+    tokens = sum(r.completion_tokens for r in records if r.ok)
+    return {
+        "summary": summarize(records, wall),
+        "wall_s": wall,
+        "completion_tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "errors": sum(1 for r in records if not r.ok),
+        "engine_stats": engine_delta(before, after, wall),
+    }
+
+
+async def _handle_load(handle: Any, prompts: list[str], a: argparse.Namespace) -> tuple:
+    """Closed loop through the app's Python handle (ingress + router + worker, no HTTP)."""
+    from deployments.api_models import GenerateRequest
+    from dlp.loadgen import RequestRecord
+
+    work = iter(enumerate(prompts))
+    records: list[RequestRecord] = []
+    t0 = time.perf_counter()
+
+    async def client() -> None:
+        for _, text in work:
+            rec = RequestRecord(task="synthetic", stream=False, start=time.perf_counter() - t0)
+            try:
+                out = await handle.generate.remote(
+                    GenerateRequest(model="dlp", prompt=text, max_tokens=a.max_tokens)
+                )
+                rec.completion_tokens = out.completion_tokens
+            except Exception as exc:  # counted, never fatal
+                rec.status = type(exc).__name__
+            rec.end = time.perf_counter() - t0
+            records.append(rec)
+
+    await asyncio.gather(*(client() for _ in range(a.concurrency)))
+    return records, time.perf_counter() - t0
 
 
 def run_http(args_dict: dict[str, Any], prompts: list[str], a: argparse.Namespace) -> dict:
@@ -123,15 +194,18 @@ def run_http(args_dict: dict[str, Any], prompts: list[str], a: argparse.Namespac
     from ray import serve
 
     from deployments.app import build_app
-    from dlp.loadgen import LoadConfig, Prompt, run_load, summarize
+    from dlp.loadgen import LoadConfig, Prompt, run_load
 
     # Logical CPUs: ingress, router, registry and worker each ask for some.
     ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": a.port})
     serve.run(build_app(args_dict), name="dlp", route_prefix="/")
+    worker = serve.get_deployment_handle("LoraWorker", app_name="dlp")
     url = f"http://127.0.0.1:{a.port}"
     items = [Prompt(task="synthetic", text=t) for t in prompts]
-    warm = LoadConfig(url=url, concurrency=a.batch, max_requests=a.batch, max_tokens=8)
+    # Warm-up: every prompt once at low cost, so each adapter the router picks is registered
+    # on the worker before the timed phases (the engine-alone run registers all at start).
+    warm = LoadConfig(url=url, concurrency=a.batch, max_requests=len(items), max_tokens=2)
     asyncio.run(run_load(warm, items, progress=False))
     cfg = LoadConfig(
         url=url,
@@ -141,23 +215,32 @@ def run_http(args_dict: dict[str, Any], prompts: list[str], a: argparse.Namespac
         timeout_s=600,
         duration_s=3600,
     )
+    before = worker.stats.remote().result()
     result = asyncio.run(run_load(cfg, items))
+    after = worker.stats.remote().result()
+    out = _phase(result.records, result.wall_s, before, after)
+    out["mixes"] = [rec.mix for rec in result.records]
+    if a.handle_phase:
+        app = serve.get_app_handle("dlp")
+        before = worker.stats.remote().result()
+        records, wall = asyncio.run(_handle_load(app, prompts, a))
+        after = worker.stats.remote().result()
+        out["app_handle"] = _phase(records, wall, before, after)
     serve.shutdown()
     ray.shutdown()
-    mixes = [rec.mix for rec in result.records]
-    summary = summarize(result.records, result.wall_s)
-    tokens = sum(r.completion_tokens for r in result.records if r.ok)
-    return {
-        "summary": summary,
-        "wall_s": result.wall_s,
-        "completion_tokens": tokens,
-        "tokens_per_s": tokens / result.wall_s,
-        "errors": sum(1 for r in result.records if not r.ok),
-        "mixes": mixes,
-    }
+    return out
 
 
 def run_engine(args_dict: dict, prompts: list[str], mixes: list, a: argparse.Namespace) -> dict:
+    """The worker's engine in this process, same prompts and mixes, same concurrency.
+
+    ``engine``: every client sends its next request the moment its last one ends (what an
+    in-process caller does). ``engine_jitter*``: each client waits 0-``--jitter-ms`` first, as
+    answers and new requests do through a server, with the configured admission and with
+    admit-each (the engine before grouped admission), to show what staggered arrivals cost.
+    """
+    import random
+
     from deployments.worker import engine_config_dict
     from dlp.config import load_app_config
     from dlp.engine.config import EngineConfig
@@ -167,34 +250,59 @@ def run_engine(args_dict: dict, prompts: list[str], mixes: list, a: argparse.Nam
 
     cfg = load_app_config(args_dict)
     econf = EngineConfig(**engine_config_dict(cfg), adapter_root=cfg.adapters_dir)
+    configured = (econf.admit_min_rows, econf.admit_max_wait_steps)
 
-    async def go() -> tuple[float, int]:
+    async def go() -> dict[str, Any]:
         engine = Engine.from_config(econf)
         await engine.start()
-        sem = asyncio.Semaphore(a.concurrency)
         sampling = SamplingParams(max_tokens=a.max_tokens)
+        ids = iter(range(10**9))
 
         async def one(i: int, text: str, max_tokens: int | None = None) -> int:
             mix = AdapterMix.from_weights(mixes[i % len(mixes)] or {})
             req = GenerationRequest(
-                request_id=f"e{i}-{max_tokens}",
+                request_id=f"e{next(ids)}",
                 mix=mix,
                 prompt=text,
                 sampling=SamplingParams(max_tokens=max_tokens) if max_tokens else sampling,
             )
-            async with sem:
-                res = await engine.generate(req)
+            res = await engine.generate(req)
             return res.completion_tokens
 
-        await asyncio.gather(*(one(i, t, 8) for i, t in enumerate(prompts[: a.batch])))
-        t0 = time.perf_counter()
-        counts = await asyncio.gather(*(one(i, t) for i, t in enumerate(prompts)))
-        wall = time.perf_counter() - t0
-        await engine.stop()
-        return wall, sum(counts)
+        async def phase(jitter_ms: float) -> dict[str, Any]:
+            rng = random.Random(1)
+            work = iter(enumerate(prompts))
+            counts: list[int] = []
 
-    wall, tokens = asyncio.run(go())
-    return {"wall_s": wall, "completion_tokens": tokens, "tokens_per_s": tokens / wall}
+            async def client() -> None:
+                for i, text in work:
+                    if jitter_ms:
+                        await asyncio.sleep(rng.uniform(0, jitter_ms) / 1e3)
+                    counts.append(await one(i, text))
+
+            before = engine.stats()
+            t0 = time.perf_counter()
+            await asyncio.gather(*(client() for _ in range(a.concurrency)))
+            wall = time.perf_counter() - t0
+            tokens = sum(counts)
+            return {
+                "wall_s": wall,
+                "completion_tokens": tokens,
+                "tokens_per_s": tokens / wall,
+                "engine_stats": engine_delta(before, engine.stats(), wall),
+            }
+
+        await asyncio.gather(*(one(i, t, 8) for i, t in enumerate(prompts[: a.batch])))
+        out = {"engine": await phase(0.0)}
+        if a.jitter_ms:
+            out["engine_jitter"] = await phase(a.jitter_ms)
+            econf.admit_min_rows, econf.admit_max_wait_steps = 1, 0
+            out["engine_jitter_admit_each"] = await phase(a.jitter_ms)
+            econf.admit_min_rows, econf.admit_max_wait_steps = configured
+        await engine.stop()
+        return out
+
+    return asyncio.run(go())
 
 
 def plot(report: dict[str, Any], png: Path) -> None:
@@ -227,6 +335,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-words", type=int, default=100)
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run")
+    p.add_argument(
+        "--ingress-replicas", type=int, default=1, help="Ingress replicas (FastAPI, CPU)"
+    )
+    p.add_argument(
+        "--admit-min-rows",
+        type=int,
+        default=None,
+        help="engine.admit_min_rows (default: the engine's, max_batch // 8)",
+    )
+    p.add_argument("--admit-max-wait-steps", type=int, default=16)
+    p.add_argument(
+        "--jitter-ms",
+        type=float,
+        default=10.0,
+        help="engine-alone phases with 0..this ms between a client's requests (0: skip)",
+    )
+    p.add_argument(
+        "--no-handle-phase",
+        dest="handle_phase",
+        action="store_false",
+        help="skip the closed loop through the app's Python handle",
+    )
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     prompts = _prompts(a.requests, a.prompt_words, seed=0)
@@ -234,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         assets = _assets(Path(tmp), a.tokenizer_dir, a.shape)
         args_dict = _app_args(assets, a)
         http = run_http(args_dict, prompts, a)
-        engine = run_engine(args_dict, prompts, http.pop("mixes"), a)
+        engines = run_engine(args_dict, prompts, http.pop("mixes"), a)
+        engine = engines.pop("engine")
     import torch
 
     report = {
@@ -246,13 +377,30 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency": a.concurrency,
         "max_tokens": a.max_tokens,
         "ratio_http_to_engine_throughput": http["tokens_per_s"] / engine["tokens_per_s"],
+        "app_args": {k: v for k, v in args_dict.items() if k in ("engine", "worker", "ingress")},
         "http": http,
         "engine": engine,
+        **engines,
     }
+    if "app_handle" in http:
+        report["app_handle"] = http.pop("app_handle")
+        report["ratio_handle_to_engine_throughput"] = (
+            report["app_handle"]["tokens_per_s"] / engine["tokens_per_s"]
+        )
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2))
     plot(report, a.out.with_suffix(".png"))
-    print(json.dumps({k: report[k] for k in ("ratio_http_to_engine_throughput",)}, indent=2))
+    keys = ("ratio_http_to_engine_throughput", "ratio_handle_to_engine_throughput")
+    print(json.dumps({k: report[k] for k in keys if k in report}, indent=2))
+    for name in ("http", "app_handle", "engine", "engine_jitter", "engine_jitter_admit_each"):
+        if name in report:
+            st = report[name]["engine_stats"]
+            print(
+                f"{name:26s} {report[name]['tokens_per_s']:9.0f} tok/s  rows/step"
+                f" {st['rows_per_step']:5.1f}  step {st['decode_ms_per_step']:.2f} ms  prefills"
+                f" {st['prefill_calls']} x {st['rows_per_prefill']:.1f} rows,"
+                f" {st['prefill_ms_per_call']:.1f} ms, {100 * st['share_prefill']:.0f}% of wall"
+            )
     return 0
 
 

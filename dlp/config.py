@@ -78,6 +78,15 @@ class EngineSettings(_Strict):
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     compile: bool | None = Field(None, description="torch.compile decode; null = on CUDA")
     cuda_graph: bool | None = Field(None, description="CUDA-graph decode; null = on CUDA")
+    admit_min_rows: int | None = Field(
+        None,
+        ge=1,
+        description="while rows decode, prefill waiting requests in groups of this many"
+        " (null = max_batch // 8); 1 = admit each at once",
+    )
+    admit_max_wait_steps: int = Field(
+        16, ge=0, description="...or once the oldest has waited this many decode steps"
+    )
 
     @model_validator(mode="after")
     def _one_model(self) -> EngineSettings:

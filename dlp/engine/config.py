@@ -37,6 +37,11 @@ class EngineConfig:
     compile: bool | None = None  # torch.compile the decode layer (default: on CUDA)
     cuda_graph: bool | None = None  # capture the decode step (default: on CUDA)
     max_prefill_tokens: int = 8192  # padded tokens per prefill forward
+    # Admission while other rows decode (see Engine._admission_due): gather waiting requests
+    # until this many can be prefilled together (None: max_batch // 8, at least 1) or the
+    # oldest has waited this many decode steps. 1 / 0 admits at once (every free row).
+    admit_min_rows: int | None = None
+    admit_max_wait_steps: int = 16
     step_in_thread: bool = True  # run forwards in a worker thread: the event loop stays free
     seed: int = 0  # random weights (model_config)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -50,12 +55,33 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DlpError(f"engine config: {name} must be a positive integer, got {value!r}")
+        if self.admit_min_rows is not None and (
+            isinstance(self.admit_min_rows, bool)
+            or not isinstance(self.admit_min_rows, int)
+            or self.admit_min_rows < 1
+        ):
+            raise DlpError(
+                f"engine config: admit_min_rows must be a positive integer or None,"
+                f" got {self.admit_min_rows!r}"
+            )
+        if not isinstance(self.admit_max_wait_steps, int) or self.admit_max_wait_steps < 0:
+            raise DlpError(
+                "engine config: admit_max_wait_steps must be an integer >= 0,"
+                f" got {self.admit_max_wait_steps!r}"
+            )
         if not self.device.startswith(("cpu", "cuda")):
             raise DlpError(f"engine config: device must be cpu or cuda[:N], got {self.device!r}")
 
     @property
     def on_cuda(self) -> bool:
         return self.device.startswith("cuda")
+
+    @property
+    def admit_rows(self) -> int:
+        """Rows worth one prefill forward while others decode."""
+        if self.admit_min_rows is not None:
+            return self.admit_min_rows
+        return max(1, self.max_batch // 8)
 
     @property
     def use_compile(self) -> bool:

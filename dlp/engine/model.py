@@ -162,40 +162,6 @@ class CompactLM(nn.Module):
             raise DlpError(f"LoRA stacks for modules the model does not have: {unknown[:3]}")
         self.lora = dict(lora)
 
-    # --- building blocks -------------------------------------------------------------
-
-    def _linear(
-        self,
-        module: nn.Linear,
-        name: str,
-        x: torch.Tensor,
-        scales: torch.Tensor | None,
-        slot_ids: torch.Tensor | None,
-    ) -> torch.Tensor:
-        out = F.linear(x, module.weight, module.bias)
-        stacks = self.lora.get(name)
-        if stacks is not None and scales is not None:
-            out = out + lora_delta(x, stacks[0], stacks[1], slot_ids, scales).to(out.dtype)
-        return out
-
-    def _mlp(self, w, x, scales, slot_ids):
-        p = w["mlp_prefix"]
-        gate = self._linear(w["gate_proj"], f"{p}.gate_proj", x, scales, slot_ids)
-        up = self._linear(w["up_proj"], f"{p}.up_proj", x, scales, slot_ids)
-        return self._linear(w["down_proj"], f"{p}.down_proj", F.silu(gate) * up, scales, slot_ids)
-
-    def _qkv(self, w, x, cos, sin, scales, slot_ids):
-        s = self.shape
-        b, t, _ = x.shape
-        p = w["attn_prefix"]
-        q = self._linear(w["q_proj"], f"{p}.q_proj", x, scales, slot_ids)
-        k = self._linear(w["k_proj"], f"{p}.k_proj", x, scales, slot_ids)
-        v = self._linear(w["v_proj"], f"{p}.v_proj", x, scales, slot_ids)
-        q = q.view(b, t, s.n_heads, s.head_dim).transpose(1, 2)
-        k = k.view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
-        v = v.view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
     # --- decode: one token for each of the first ``rows`` rows -----------------------
 
     def _build_fused(self) -> None:
@@ -226,6 +192,14 @@ class CompactLM(nn.Module):
             src += views[1]
         if dst:
             torch._foreach_copy_(dst, src)
+
+    def _in_scales(self, row_scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """Row scales [b, S] expanded once per forward to the merged LoRA rows: [b, 1, T*S*R]."""
+        if not self.lora_targets:
+            return None
+        rank = self.fused[0].bt.shape[0] // (len(self.lora_targets) * row_scales.shape[1])
+        in_scales = row_scales.to(dtype).repeat_interleave(rank, dim=-1)
+        return in_scales.repeat(1, len(self.lora_targets))[:, None, :]
 
     def _n_slots(self) -> int:
         return next(iter(self.lora.values()))[0].shape[0] if self.lora else 0
@@ -295,12 +269,7 @@ class CompactLM(nn.Module):
         x, cos, sin, bias = self.decode_inputs(tokens, positions)
         batch_idx = torch.arange(b, device=tokens.device)
         use_lora = row_scales is not None and bool(self.lora)
-        in_scales = None
-        if use_lora and self.lora_targets:
-            # Row scales expanded once per step to the merged LoRA rows: [b, 1, T*S*R].
-            rank = self.fused[0].bt.shape[0] // (len(self.lora_targets) * row_scales.shape[1])
-            in_scales = row_scales.to(x.dtype).repeat_interleave(rank, dim=-1)
-            in_scales = in_scales.repeat(1, len(self.lora_targets))[:, None, :]
+        in_scales = self._in_scales(row_scales, x.dtype) if use_lora else None
         for i in range(s.n_layers):
             k_cache, v_cache = self.k_caches[i], self.v_caches[i]
             if b != k_cache.shape[0]:
@@ -333,10 +302,13 @@ class CompactLM(nn.Module):
         rows: torch.Tensor,
         row_scales: torch.Tensor | None,
         slot_ids: torch.Tensor | None = None,
+        layer_fn=None,
     ) -> torch.Tensor:
         """tokens [n, T] right-padded prompts, lengths [n], rows [n] (cache rows to fill from
-        position 0), row_scales [n, U] over ``slot_ids`` (the union the n rows use, or None
-        for all slots). Returns logits at each prompt's last token [n, vocab] (float32)."""
+        position 0), row_scales [n, U] over ``slot_ids`` (None: over all slots). Returns
+        logits at each prompt's last token [n, vocab] (float32). ``layer_fn`` replaces
+        :func:`prefill_layer` (e.g. by its torch.compile'd version)."""
+        layer_fn = layer_fn or prefill_layer
         s = self.shape
         n, t = tokens.shape
         if t > self.max_seq:
@@ -344,21 +316,28 @@ class CompactLM(nn.Module):
         x = self.embed(tokens)
         cos = self.rope_cos[:t][None, None]
         sin = self.rope_sin[:t][None, None]
-        for i, w in enumerate(self.layers):
-            h = rms_norm(x, w["in_norm"].weight, s.rms_eps)
-            q, k, v = self._qkv(w, h, cos, sin, row_scales, slot_ids)
-            # Right padding is harmless under a causal mask; padded slots are overwritten by
-            # decode before they become visible.
-            self.k_caches[i][rows, :, :t] = k
-            self.v_caches[i][rows, :, :t] = v
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            o = o.transpose(1, 2).reshape(n, t, s.n_heads * s.head_dim)
-            attn_out = self._linear(
-                w["o_proj"], f"{w['attn_prefix']}.o_proj", o, row_scales, slot_ids
+        use_lora = row_scales is not None and bool(self.lora)
+        if use_lora and slot_ids is not None:
+            full = row_scales.new_zeros(n, self._n_slots())
+            full[:, slot_ids] = row_scales
+            row_scales = full
+        in_scales = self._in_scales(row_scales, x.dtype) if use_lora else None
+        for i in range(s.n_layers):
+            x = layer_fn(
+                x,
+                cos,
+                sin,
+                rows,
+                *self.layer_tensors(i, use_lora),
+                in_scales,
+                row_scales if use_lora else None,
+                self.k_caches[i],
+                self.v_caches[i],
+                s.n_heads,
+                s.n_kv_heads,
+                s.head_dim,
+                s.rms_eps,
             )
-            x = x + attn_out
-            h = rms_norm(x, w["post_norm"].weight, s.rms_eps)
-            x = x + self._mlp(w, h, row_scales, slot_ids)
         last = x[torch.arange(n, device=x.device), lengths - 1]  # [n, hidden]
         last = rms_norm(last, self.hf.model.norm.weight, s.rms_eps)
         return self.lm_head(last).float()
@@ -430,13 +409,7 @@ def decode_layer(
     b = x.shape[0]
     lo, lg, lu, ld = lora
     h = rms_norm(x, in_norm, eps)
-    big = F.linear(h, w_in, b_in)
-    qkv_size = qkv_sizes[0] + qkv_sizes[1] + qkv_sizes[2]
-    if bt is not None and in_scales is not None:
-        qkv = big[..., :qkv_size] + torch.matmul(big[..., qkv_size:] * in_scales, bt)
-    else:
-        qkv = big[..., :qkv_size]
-    q, k, v = qkv.split(list(qkv_sizes), dim=-1)
+    q, k, v = _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes)
     q = q.reshape(b, 1, n_heads, head_dim).transpose(1, 2)
     k = k.reshape(b, 1, n_kv_heads, head_dim).transpose(1, 2)
     v = v.reshape(b, 1, n_kv_heads, head_dim).transpose(1, 2)
@@ -450,6 +423,91 @@ def decode_layer(
     att = torch.softmax(att, dim=-1).to(v_cache.dtype)
     o = torch.matmul(att, v_cache).reshape(b, 1, n_heads * head_dim)
     x = x + _lin(o, w_o, b_o, lo, row_scales)
+    return _mlp(x, post_norm, w_gu, b_gu, w_down, b_down, (lg, lu, ld), row_scales, eps)
+
+
+def prefill_layer(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rows: torch.Tensor,
+    in_norm: torch.Tensor,
+    post_norm: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor | None,
+    bt: torch.Tensor | None,
+    w_o: torch.Tensor,
+    b_o: torch.Tensor | None,
+    w_gu: torch.Tensor,
+    b_gu: torch.Tensor | None,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor | None,
+    lora: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...],
+    qkv_sizes: tuple[int, int, int],
+    in_scales: torch.Tensor | None,
+    row_scales: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    eps: float,
+) -> torch.Tensor:
+    """One transformer block over whole right-padded prompts ``x [n, t, hidden]`` that start
+    at position 0 of cache ``rows``: the decode block's merged weights and LoRA path, causal
+    attention within the prompt. A pure function, so one ``torch.compile`` (dynamic in n and
+    t) serves every layer: a prefill is then ~a dozen fused kernels a layer, not ~50."""
+    n, t, _ = x.shape
+    lo, lg, lu, ld = lora
+    h = rms_norm(x, in_norm, eps)
+    q, k, v = _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes)
+    q = q.reshape(n, t, n_heads, head_dim).transpose(1, 2)
+    k = k.reshape(n, t, n_kv_heads, head_dim).transpose(1, 2)
+    v = v.reshape(n, t, n_kv_heads, head_dim).transpose(1, 2)
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+    # Right padding is harmless under a causal mask; padded positions are overwritten by
+    # decode before they become visible.
+    k_cache[rows, :, :t] = k
+    v_cache[rows, :, :t] = v
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    o = o.transpose(1, 2).reshape(n, t, n_heads * head_dim)
+    x = x + _lin(o, w_o, b_o, lo, row_scales)
+    return _mlp(x, post_norm, w_gu, b_gu, w_down, b_down, (lg, lu, ld), row_scales, eps)
+
+
+def _qkv(
+    h: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor | None,
+    bt: torch.Tensor | None,
+    in_scales: torch.Tensor | None,
+    qkv_sizes: tuple[int, int, int],
+) -> list[torch.Tensor]:
+    """q, k, v [..., size] from one GEMM over the merged rows (q/k/v + every slot's LoRA A),
+    the row-scaled LoRA hidden states mapped back through the block-diagonal ``bt``."""
+    big = F.linear(h, w_in, b_in)
+    qkv_size = qkv_sizes[0] + qkv_sizes[1] + qkv_sizes[2]
+    if bt is not None and in_scales is not None:
+        qkv = big[..., :qkv_size] + torch.matmul(big[..., qkv_size:] * in_scales, bt)
+    else:
+        qkv = big[..., :qkv_size]
+    return qkv.split(list(qkv_sizes), dim=-1)
+
+
+def _mlp(
+    x: torch.Tensor,
+    post_norm: torch.Tensor,
+    w_gu: torch.Tensor,
+    b_gu: torch.Tensor | None,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor | None,
+    lora: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...],
+    row_scales: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """Residual MLP half of a block: gate and up in one GEMM, per-row LoRA on any of them."""
+    lg, lu, ld = lora
     h = rms_norm(x, post_norm, eps)
     gu = F.linear(h, w_gu, b_gu)
     inter = w_gu.shape[0] // 2

@@ -1,20 +1,52 @@
-"""Runs the decode step: eagerly (CPU, tests) or compiled and captured as one CUDA graph.
+"""Runs the forwards: eagerly (CPU, tests), or compiled, the decode step also captured as one
+CUDA graph.
 
 The step reads three static input buffers (token, position and LoRA row scales per row) and
 writes two static outputs (logits, greedy token). Changing mixes only rewrites ``row_scales``;
 loading an adapter rewrites pool slots in place: neither changes a shape or an address, so the
 graph captured once stays valid for the engine's life.
+
+Prefill shapes change with every admission (rows x prompt length), so it is compiled with
+those two sizes dynamic (one graph for a single row, one for several: size 1 is always
+specialised) and prompt lengths padded to a multiple of 16; not graph-captured.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Callable
 
 import torch
 
-from dlp.engine.model import CompactLM, decode_layer
+from dlp.engine.model import CompactLM, decode_layer, prefill_layer
 
 log = logging.getLogger(__name__)
+
+
+PREFILL_PAD = 16
+# prefill_layer arguments whose first dim is the number of rows (dynamic), and the ones
+# whose token dim is dynamic.
+_PARAMS = list(inspect.signature(prefill_layer).parameters)
+_ROW_ARGS = tuple(_PARAMS.index(n) for n in ("x", "rows", "in_scales", "row_scales"))
+_TOKEN_DIMS = ((_PARAMS.index("x"), 1), (_PARAMS.index("cos"), 2), (_PARAMS.index("sin"), 2))
+
+
+def compiled_prefill_layer() -> Callable[..., torch.Tensor]:
+    """``prefill_layer`` compiled once for every layer, dynamic in rows and tokens."""
+    compiled = torch.compile(prefill_layer, fullgraph=True, dynamic=False)
+    mark = torch._dynamo.maybe_mark_dynamic
+
+    def layer(*args):
+        if args[0].shape[0] > 1:
+            for i in _ROW_ARGS:
+                if args[i] is not None:
+                    mark(args[i], 0)
+        for i, dim in _TOKEN_DIMS:
+            mark(args[i], dim)
+        return compiled(*args)
+
+    return layer
 
 
 class DecodeRunner:
@@ -36,9 +68,11 @@ class DecodeRunner:
             torch.zeros(b, n_slots, dtype=torch.float32, device=device) if n_slots else None
         )
         self.layer_fn = decode_layer
+        self.prefill_fn = prefill_layer
         if compile:
             # One compiled block serves all layers (same shapes, weights are arguments).
             self.layer_fn = torch.compile(decode_layer, fullgraph=True, dynamic=False)
+            self.prefill_fn = compiled_prefill_layer()
         self.use_graph = cuda_graph and device.type == "cuda"
         # Two graphs: with the LoRA delta of every slot, and without it for steps in which no
         # row uses an adapter (then the base model runs at full speed).
@@ -48,6 +82,50 @@ class DecodeRunner:
     @property
     def captured(self) -> bool:
         return bool(self.graphs)
+
+    @property
+    def prefill_compiled(self) -> bool:
+        return self.prefill_fn is not prefill_layer
+
+    def prefill_len(self, longest: int) -> int:
+        """Padded prompt length of a prefill: a multiple of 16 when compiled (fewer distinct
+        shapes), below max_seq (a full-cache slice would be one more specialisation)."""
+        if not self.prefill_compiled:
+            return longest
+        padded = -(-longest // PREFILL_PAD) * PREFILL_PAD
+        return padded if padded < self.model.max_seq else longest
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        rows: torch.Tensor,
+        row_scales: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return self.model.prefill(tokens, lengths, rows, row_scales, layer_fn=self.prefill_fn)
+
+    @torch.no_grad()
+    def warm_prefill(self) -> None:
+        """Compile the prefill graphs (one row, several rows) before serving: a compile in
+        the middle of traffic would stall every running request for seconds. Writes garbage
+        into rows 0-1 of the cache, which are prefilled again before use."""
+        if not self.prefill_compiled:
+            return
+        scales = None
+        if self.row_scales is not None and self.model.lora:
+            scales = torch.zeros(2, self.row_scales.shape[1], device=self.device)
+        rows = min(2, self.model.max_batch)
+        length = min(2 * PREFILL_PAD, self.model.max_seq - 1)
+        try:
+            for n, t in ((1, PREFILL_PAD), (rows, length)):
+                tokens = torch.zeros(n, t, dtype=torch.long, device=self.device)
+                lengths = torch.full((n,), t, device=self.device)
+                index = torch.arange(n, device=self.device)
+                self.prefill(tokens, lengths, index, None if scales is None else scales[:n])
+        except Exception:
+            log.exception("compiled prefill failed; using the eager one")
+            self.prefill_fn = prefill_layer
 
     def _step(self, rows: int, lora: bool) -> tuple[torch.Tensor, torch.Tensor]:
         scales = None
@@ -60,8 +138,9 @@ class DecodeRunner:
 
     @torch.no_grad()
     def capture(self) -> None:
-        """Warm up (compiles) and capture the full-batch step. Rows' cache contents written
-        during warm-up are garbage at position 0; every row is prefilled before use."""
+        """Warm up (compiles) and capture the full-batch step, compile the prefill. Rows'
+        cache contents written during warm-up are garbage; every row is prefilled before use."""
+        self.warm_prefill()
         if not self.use_graph:
             return
         try:
