@@ -308,6 +308,25 @@ class CompactLM(nn.Module):
         position 0), row_scales [n, U] over ``slot_ids`` (None: over all slots). Returns
         logits at each prompt's last token [n, vocab] (float32). ``layer_fn`` replaces
         :func:`prefill_layer` (e.g. by its torch.compile'd version)."""
+        last = self.prefill_hidden(tokens, lengths, rows, row_scales, slot_ids, layer_fn)
+        return self.prefill_head(last)
+
+    def prefill_head(self, last: torch.Tensor) -> torch.Tensor:
+        """Final norm + lm_head of the prompts' last hidden states [n, hidden] -> float32."""
+        last = rms_norm(last, self.hf.model.norm.weight, self.shape.rms_eps)
+        return self.lm_head(last).float()
+
+    def prefill_hidden(
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        rows: torch.Tensor,
+        row_scales: torch.Tensor | None,
+        slot_ids: torch.Tensor | None = None,
+        layer_fn=None,
+    ) -> torch.Tensor:
+        """:meth:`prefill` up to the last prompt token's hidden state [n, hidden] (fills the
+        cache rows); no host sync, so it can be captured as a CUDA graph."""
         layer_fn = layer_fn or prefill_layer
         s = self.shape
         n, t = tokens.shape
@@ -338,9 +357,7 @@ class CompactLM(nn.Module):
                 s.head_dim,
                 s.rms_eps,
             )
-        last = x[torch.arange(n, device=x.device), lengths - 1]  # [n, hidden]
-        last = rms_norm(last, self.hf.model.norm.weight, s.rms_eps)
-        return self.lm_head(last).float()
+        return x[torch.arange(n, device=x.device), lengths - 1]  # [n, hidden]
 
     def kv_bytes_per_token(self) -> int:
         s = self.shape

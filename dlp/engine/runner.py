@@ -8,7 +8,13 @@ graph captured once stays valid for the engine's life.
 
 Prefill shapes change with every admission (rows x prompt length), so it is compiled with
 those two sizes dynamic (one graph for a single row, one for several: size 1 is always
-specialised) and prompt lengths padded to a multiple of 16; not graph-captured.
+specialised). Even compiled, a prefill costs ~20 ms of host time on the H200 machine (28
+layers x ~13 launches through Inductor's wrapper) whatever its size, which a server that
+admits a few requests at a time pays over and over. So prefills of up to
+``graph_tokens`` padded tokens replay CUDA graphs captured per bucket (rows: next power of two,
+by repeating the last row; tokens: next power of two >= 16) in one shared memory pool. All
+buckets are captured at start, with the decode graphs: capturing while serving would race
+with adapter loads on the event loop's thread.
 """
 
 from __future__ import annotations
@@ -25,6 +31,49 @@ log = logging.getLogger(__name__)
 
 
 PREFILL_PAD = 16
+PREFILL_GRAPH_TOKENS = 8192  # above this a prefill is compute-bound: run it directly
+
+
+def _pow2(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
+
+
+class _PrefillGraph:
+    """One captured prefill bucket: static inputs, the graph, its output [rows, hidden]."""
+
+    def __init__(self, runner: DecodeRunner, rows: int, tokens: int, lora: bool) -> None:
+        dev = runner.device
+        self.tokens = torch.zeros(rows, tokens, dtype=torch.long, device=dev)
+        self.lengths = torch.ones(rows, dtype=torch.long, device=dev)
+        self.rows = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.scales = (
+            torch.zeros(rows, runner.row_scales.shape[1], device=dev)
+            if lora and runner.row_scales is not None
+            else None
+        )
+        self.graph = torch.cuda.CUDAGraph()
+        self.out: torch.Tensor | None = None
+
+    def load(
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        rows: torch.Tensor,
+        row_scales: torch.Tensor | None,
+    ) -> None:
+        """Copy a prefill into the bucket; spare rows repeat the last one (same tokens, same
+        cache row: they write the values it writes)."""
+        n, t = tokens.shape
+        self.tokens.zero_()
+        self.tokens[:n, :t].copy_(tokens)
+        self.tokens[n:].copy_(self.tokens[n - 1 : n].expand(self.tokens.shape[0] - n, -1))
+        for static, real in ((self.lengths, lengths), (self.rows, rows), (self.scales, row_scales)):
+            if static is None or real is None:
+                continue
+            static[:n].copy_(real)
+            static[n:].copy_(real[n - 1 : n].expand(static.shape[0] - n, *real.shape[1:]))
+
+
 # prefill_layer arguments whose first dim is the number of rows (dynamic), and the ones
 # whose token dim is dynamic.
 _PARAMS = list(inspect.signature(prefill_layer).parameters)
@@ -78,6 +127,9 @@ class DecodeRunner:
         # row uses an adapter (then the base model runs at full speed).
         self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.compile_failed = False
+        self.graph_tokens = PREFILL_GRAPH_TOKENS if self.use_graph else 0
+        self._prefill_graphs: dict[tuple[int, int, bool], _PrefillGraph] = {}
+        self._prefill_pool = None
 
     @property
     def captured(self) -> bool:
@@ -103,7 +155,58 @@ class DecodeRunner:
         rows: torch.Tensor,
         row_scales: torch.Tensor | None,
     ) -> torch.Tensor:
-        return self.model.prefill(tokens, lengths, rows, row_scales, layer_fn=self.prefill_fn)
+        """Logits [n, vocab] (float32) at each prompt's last token; fills the cache rows."""
+        n, t = tokens.shape
+        bucket = (min(_pow2(n), self.model.max_batch), self._token_bucket(t))
+        if bucket[0] * bucket[1] > self.graph_tokens or bucket[0] < n:
+            return self.model.prefill(tokens, lengths, rows, row_scales, layer_fn=self.prefill_fn)
+        graph = self._prefill_graphs.get((*bucket, row_scales is not None))
+        if graph is None:
+            return self.model.prefill(tokens, lengths, rows, row_scales, layer_fn=self.prefill_fn)
+        graph.load(tokens, lengths, rows, row_scales)
+        graph.graph.replay()
+        return self.model.prefill_head(graph.out[:n])
+
+    def _token_bucket(self, t: int) -> int:
+        bucket = max(PREFILL_PAD, _pow2(t))
+        return bucket if bucket <= self.model.max_seq else self.model.max_seq
+
+    def _capture_prefill(self, rows: int, tokens: int, lora: bool) -> _PrefillGraph:
+        graph = _PrefillGraph(self, rows, tokens, lora)
+
+        def run() -> torch.Tensor:
+            return self.model.prefill_hidden(
+                graph.tokens, graph.lengths, graph.rows, graph.scales, layer_fn=self.prefill_fn
+            )
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()  # compiles this shape if needed, outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(
+            graph.graph, pool=self._prefill_pool, capture_error_mode="thread_local"
+        ):
+            graph.out = run()
+        self._prefill_pool = graph.graph.pool()
+        self._prefill_graphs[(rows, tokens, lora)] = graph
+        return graph
+
+    def capture_prefill_graphs(self) -> None:
+        """Capture every prefill bucket of up to ``graph_tokens`` tokens (below max_seq)."""
+        lora = self.row_scales is not None and bool(self.model.lora)
+        buckets = [
+            (rows, tokens)
+            for rows in (_pow2(r) for r in range(1, self.model.max_batch + 1))
+            for tokens in {self._token_bucket(t) for t in range(1, self.model.max_seq + 1)}
+            if rows <= self.model.max_batch
+            and rows * tokens <= self.graph_tokens
+            and tokens < self.model.max_seq  # a full-cache slice would be one more compile
+        ]
+        for rows, tokens in sorted(set(buckets), key=lambda b: -b[0] * b[1]):
+            self._capture_prefill(rows, tokens, lora)
+        torch.cuda.synchronize()
+        log.info("captured %d prefill graphs", len(self._prefill_graphs))
 
     @torch.no_grad()
     def warm_prefill(self) -> None:
@@ -155,6 +258,13 @@ class DecodeRunner:
             self.graphs.clear()
             self.layer_fn = decode_layer
             self._capture()
+        if self.graph_tokens:
+            try:
+                self.capture_prefill_graphs()
+            except Exception:  # slower without, still correct
+                log.exception("prefill graph capture failed; prefills run directly")
+                self._prefill_graphs.clear()
+                self.graph_tokens = 0
 
     def _capture(self) -> None:
         rows = self.model.max_batch
