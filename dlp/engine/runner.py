@@ -11,8 +11,10 @@ those two sizes dynamic (one graph for a single row, one for several: size 1 is 
 specialised). Even compiled, a prefill costs ~20 ms of host time on the H200 machine (28
 layers x ~13 launches through Inductor's wrapper) whatever its size, which a server that
 admits a few requests at a time pays over and over. So prefills of up to
-``graph_tokens`` padded tokens replay CUDA graphs captured per bucket (rows: next power of two,
-by repeating the last row; tokens: next power of two >= 16) in one shared memory pool. All
+``graph_tokens`` padded tokens replay CUDA graphs captured per bucket (rows: 1, 2, 4, then
+multiples of 8, by repeating the last row; tokens: multiples of 16 up to 256, then powers of
+two) in one shared memory pool. Larger prefills are compute-bound (their host time hides
+behind the GPU's) and run directly, padded to 16 tokens only. All
 buckets are captured at start, with the decode graphs: capturing while serving would race
 with adapter loads on the event loop's thread.
 """
@@ -31,11 +33,17 @@ log = logging.getLogger(__name__)
 
 
 PREFILL_PAD = 16
-PREFILL_GRAPH_TOKENS = 8192  # above this a prefill is compute-bound: run it directly
+# Above this many padded tokens a prefill's GPU time (~16 ms on an H200 for Qwen2-1.5B)
+# covers its host time: run it directly, without a bucket's padding.
+PREFILL_GRAPH_TOKENS = 4096
 
 
 def _pow2(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
 
 
 class _PrefillGraph:
@@ -157,19 +165,23 @@ class DecodeRunner:
     ) -> torch.Tensor:
         """Logits [n, vocab] (float32) at each prompt's last token; fills the cache rows."""
         n, t = tokens.shape
-        bucket = (min(_pow2(n), self.model.max_batch), self._token_bucket(t))
-        if bucket[0] * bucket[1] > self.graph_tokens or bucket[0] < n:
-            return self.model.prefill(tokens, lengths, rows, row_scales, layer_fn=self.prefill_fn)
-        graph = self._prefill_graphs.get((*bucket, row_scales is not None))
+        bucket = (self._row_bucket(n), self._token_bucket(t))
+        graph = None
+        if bucket[0] * bucket[1] <= self.graph_tokens:
+            graph = self._prefill_graphs.get((*bucket, row_scales is not None))
         if graph is None:
             return self.model.prefill(tokens, lengths, rows, row_scales, layer_fn=self.prefill_fn)
         graph.load(tokens, lengths, rows, row_scales)
         graph.graph.replay()
         return self.model.prefill_head(graph.out[:n])
 
+    def _row_bucket(self, n: int) -> int:
+        bucket = _pow2(n) if n <= 8 else _round_up(n, 8)
+        return min(bucket, self.model.max_batch)
+
     def _token_bucket(self, t: int) -> int:
-        bucket = max(PREFILL_PAD, _pow2(t))
-        return bucket if bucket <= self.model.max_seq else self.model.max_seq
+        bucket = _round_up(t, PREFILL_PAD) if t <= 256 else _pow2(t)
+        return min(bucket, self.model.max_seq)
 
     def _capture_prefill(self, rows: int, tokens: int, lora: bool) -> _PrefillGraph:
         graph = _PrefillGraph(self, rows, tokens, lora)
@@ -197,10 +209,9 @@ class DecodeRunner:
         lora = self.row_scales is not None and bool(self.model.lora)
         buckets = [
             (rows, tokens)
-            for rows in (_pow2(r) for r in range(1, self.model.max_batch + 1))
+            for rows in {self._row_bucket(n) for n in range(1, self.model.max_batch + 1)}
             for tokens in {self._token_bucket(t) for t in range(1, self.model.max_seq + 1)}
-            if rows <= self.model.max_batch
-            and rows * tokens <= self.graph_tokens
+            if rows * tokens <= self.graph_tokens
             and tokens < self.model.max_seq  # a full-cache slice would be one more compile
         ]
         for rows, tokens in sorted(set(buckets), key=lambda b: -b[0] * b[1]):
