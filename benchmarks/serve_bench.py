@@ -189,6 +189,43 @@ async def _handle_load(handle: Any, prompts: list[str], a: argparse.Namespace) -
     return records, time.perf_counter() - t0
 
 
+def _client_process(url: str, texts: list[str], concurrency: int, max_tokens: int, start_at: float):
+    """One load-generator process: waits for the common start, then a closed loop."""
+    from dlp.loadgen import LoadConfig, Prompt, run_load
+
+    cfg = LoadConfig(
+        url=url,
+        concurrency=concurrency,
+        max_requests=len(texts),
+        max_tokens=max_tokens,
+        timeout_s=600,
+        duration_s=3600,
+    )
+    time.sleep(max(0.0, start_at - time.time()))
+    items = [Prompt(task="synthetic", text=t) for t in texts]
+    result = asyncio.run(run_load(cfg, items, progress=False))
+    return result.records, result.wall_s
+
+
+def _http_processes(url: str, prompts: list[str], a: argparse.Namespace) -> tuple[list, float]:
+    """The same closed loop from ``--client-procs`` processes (one Python HTTP client can
+    itself be the bottleneck at a few hundred connections)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    n = a.client_procs
+    start_at = time.time() + 5.0  # all processes imported and ready
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [
+            pool.submit(
+                _client_process, url, prompts[i::n], a.concurrency // n, a.max_tokens, start_at
+            )
+            for i in range(n)
+        ]
+        parts = [f.result() for f in futures]
+    return [r for records, _ in parts for r in records], max(wall for _, wall in parts)
+
+
 def run_http(args_dict: dict[str, Any], prompts: list[str], a: argparse.Namespace) -> dict:
     import ray
     from ray import serve
@@ -220,6 +257,12 @@ def run_http(args_dict: dict[str, Any], prompts: list[str], a: argparse.Namespac
     after = worker.stats.remote().result()
     out = _phase(result.records, result.wall_s, before, after)
     out["mixes"] = [rec.mix for rec in result.records]
+    if a.client_procs > 1:
+        before = worker.stats.remote().result()
+        records, wall = _http_processes(url, prompts, a)
+        after = worker.stats.remote().result()
+        out["http_procs"] = _phase(records, wall, before, after)
+        out["http_procs"]["client_procs"] = a.client_procs
     if a.handle_phase:
         app = serve.get_app_handle("dlp")
         before = worker.stats.remote().result()
@@ -346,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--admit-max-wait-steps", type=int, default=16)
     p.add_argument(
+        "--client-procs",
+        type=int,
+        default=4,
+        help="also run the HTTP load from this many client processes (1: skip)",
+    )
+    p.add_argument(
         "--jitter-ms",
         type=float,
         default=10.0,
@@ -382,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
         "engine": engine,
         **engines,
     }
+    if "http_procs" in http:
+        report["http_procs"] = http.pop("http_procs")
+        report["ratio_http_procs_to_engine_throughput"] = (
+            report["http_procs"]["tokens_per_s"] / engine["tokens_per_s"]
+        )
     if "app_handle" in http:
         report["app_handle"] = http.pop("app_handle")
         report["ratio_handle_to_engine_throughput"] = (
@@ -390,9 +444,14 @@ def main(argv: list[str] | None = None) -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2))
     plot(report, a.out.with_suffix(".png"))
-    keys = ("ratio_http_to_engine_throughput", "ratio_handle_to_engine_throughput")
+    keys = (
+        "ratio_http_to_engine_throughput",
+        "ratio_http_procs_to_engine_throughput",
+        "ratio_handle_to_engine_throughput",
+    )
     print(json.dumps({k: report[k] for k in keys if k in report}, indent=2))
-    for name in ("http", "app_handle", "engine", "engine_jitter", "engine_jitter_admit_each"):
+    phases = ("http", "http_procs", "app_handle", "engine", "engine_jitter")
+    for name in (*phases, "engine_jitter_admit_each"):
         if name in report:
             st = report[name]["engine_stats"]
             print(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -41,6 +42,7 @@ from dlp.routing.mix import AdapterMix
 log = logging.getLogger("ray.serve")
 
 METRICS_PERIOD_S = 0.5
+SWITCH_INTERVAL_S = 0.0005
 
 
 def engine_config_dict(cfg: AppConfig) -> dict[str, Any]:
@@ -93,6 +95,10 @@ class LoraWorker:
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        # The engine thread gives up the GIL at every device sync (a few per decode step);
+        # with Python's default 5 ms switch interval, Ray's own threads in this process can
+        # then keep it for longer than a whole decode step.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.limits = ServingLimits.model_validate(limits)
         config = EngineConfig(**engine_config)
         reroute = self._reroute if router is not None else None

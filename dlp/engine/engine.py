@@ -499,7 +499,13 @@ class Engine:
             scales = self._host_scales[rows].to(self.device)
         dev = self.device
         logits = self.runner.prefill(tokens.to(dev), lengths.to(dev), rows.to(dev), scales)
-        return [self._choose(seq, logits[i]) for i, seq in enumerate(seqs)]
+        # One device->host copy for every greedy row: each sync releases the GIL, and in a
+        # busy server process (Ray's threads) taking it back can cost a switch interval.
+        greedy = logits.argmax(dim=-1).tolist()
+        return [
+            self._choose(seq, logits[i]) if seq.req.sampling.temperature > 0 else greedy[i]
+            for i, seq in enumerate(seqs)
+        ]
 
     def _choose(self, seq: _Seq, logits: torch.Tensor) -> int:
         return sample_row(logits, seq.req.sampling, seq.generator)
