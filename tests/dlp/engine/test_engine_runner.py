@@ -1,0 +1,46 @@
+"""DecodeRunner's prefill buckets (the CUDA-graph shapes) and its eager CPU path."""
+
+from __future__ import annotations
+
+import torch
+from engine_helpers import TINY_VOCAB, tiny_model
+
+from dlp.engine.model import CompactLM, prefill_layer
+from dlp.engine.runner import PREFILL_GRAPH_TOKENS, DecodeRunner
+
+
+def _runner(max_batch: int = 64, max_seq: int = 256) -> DecodeRunner:
+    model = tiny_model("qwen2")
+    return DecodeRunner(CompactLM(model, max_batch=max_batch, max_seq=max_seq), n_slots=0)
+
+
+def test_every_prefill_shape_has_a_bucket_that_holds_it():
+    runner = _runner(max_batch=64, max_seq=256)
+    rows = {runner._row_bucket(n) for n in range(1, 65)}
+    assert rows == {1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64}
+    for n in range(1, 65):
+        assert n <= runner._row_bucket(n) <= 64
+    for t in range(1, 256):
+        bucket = runner._token_bucket(t)
+        assert t <= bucket <= 256 and bucket % 16 == 0
+    # Padding stays small where prefills are host-bound: at most 15 tokens up to 256.
+    assert max(runner._token_bucket(t) - t for t in range(1, 257)) == 15
+    long_runner = _runner(max_batch=4, max_seq=2048)
+    assert long_runner._token_bucket(300) == 512
+    assert long_runner._token_bucket(2000) == 2048  # capped at the cache length
+
+
+def test_cpu_runner_runs_prefill_directly():
+    """No graphs on the CPU: prefill is the eager block, its logits the model's own."""
+    runner = _runner(max_batch=4, max_seq=64)
+    assert runner.graph_tokens == 0 and not runner.prefill_compiled
+    assert runner.prefill_fn is prefill_layer
+    assert PREFILL_GRAPH_TOKENS >= 1024
+    ids = torch.randint(0, TINY_VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    lengths, rows = torch.tensor([9, 4]), torch.tensor([3, 1])
+    logits = runner.prefill(ids, lengths, rows, None)
+    model = runner.model.hf
+    with torch.no_grad():
+        for i in range(2):
+            ref = model(ids[i : i + 1, : lengths[i]]).logits[0, -1]
+            torch.testing.assert_close(logits[i], ref, atol=1e-5, rtol=1e-5)
