@@ -189,49 +189,12 @@ async def _handle_load(handle: Any, prompts: list[str], a: argparse.Namespace) -
     return records, time.perf_counter() - t0
 
 
-def _client_process(url: str, texts: list[str], concurrency: int, max_tokens: int, start_at: float):
-    """One load-generator process: waits for the common start, then a closed loop."""
-    from dlp.loadgen import LoadConfig, Prompt, run_load
-
-    cfg = LoadConfig(
-        url=url,
-        concurrency=concurrency,
-        max_requests=len(texts),
-        max_tokens=max_tokens,
-        timeout_s=600,
-        duration_s=3600,
-    )
-    time.sleep(max(0.0, start_at - time.time()))
-    items = [Prompt(task="synthetic", text=t) for t in texts]
-    result = asyncio.run(run_load(cfg, items, progress=False))
-    return result.records, result.wall_s
-
-
-def _http_processes(url: str, prompts: list[str], a: argparse.Namespace) -> tuple[list, float]:
-    """The same closed loop from ``--client-procs`` processes (one Python HTTP client can
-    itself be the bottleneck at a few hundred connections)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    n = a.client_procs
-    start_at = time.time() + 5.0  # all processes imported and ready
-    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [
-            pool.submit(
-                _client_process, url, prompts[i::n], a.concurrency // n, a.max_tokens, start_at
-            )
-            for i in range(n)
-        ]
-        parts = [f.result() for f in futures]
-    return [r for records, _ in parts for r in records], max(wall for _, wall in parts)
-
-
 def run_http(args_dict: dict[str, Any], prompts: list[str], a: argparse.Namespace) -> dict:
     import ray
     from ray import serve
 
     from deployments.app import build_app
-    from dlp.loadgen import LoadConfig, Prompt, run_load
+    from dlp.loadgen import LoadConfig, Prompt, run_load, run_load_processes
 
     # Logical CPUs: ingress, router, registry and worker each ask for some.
     ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
@@ -258,10 +221,12 @@ def run_http(args_dict: dict[str, Any], prompts: list[str], a: argparse.Namespac
     out = _phase(result.records, result.wall_s, before, after)
     out["mixes"] = [rec.mix for rec in result.records]
     if a.client_procs > 1:
+        # The same requests from several client processes: one Python HTTP client is itself
+        # a bottleneck at a few hundred connections.
         before = worker.stats.remote().result()
-        records, wall = _http_processes(url, prompts, a)
+        procs = run_load_processes(cfg.model_copy(update={"processes": a.client_procs}), items)
         after = worker.stats.remote().result()
-        out["http_procs"] = _phase(records, wall, before, after)
+        out["http_procs"] = _phase(procs.records, procs.wall_s, before, after)
         out["http_procs"]["client_procs"] = a.client_procs
     if a.handle_phase:
         app = serve.get_app_handle("dlp")

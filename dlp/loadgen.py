@@ -11,6 +11,11 @@ Prompts are real test-split inputs, interleaved across tasks so every window of 
 carries a mix of tasks (and so a mix of adapters). Streaming requests measure time to first
 token. Everything is recorded per request so callers (the autoscaling harness) can cut the
 run into time windows. This module imports no Ray and no torch.
+
+One Python process is itself a bottleneck at a few hundred connections (on the H200 machine
+one httpx process kept a server that sustains 64 busy rows at 49, with a 3x latency tail):
+``processes`` > 1 splits the clients (or the rate) over that many processes that start
+together (:func:`run_load_processes`).
 """
 
 from __future__ import annotations
@@ -58,6 +63,9 @@ class LoadConfig(BaseModel):
     )
     timeout_s: float = Field(60.0, gt=0, description="per-request timeout")
     seed: int = Field(0, description="arrival times, prompt order and stream choice")
+    processes: int = Field(
+        1, ge=1, le=64, description="client processes sharing the load (run_load_processes)"
+    )
 
     @model_validator(mode="after")
     def _one_mode(self) -> LoadConfig:
@@ -65,9 +73,32 @@ class LoadConfig(BaseModel):
             raise ValueError("set exactly one of rate (open loop) or concurrency (closed loop)")
         return self
 
+    @model_validator(mode="after")
+    def _enough_clients(self) -> LoadConfig:
+        if self.concurrency is not None and self.concurrency < self.processes:
+            raise ValueError("processes: at most one per client (concurrency)")
+        return self
+
     @property
     def mode(self) -> str:
         return "open" if self.rate is not None else "closed"
+
+    def share(self, index: int) -> LoadConfig:
+        """Process ``index``'s part of the load: clients, rate and request cap divided."""
+        n = self.processes
+
+        def part(total: int) -> int:
+            return total // n + (1 if index < total % n else 0)
+
+        return self.model_copy(
+            update={
+                "processes": 1,
+                "seed": self.seed + index,
+                "concurrency": part(self.concurrency) if self.concurrency else None,
+                "rate": self.rate / n if self.rate else None,
+                "max_requests": part(self.max_requests) if self.max_requests else None,
+            }
+        )
 
 
 def parse_config(**kwargs: Any) -> LoadConfig:
@@ -321,6 +352,71 @@ async def run_load(
     return result
 
 
+def _load_process(
+    cfg: LoadConfig, prompts: Sequence[Prompt], start_at: float, ticks: Any
+) -> tuple[list[RequestRecord], float]:
+    """One client process of :func:`run_load_processes` (module level: spawn pickles it)."""
+    time.sleep(max(0.0, start_at - time.time()))
+    tick = None if ticks is None else (lambda _rec: ticks.put(1))
+    result = asyncio.run(run_load(cfg, prompts, on_record=tick, progress=False))
+    return result.records, result.wall_s
+
+
+def run_load_processes(
+    cfg: LoadConfig, prompts: Sequence[Prompt], progress: bool = True
+) -> LoadResult:
+    """:func:`run_load` from ``cfg.processes`` processes that start together; their records
+    are merged (times from the common start) and the wall time is the longest process's.
+    Each process gets every n-th prompt, its share of the clients, rate and request cap."""
+    import multiprocessing
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    n = cfg.processes
+    if n == 1:
+        return asyncio.run(run_load(cfg, prompts, progress=progress))
+    if not prompts:
+        raise DlpError("prompts: nothing to send")
+    context = multiprocessing.get_context("spawn")  # no forked copies of the caller's threads
+    with context.Manager() as manager, ProcessPoolExecutor(n, mp_context=context) as pool:
+        ticks = manager.Queue() if progress else None
+        start_at = time.time() + 3.0 + 0.5 * n  # every process imported and waiting
+        futures = [
+            pool.submit(
+                _load_process, cfg.share(i), list(prompts[i::n]) or list(prompts), start_at, ticks
+            )
+            for i in range(n)
+        ]
+        bar = tqdm(
+            total=cfg.max_requests,
+            desc=f"load ({cfg.mode} loop, {n} processes)",
+            unit="req",
+            disable=not progress,
+            file=sys.stderr,
+        )
+        done = threading.Event()
+
+        def follow() -> None:
+            while not done.is_set():
+                try:
+                    bar.update(ticks.get(timeout=0.2))
+                except Exception:  # queue.Empty through the manager's proxy
+                    continue
+
+        follower = threading.Thread(target=follow, daemon=True)
+        if ticks is not None:
+            follower.start()
+        parts = [f.result() for f in futures]
+        done.set()
+        if ticks is not None:
+            follower.join(timeout=5)
+        bar.close()
+    records = sorted((r for recs, _ in parts for r in recs), key=lambda r: r.start)
+    return LoadResult(config=cfg, records=records, wall_s=max(wall for _, wall in parts))
+
+
 def percentiles(values: Sequence[float], qs: Sequence[int] = (50, 95, 99)) -> dict[str, float]:
     """Nearest-rank percentiles in milliseconds; NaN when there is nothing to measure."""
     import numpy as np
@@ -455,6 +551,13 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="client processes sharing the load (one Python client tops out at a few hundred"
+        " connections)",
+    )
+    p.add_argument(
         "--data-dir",
         type=Path,
         default=None,
@@ -480,10 +583,11 @@ def cmd_load(args: argparse.Namespace) -> int:
         stream_fraction=args.stream_fraction,
         timeout_s=args.timeout,
         seed=args.seed,
+        processes=args.processes,
     )
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     prompts = load_prompts(args.data_dir or data_dir(cache_dir()), tasks=tasks, seed=args.seed)
-    result = asyncio.run(run_load(cfg, prompts))
+    result = run_load_processes(cfg, prompts)
     argv0 = "dlp" if Path(sys.argv[0]).name == "dlp" else f"python {sys.argv[0]}"
     rep = report(result, f"{argv0} {shlex.join(sys.argv[1:])}")
     png = write_report(rep, args.out)

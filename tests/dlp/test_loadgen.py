@@ -29,6 +29,7 @@ from dlp.loadgen import (
     percentiles,
     report,
     run_load,
+    run_load_processes,
     summarize,
     write_report,
 )
@@ -122,6 +123,33 @@ async def test_closed_loop_keeps_concurrency_and_counts(server: tuple[str, Stats
     assert 0 < s["throughput_rps"] <= 3 / DELAY_S
     assert all(r.mix == {"task_a": 1.0} and r.replica == "r1" for r in result.records)
     assert s["tokens_per_s"] == pytest.approx(24 * TOKENS / result.wall_s)
+
+
+def test_processes_share_the_clients(server: tuple[str, Stats]) -> None:
+    """Two client processes, two clients each: the server sees four at once, every request
+    is recorded once, both tasks are sent."""
+    url, stats = server
+    stats.max_in_flight = 0
+    cfg = parse_config(url=url, concurrency=4, processes=2, max_requests=20, duration_s=60)
+    result = run_load_processes(cfg, PROMPTS, progress=True)
+    s = summarize(result.records, result.wall_s)
+    assert s["requests"] == 20 and s["ok"] == 20
+    assert stats.max_in_flight == 4
+    assert set(s["tasks"]) == {"task_a", "task_b"}
+    assert 0 < result.wall_s < 30
+    assert [r.start for r in result.records] == sorted(r.start for r in result.records)
+
+
+def test_load_shares_add_up() -> None:
+    cfg = parse_config(concurrency=5, processes=2, max_requests=7, seed=4)
+    shares = [cfg.share(i) for i in range(2)]
+    assert [c.concurrency for c in shares] == [3, 2]
+    assert [c.max_requests for c in shares] == [4, 3]
+    assert [c.seed for c in shares] == [4, 5] and all(c.processes == 1 for c in shares)
+    open_loop = parse_config(rate=30.0, processes=3)
+    assert [open_loop.share(i).rate for i in range(3)] == [10.0] * 3
+    with pytest.raises(DlpError, match="processes"):
+        parse_config(concurrency=2, processes=3)
 
 
 async def test_open_loop_follows_the_rate_not_the_server(server: tuple[str, Stats]) -> None:
