@@ -2,6 +2,7 @@
 
     python benchmarks/load.py --concurrency 8 --duration 60            # closed loop
     python benchmarks/load.py --rate 4 --duration 60 --stream-fraction 0.5   # open loop
+    python benchmarks/load.py --concurrency 192 --processes 4 --duration 60  # many clients
     -> benchmarks/results/load.json + load.png
 
 The code lives in dlp/loadgen.py (so the installed `dlp` command has it too).
