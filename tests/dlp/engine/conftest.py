@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from dlp.base_model import ensure_base_model
 
@@ -26,3 +28,21 @@ def default_model(default_model_dir):
 
     model, _ = load_base_model(default_model_dir)
     return model
+
+
+@pytest.fixture(scope="session")
+def vocab_model(default_tokenizer):
+    """Tiny random Llama with the real tokenizer's vocabulary, so text features work."""
+    torch.manual_seed(3)
+    config = LlamaConfig(
+        vocab_size=len(default_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        eos_token_id=default_tokenizer.eos_token_id,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()

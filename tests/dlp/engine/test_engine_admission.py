@@ -8,31 +8,13 @@ import asyncio
 import time
 
 import pytest
-import torch
 from engine_helpers import make_engine, request
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from dlp.engine.config import EngineConfig
 from dlp.errors import DlpError
 from dlp.routing.mix import AdapterMix
 
 PROMPTS = ["The quick brown fox", "Hello there", "Once upon a time", "A short one"]
-
-
-@pytest.fixture(scope="module")
-def vocab_model(default_tokenizer):
-    torch.manual_seed(5)
-    config = LlamaConfig(
-        vocab_size=len(default_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 async def _until(cond, timeout: float = 30.0) -> None:

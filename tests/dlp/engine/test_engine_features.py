@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 from engine_helpers import (
     make_engine,
     peft_reference,
@@ -16,29 +15,10 @@ from engine_helpers import (
     write_adapters,
 )
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from dlp.engine.types import GenerationRequest, InvalidRequestError, SamplingParams
 from dlp.errors import DlpError, InvalidMixError
 from dlp.routing.mix import AdapterMix
-
-
-@pytest.fixture(scope="module")
-def vocab_model(default_tokenizer):
-    """Tiny random Llama with the real tokenizer's vocabulary, so text features work."""
-    torch.manual_seed(3)
-    config = LlamaConfig(
-        vocab_size=len(default_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        eos_token_id=default_tokenizer.eos_token_id,
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 @pytest.fixture
