@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="seconds (GPU 560, CPU 1800); later variants are skipped past it",
     )
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=["default", "max-autotune-no-cudagraphs"],
+        help="torch.compile mode of the engine's decode layer",
+    )
     parser.add_argument("--out", default=None, help="JSON path (PNG written beside it)")
     parser.add_argument(
         "--plot-only", default=None, metavar="JSON", help="only draw the PNG of an existing report"

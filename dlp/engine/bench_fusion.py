@@ -96,6 +96,7 @@ class BenchConfig:
     seed: int = 0
     out: str = "benchmarks/results/fusion_h200.json"
     compile: bool | None = None
+    compile_mode: str | None = None  # EngineConfig.compile_mode of the engine variants
 
 
 class Deadline:
@@ -396,6 +397,7 @@ async def run_shape(shape: str, cfg: BenchConfig, deadline: Deadline) -> dict[st
         pool_slots=slots,
         max_rank=cfg.rank,
         compile=cfg.compile,
+        compile_mode=cfg.compile_mode,
         max_prefill_tokens=cfg.batch * cfg.prompt,
     )
     engine = Engine(model, None, pool, econf)
@@ -811,6 +813,8 @@ def config_from_args(args) -> BenchConfig:
     cfg.scale_shape = cfg.shapes[0] if cfg.scale_shape not in cfg.shapes else cfg.scale_shape
     if args.time_limit is not None:
         cfg.time_limit_s = args.time_limit
+    if args.compile_mode:
+        cfg.compile_mode = args.compile_mode
     elif device == "cpu":
         cfg.time_limit_s = 1800.0
     if args.out:

@@ -9,6 +9,7 @@ from typing import Any
 from dlp.errors import DlpError
 
 DTYPES = ("float32", "bfloat16", "float16")
+COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -35,6 +36,10 @@ class EngineConfig:
     host_budget_bytes: int = 2 << 30
     # Speed
     compile: bool | None = None  # torch.compile the decode layer (default: on CUDA)
+    # torch.compile mode of the decode layer: None (default) or "max-autotune-no-cudagraphs"
+    # (Triton GEMM templates with fused epilogues, minutes of autotuning at start). The step
+    # is captured as a CUDA graph by the engine itself either way.
+    compile_mode: str | None = None
     cuda_graph: bool | None = None  # capture the decode step (default: on CUDA)
     max_prefill_tokens: int = 8192  # padded tokens per prefill forward
     # Admission while other rows decode (see Engine._admission_due): gather waiting requests
@@ -68,6 +73,11 @@ class EngineConfig:
             raise DlpError(
                 "engine config: admit_max_wait_steps must be an integer >= 0,"
                 f" got {self.admit_max_wait_steps!r}"
+            )
+        if self.compile_mode not in COMPILE_MODES:
+            raise DlpError(
+                f"engine config: compile_mode must be one of {COMPILE_MODES}, got"
+                f" {self.compile_mode!r}"
             )
         if not self.device.startswith(("cpu", "cuda")):
             raise DlpError(f"engine config: device must be cpu or cuda[:N], got {self.device!r}")

@@ -111,6 +111,7 @@ class Engine:
             n_slots,
             compile=config.use_compile,
             cuda_graph=config.use_cuda_graph,
+            compile_mode=config.compile_mode,
         )
         self.eos_ids = _eos_ids(model, tokenizer)
         self._host_scales = torch.zeros(config.max_batch, max(n_slots, 1))

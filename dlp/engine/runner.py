@@ -114,6 +114,7 @@ class DecodeRunner:
         *,
         compile: bool = False,
         cuda_graph: bool = False,
+        compile_mode: str | None = None,
     ) -> None:
         self.model = model
         device = model.rope_cos.device
@@ -128,7 +129,9 @@ class DecodeRunner:
         self.prefill_fn = prefill_layer
         if compile:
             # One compiled block serves all layers (same shapes, weights are arguments).
-            self.layer_fn = torch.compile(decode_layer, fullgraph=True, dynamic=False)
+            self.layer_fn = torch.compile(
+                decode_layer, fullgraph=True, dynamic=False, mode=compile_mode
+            )
             self.prefill_fn = compiled_prefill_layer()
         self.use_graph = cuda_graph and device.type == "cuda"
         # Two graphs: with the LoRA delta of every slot, and without it for steps in which no

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from engine_helpers import TINY_VOCAB, tiny_model
 
+from dlp.engine.config import EngineConfig
 from dlp.engine.model import CompactLM, prefill_layer
 from dlp.engine.runner import PREFILL_GRAPH_TOKENS, DecodeRunner
+from dlp.errors import DlpError
 
 
 def _runner(max_batch: int = 64, max_seq: int = 256) -> DecodeRunner:
@@ -44,3 +47,10 @@ def test_cpu_runner_runs_prefill_directly():
         for i in range(2):
             ref = model(ids[i : i + 1, : lengths[i]]).logits[0, -1]
             torch.testing.assert_close(logits[i], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_mode_is_checked():
+    EngineConfig(compile_mode="max-autotune-no-cudagraphs").validate()
+    # reduce-overhead would capture CUDA graphs inside the engine's own graph capture.
+    with pytest.raises(DlpError, match="compile_mode"):
+        EngineConfig(compile_mode="reduce-overhead").validate()
