@@ -287,7 +287,6 @@ async def run_load(
     loop's thread), so a caller can follow requests in flight while the run goes on.
     """
     import httpx
-    from tqdm.auto import tqdm
 
     if not prompts:
         raise DlpError("prompts: nothing to send")
@@ -295,13 +294,7 @@ async def run_load(
     result = LoadResult(config=cfg)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
     timeout = httpx.Timeout(cfg.timeout_s, connect=min(10.0, cfg.timeout_s))
-    bar = tqdm(
-        total=cfg.max_requests,
-        desc=f"load ({cfg.mode} loop)",
-        unit="req",
-        disable=not progress,
-        file=sys.stderr,
-    )
+    bar = _progress_bar(cfg, progress)
     counter = iter(range(sys.maxsize))
     t0 = time.perf_counter()
 
@@ -352,6 +345,18 @@ async def run_load(
     return result
 
 
+def _progress_bar(cfg: LoadConfig, progress: bool, detail: str = "") -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=cfg.max_requests,
+        desc=f"load ({cfg.mode} loop{detail})",
+        unit="req",
+        disable=not progress,
+        file=sys.stderr,
+    )
+
+
 def _load_process(
     cfg: LoadConfig, prompts: Sequence[Prompt], start_at: float, ticks: Any
 ) -> tuple[list[RequestRecord], float]:
@@ -372,8 +377,6 @@ def run_load_processes(
     import threading
     from concurrent.futures import ProcessPoolExecutor
 
-    from tqdm.auto import tqdm
-
     n = cfg.processes
     if n == 1:
         return asyncio.run(run_load(cfg, prompts, progress=progress))
@@ -389,13 +392,7 @@ def run_load_processes(
             )
             for i in range(n)
         ]
-        bar = tqdm(
-            total=cfg.max_requests,
-            desc=f"load ({cfg.mode} loop, {n} processes)",
-            unit="req",
-            disable=not progress,
-            file=sys.stderr,
-        )
+        bar = _progress_bar(cfg, progress, f", {n} processes")
         done = threading.Event()
 
         def follow() -> None:

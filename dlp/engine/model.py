@@ -301,14 +301,13 @@ class CompactLM(nn.Module):
         lengths: torch.Tensor,
         rows: torch.Tensor,
         row_scales: torch.Tensor | None,
-        slot_ids: torch.Tensor | None = None,
         layer_fn=None,
     ) -> torch.Tensor:
         """tokens [n, T] right-padded prompts, lengths [n], rows [n] (cache rows to fill from
-        position 0), row_scales [n, U] over ``slot_ids`` (None: over all slots). Returns
+        position 0), row_scales [n, S] over every pool slot (0 where unused). Returns
         logits at each prompt's last token [n, vocab] (float32). ``layer_fn`` replaces
         :func:`prefill_layer` (e.g. by its torch.compile'd version)."""
-        last = self.prefill_hidden(tokens, lengths, rows, row_scales, slot_ids, layer_fn)
+        last = self.prefill_hidden(tokens, lengths, rows, row_scales, layer_fn)
         return self.prefill_head(last)
 
     def prefill_head(self, last: torch.Tensor) -> torch.Tensor:
@@ -322,7 +321,6 @@ class CompactLM(nn.Module):
         lengths: torch.Tensor,
         rows: torch.Tensor,
         row_scales: torch.Tensor | None,
-        slot_ids: torch.Tensor | None = None,
         layer_fn=None,
     ) -> torch.Tensor:
         """:meth:`prefill` up to the last prompt token's hidden state [n, hidden] (fills the
@@ -336,10 +334,6 @@ class CompactLM(nn.Module):
         cos = self.rope_cos[:t][None, None]
         sin = self.rope_sin[:t][None, None]
         use_lora = row_scales is not None and bool(self.lora)
-        if use_lora and slot_ids is not None:
-            full = row_scales.new_zeros(n, self._n_slots())
-            full[:, slot_ids] = row_scales
-            row_scales = full
         in_scales = self._in_scales(row_scales, x.dtype) if use_lora else None
         for i in range(s.n_layers):
             x = layer_fn(

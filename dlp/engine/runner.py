@@ -155,7 +155,7 @@ class DecodeRunner:
         shapes), below max_seq (a full-cache slice would be one more specialisation)."""
         if not self.prefill_compiled:
             return longest
-        padded = -(-longest // PREFILL_PAD) * PREFILL_PAD
+        padded = _round_up(longest, PREFILL_PAD)
         return padded if padded < self.model.max_seq else longest
 
     @torch.no_grad()
