@@ -58,6 +58,8 @@ def engine_config_dict(cfg: AppConfig) -> dict[str, Any]:
         "target_modules": tuple(e.target_modules),
         "compile": e.compile,
         "cuda_graph": e.cuda_graph,
+        "compile_scope": e.compile_scope,
+        "decode_attention": e.decode_attention,
         "admit_min_rows": e.admit_min_rows,
         "admit_max_wait_steps": e.admit_max_wait_steps,
     }

@@ -78,6 +78,14 @@ class EngineSettings(_Strict):
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     compile: bool | None = Field(None, description="torch.compile decode; null = on CUDA")
     cuda_graph: bool | None = Field(None, description="CUDA-graph decode; null = on CUDA")
+    compile_scope: Literal["layer", "step"] = Field(
+        "layer", description="compile one block for every layer, or the whole decode step"
+    )
+    decode_attention: Literal["auto", "matmul", "triton"] = Field(
+        "auto",
+        description="triton: length-aware decode attention kernel (auto: on CUDA for"
+        " caches over 512 positions)",
+    )
     admit_min_rows: int | None = Field(
         None,
         ge=1,

@@ -10,6 +10,8 @@ from dlp.errors import DlpError
 
 DTYPES = ("float32", "bfloat16", "float16")
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = ("layer", "step")
+DECODE_ATTENTIONS = ("auto", "matmul", "triton")
 
 
 @dataclass
@@ -40,6 +42,13 @@ class EngineConfig:
     # (Triton GEMM templates with fused epilogues, minutes of autotuning at start). The step
     # is captured as a CUDA graph by the engine itself either way.
     compile_mode: str | None = None
+    # "layer": one compiled block serves every layer (fast to compile); "step": the whole
+    # decode step is one compiled graph (fusions across blocks, a longer compile).
+    compile_scope: str = "layer"
+    # Decode attention: "triton" (length-aware kernel: reads each row's valid prefix only),
+    # "matmul" (two GEMMs over the whole static cache), "auto" (triton on CUDA for caches
+    # longer than 512 positions, if triton imports).
+    decode_attention: str = "auto"
     cuda_graph: bool | None = None  # capture the decode step (default: on CUDA)
     max_prefill_tokens: int = 8192  # padded tokens per prefill forward
     # Admission while other rows decode (see Engine._admission_due): gather waiting requests
@@ -78,6 +87,16 @@ class EngineConfig:
             raise DlpError(
                 f"engine config: compile_mode must be one of {COMPILE_MODES}, got"
                 f" {self.compile_mode!r}"
+            )
+        if self.compile_scope not in COMPILE_SCOPES:
+            raise DlpError(
+                f"engine config: compile_scope must be one of {COMPILE_SCOPES}, got"
+                f" {self.compile_scope!r}"
+            )
+        if self.decode_attention not in DECODE_ATTENTIONS:
+            raise DlpError(
+                f"engine config: decode_attention must be one of {DECODE_ATTENTIONS}, got"
+                f" {self.decode_attention!r}"
             )
         if not self.device.startswith(("cpu", "cuda")):
             raise DlpError(f"engine config: device must be cpu or cuda[:N], got {self.device!r}")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dlp.engine.config import EngineConfig
@@ -112,13 +113,18 @@ class Engine:
             compile=config.use_compile,
             cuda_graph=config.use_cuda_graph,
             compile_mode=config.compile_mode,
+            compile_scope=config.compile_scope,
+            attention=config.decode_attention,
         )
         self.eos_ids = _eos_ids(model, tokenizer)
-        self._host_scales = torch.zeros(config.max_batch, max(n_slots, 1))
+        # Each row's LoRA scale per pool slot: the runner's staging buffer itself (sent with
+        # every step's inputs), so admission writes plain numpy and no torch call.
+        self._host_scales = self.runner.host_row_scales
+        if self._host_scales is None:
+            self._host_scales = np.zeros((config.max_batch, 1), dtype=np.float32)
         # Which adapter each slot held when copied into the merged decode weights.
         self._synced: dict[int, str] = {}
         self._loads_seen = -1
-        self._scales_dirty = True
         self._rows: list[_Seq | None] = [None] * config.max_batch
         self._waiting: deque[_Seq] = deque()
         self._wake: asyncio.Event | None = None
@@ -467,11 +473,10 @@ class Engine:
 
     def _set_scales(self, seq: _Seq) -> None:
         row = self._host_scales[seq.row]
-        row.zero_()
+        row[:] = 0.0
         if seq.lease is not None:
             for name, weight in seq.mix.entries:
                 row[seq.lease.slot_of(name)] += weight * seq.lease.scaling(name)
-        self._scales_dirty = True
 
     async def _prefill(self, seqs: list[_Seq]) -> None:
         start = time.perf_counter()
@@ -487,22 +492,15 @@ class Engine:
     # ------------------------------------------------------------------ forwards (worker)
     @torch.no_grad()
     def _prefill_forward(self, seqs: list[_Seq]) -> list[int]:
-        n = len(seqs)
-        t = self.runner.prefill_len(max(len(s.prompt_ids) for s in seqs))
-        tokens = torch.zeros(n, t, dtype=torch.long)
-        for i, seq in enumerate(seqs):
-            tokens[i, : len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids)
-        lengths = torch.tensor([len(s.prompt_ids) for s in seqs])
-        rows = torch.tensor([s.row for s in seqs])
+        rows = [s.row for s in seqs]
         scales = None
         if self.pool is not None and self.model.lora:
             # Every slot's scale (0 where unused): one prefill graph whatever the mixes are.
-            scales = self._host_scales[rows].to(self.device)
-        dev = self.device
-        logits = self.runner.prefill(tokens.to(dev), lengths.to(dev), rows.to(dev), scales)
-        # One device->host copy for every greedy row: each sync releases the GIL, and in a
-        # busy server process (Ray's threads) taking it back can cost a switch interval.
-        greedy = logits.argmax(dim=-1).tolist()
+            scales = self._host_scales[rows]
+        # Greedy first tokens come back in one device->host copy: each sync releases the
+        # GIL, and in a busy server process (Ray's threads) taking it back can cost a
+        # switch interval.
+        logits, greedy = self.runner.prefill_host([s.prompt_ids for s in seqs], rows, scales)
         return [
             self._choose(seq, logits[i]) if seq.req.sampling.temperature > 0 else greedy[i]
             for i, seq in enumerate(seqs)
@@ -517,19 +515,17 @@ class Engine:
         runner = self.runner
         live = [i for i, s in enumerate(self._rows) if s is not None]
         n = self.config.max_batch if runner.captured else live[-1] + 1
-        # Plain lists, one tensor: per-element tensor writes would cost ~0.3 ms a step.
-        tokens = [0] * n
-        positions = [0] * n
+        # numpy writes into the runner's pinned staging buffer, then one copy for tokens,
+        # positions and row scales: no torch call per row. Free rows decode token 0 at
+        # position 0 (their output is dropped; the attention kernel then reads one key).
+        tokens, positions = runner.host_tokens, runner.host_positions
+        tokens[:] = 0
+        positions[:] = 0
         for i in live:
             seq = self._rows[i]
             tokens[i] = seq.out_ids[-1]
             positions[i] = seq.next_position
-        host = torch.tensor([tokens, positions], dtype=torch.long)
-        runner.tokens[:n].copy_(host[0], non_blocking=True)
-        runner.positions[:n].copy_(host[1], non_blocking=True)
-        if self._scales_dirty and runner.row_scales is not None:
-            runner.row_scales.copy_(self._host_scales[:, : runner.row_scales.shape[1]])
-            self._scales_dirty = False
+        runner.upload_step_inputs()
         use_lora = any(self._rows[i].lease is not None for i in live)
         logits, greedy = runner.step(n, lora=use_lora)
         greedy_host = greedy.tolist()
@@ -599,8 +595,7 @@ class Engine:
         seq.finished = True
         if seq.row >= 0 and self._rows[seq.row] is seq:
             self._rows[seq.row] = None
-            self._host_scales[seq.row].zero_()
-            self._scales_dirty = True
+            self._host_scales[seq.row] = 0.0
         if seq.lease is not None:
             seq.lease.release()
             seq.lease = None

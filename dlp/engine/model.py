@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlp.engine.decode_attention import decode_attention
 from dlp.engine.fused_weights import fuse_layer, slot_copies
 from dlp.errors import DlpError
 from dlp.lora.fused_ops import lora_delta
@@ -124,6 +125,9 @@ class CompactLM(nn.Module):
         self.layers = [self._layer_weights(i, layer) for i, layer in enumerate(inner.layers)]
         self.embed = inner.embed_tokens
         self.lm_head = getattr(hf_model.lm_head, "base_layer", hf_model.lm_head)
+        # Decode attention: 0 = matmuls over the whole static cache (any device); N >= 1 = the
+        # length-aware Triton kernel with N splits of the sequence (set by the runner on CUDA).
+        self.attn_splits = 0
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.set_lora(lora or {})
         self._build_fused()
@@ -268,7 +272,7 @@ class CompactLM(nn.Module):
         b = tokens.shape[0]
         x, cos, sin, bias = self.decode_inputs(tokens, positions)
         batch_idx = torch.arange(b, device=tokens.device)
-        use_lora = row_scales is not None and bool(self.lora)
+        use_lora = row_scales is not None and len(self.lora) > 0
         in_scales = self._in_scales(row_scales, x.dtype) if use_lora else None
         for i in range(s.n_layers):
             k_cache, v_cache = self.k_caches[i], self.v_caches[i]
@@ -290,6 +294,7 @@ class CompactLM(nn.Module):
                 s.n_kv_heads,
                 s.head_dim,
                 s.rms_eps,
+                self.attn_splits,
             )
         return self.decode_head(x)
 
@@ -333,7 +338,7 @@ class CompactLM(nn.Module):
         x = self.embed(tokens)
         cos = self.rope_cos[:t][None, None]
         sin = self.rope_sin[:t][None, None]
-        use_lora = row_scales is not None and bool(self.lora)
+        use_lora = row_scales is not None and len(self.lora) > 0
         in_scales = self._in_scales(row_scales, x.dtype) if use_lora else None
         for i in range(s.n_layers):
             x = layer_fn(
@@ -411,12 +416,15 @@ def decode_layer(
     n_kv_heads: int,
     head_dim: int,
     eps: float,
+    attn_splits: int = 0,
 ) -> torch.Tensor:
     """One transformer block for one new token per row; a pure function of its tensors so
     one ``torch.compile`` of it serves every layer. Writes this token's K/V into the cache.
 
     ``w_in`` holds q/k/v and (with ``bt``) every slot's LoRA A rows: one GEMM, then the
-    row-scaled LoRA hidden states go through the block-diagonal ``bt`` onto q/k/v."""
+    row-scaled LoRA hidden states go through the block-diagonal ``bt`` onto q/k/v.
+    ``attn_splits`` > 0 runs attention as the Triton kernel that reads each row's valid
+    prefix only (``bias`` is then unused)."""
     b = x.shape[0]
     lo, lg, lu, ld = lora
     h = rms_norm(x, in_norm, eps)
@@ -428,11 +436,16 @@ def decode_layer(
     k = apply_rope(k, cos, sin)
     k_cache[batch_idx, :, positions] = k[:, :, 0]
     v_cache[batch_idx, :, positions] = v[:, :, 0]
-    # GQA without repeating the cache: [b, kvh, g, d] x [b, kvh, d, S].
-    qg = q.reshape(b, n_kv_heads, n_heads // n_kv_heads, head_dim)
-    att = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * head_dim**-0.5 + bias
-    att = torch.softmax(att, dim=-1).to(v_cache.dtype)
-    o = torch.matmul(att, v_cache).reshape(b, 1, n_heads * head_dim)
+    if attn_splits:
+        lengths = positions + 1
+        o = decode_attention(q[:, :, 0], k_cache, v_cache, lengths, head_dim**-0.5, attn_splits)
+        o = o.reshape(b, 1, n_heads * head_dim)
+    else:
+        # GQA without repeating the cache: [b, kvh, g, d] x [b, kvh, d, S].
+        qg = q.reshape(b, n_kv_heads, n_heads // n_kv_heads, head_dim)
+        att = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * head_dim**-0.5 + bias
+        att = torch.softmax(att, dim=-1).to(v_cache.dtype)
+        o = torch.matmul(att, v_cache).reshape(b, 1, n_heads * head_dim)
     x = x + _lin(o, w_o, b_o, lo, row_scales)
     return _mlp(x, post_norm, w_gu, b_gu, w_down, b_down, (lg, lu, ld), row_scales, eps)
 

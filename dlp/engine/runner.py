@@ -23,16 +23,20 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
+from dlp.engine.decode_attention import pick_splits, triton_available
 from dlp.engine.model import CompactLM, decode_layer, prefill_layer
+from dlp.engine.staging import StagingBuffer
 
 log = logging.getLogger(__name__)
 
 
 PREFILL_PAD = 16
+AUTO_KERNEL_MIN_SEQ = 512
 # Above this many padded tokens a prefill's GPU time (~16 ms on an H200 for Qwen2-1.5B)
 # covers its host time: run it directly, without a bucket's padding.
 PREFILL_GRAPH_TOKENS = 4096
@@ -47,20 +51,22 @@ def _round_up(n: int, step: int) -> int:
 
 
 class _PrefillGraph:
-    """One captured prefill bucket: static inputs, the graph, its output [rows, hidden]."""
+    """One captured prefill bucket: views of the runner's staging buffer as its static
+    inputs, and the graph (which leaves logits and greedy tokens in the runner's buffers)."""
 
     def __init__(self, runner: DecodeRunner, rows: int, tokens: int, lora: bool) -> None:
-        dev = runner.device
-        self.tokens = torch.zeros(rows, tokens, dtype=torch.long, device=dev)
-        self.lengths = torch.ones(rows, dtype=torch.long, device=dev)
-        self.rows = torch.zeros(rows, dtype=torch.long, device=dev)
+        staging = runner.prefill_inputs
+        self.n_rows, self.n_tokens = rows, tokens
+        self.n_slots = runner.n_slots if lora else 0
+        self.tokens = staging.device("tokens")[: rows * tokens].view(rows, tokens)
+        self.lengths = staging.device("lengths")[:rows]
+        self.rows = staging.device("rows")[:rows]
         self.scales = (
-            torch.zeros(rows, runner.row_scales.shape[1], device=dev)
-            if lora and runner.row_scales is not None
+            staging.device("scales")[: rows * self.n_slots].view(rows, self.n_slots)
+            if self.n_slots
             else None
         )
         self.graph = torch.cuda.CUDAGraph()
-        self.out: torch.Tensor | None = None
 
     def load(
         self,
@@ -69,8 +75,8 @@ class _PrefillGraph:
         rows: torch.Tensor,
         row_scales: torch.Tensor | None,
     ) -> None:
-        """Copy a prefill into the bucket; spare rows repeat the last one (same tokens, same
-        cache row: they write the values it writes)."""
+        """Copy a prefill given as device tensors into the bucket; spare rows repeat the last
+        one (same tokens, same cache row: they write the values it writes)."""
         n, t = tokens.shape
         self.tokens.zero_()
         self.tokens[:n, :t].copy_(tokens)
@@ -80,6 +86,33 @@ class _PrefillGraph:
                 continue
             static[:n].copy_(real)
             static[n:].copy_(real[n - 1 : n].expand(static.shape[0] - n, *real.shape[1:]))
+
+    def load_host(
+        self,
+        staging: StagingBuffer,
+        prompts: Sequence[Sequence[int]],
+        rows: Sequence[int],
+        row_scales: np.ndarray | None,
+    ) -> None:
+        """The same from host lists: numpy writes into the pinned buffer, one copy."""
+        r, t, n = self.n_rows, self.n_tokens, len(prompts)
+        tokens = staging.host("tokens")[: r * t].reshape(r, t)
+        tokens[:] = 0
+        for i, prompt in enumerate(prompts):
+            tokens[i, : len(prompt)] = prompt
+        tokens[n:] = tokens[n - 1]
+        lengths = staging.host("lengths")[:r]
+        lengths[:n] = [len(p) for p in prompts]
+        index = staging.host("rows")[:r]
+        index[:n] = rows
+        fields = [lengths, index]
+        if self.n_slots and row_scales is not None:
+            scales = staging.host("scales")[: r * self.n_slots].reshape(r, self.n_slots)
+            scales[:n] = row_scales
+            fields.append(scales)
+        for field in fields:
+            field[n:] = field[n - 1]
+        staging.upload()
 
 
 # prefill_layer arguments whose first dim is the number of rows (dynamic), and the ones
@@ -115,23 +148,55 @@ class DecodeRunner:
         compile: bool = False,
         cuda_graph: bool = False,
         compile_mode: str | None = None,
+        compile_scope: str = "layer",
+        attention: str = "auto",
     ) -> None:
         self.model = model
         device = model.rope_cos.device
         b = model.max_batch
         self.device = device
-        self.tokens = torch.zeros(b, dtype=torch.long, device=device)
-        self.positions = torch.zeros(b, dtype=torch.long, device=device)
-        self.row_scales = (
-            torch.zeros(b, n_slots, dtype=torch.float32, device=device) if n_slots else None
+        self.n_slots = n_slots
+        # The step's inputs: written as numpy on the host, sent in one copy (staging.py).
+        fields = {"tokens": (torch.long, b), "positions": (torch.long, b)}
+        if n_slots:
+            fields["row_scales"] = (torch.float32, b * n_slots)
+        self.step_inputs = StagingBuffer(fields, device)
+        self.tokens = self.step_inputs.device("tokens")
+        self.positions = self.step_inputs.device("positions")
+        self.host_tokens = self.step_inputs.host("tokens")
+        self.host_positions = self.step_inputs.host("positions")
+        self.row_scales: torch.Tensor | None = None
+        self.host_row_scales: np.ndarray | None = None
+        if n_slots:
+            self.row_scales = self.step_inputs.device("row_scales").view(b, n_slots)
+            self.host_row_scales = self.step_inputs.host("row_scales").reshape(b, n_slots)
+        # The Triton decode attention needs a GPU (Triton's interpreter is for tests only).
+        # "auto" takes it for caches longer than AUTO_KERNEL_MIN_SEQ: at 256 positions the
+        # two GEMMs over the whole cache were as fast (H200, Qwen2-1.5B, batch 64: 2.10 vs
+        # 2.13 ms a step); at a serving context of 2048 they read ~10x the valid keys.
+        use_kernel = attention == "triton" or (
+            attention == "auto"
+            and device.type == "cuda"
+            and triton_available()
+            and model.max_seq > AUTO_KERNEL_MIN_SEQ
         )
+        splits = pick_splits(model.max_seq, model.max_batch, model.shape.n_kv_heads)
+        model.attn_splits = splits if use_kernel else 0
         self.layer_fn = decode_layer
         self.prefill_fn = prefill_layer
+        self.compiled_step: Callable[[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
         if compile:
-            # One compiled block serves all layers (same shapes, weights are arguments).
-            self.layer_fn = torch.compile(
-                decode_layer, fullgraph=True, dynamic=False, mode=compile_mode
-            )
+            if compile_scope == "step":
+                # The whole step (28 blocks, embedding, head, argmax) as one graph: Inductor
+                # can then fuse across blocks (residual add + next norm), at a longer compile.
+                self.compiled_step = torch.compile(
+                    self._eager_step, fullgraph=True, dynamic=False, mode=compile_mode
+                )
+            else:
+                # One compiled block serves all layers (same shapes, weights are arguments).
+                self.layer_fn = torch.compile(
+                    decode_layer, fullgraph=True, dynamic=False, mode=compile_mode
+                )
             self.prefill_fn = compiled_prefill_layer()
         self.use_graph = cuda_graph and device.type == "cuda"
         # Two graphs: with the LoRA delta of every slot, and without it for steps in which no
@@ -141,6 +206,11 @@ class DecodeRunner:
         self.graph_tokens = PREFILL_GRAPH_TOKENS if self.use_graph else 0
         self._prefill_graphs: dict[tuple[int, int, bool], _PrefillGraph] = {}
         self._prefill_pool = None
+        # Prefill graphs read their inputs from one staging buffer and leave the logits and
+        # greedy tokens of their rows here (allocated with the graphs).
+        self.prefill_inputs: StagingBuffer | None = None
+        self._prefill_logits = torch.empty(0)
+        self._prefill_greedy = torch.empty(0, dtype=torch.long)
 
     @property
     def captured(self) -> bool:
@@ -158,6 +228,17 @@ class DecodeRunner:
         padded = _round_up(longest, PREFILL_PAD)
         return padded if padded < self.model.max_seq else longest
 
+    def upload_step_inputs(self) -> None:
+        """Send ``host_tokens`` / ``host_positions`` / ``host_row_scales`` to the step's
+        buffers (one copy; the next :meth:`step` reads them)."""
+        self.step_inputs.upload()
+
+    def _prefill_graph(self, n: int, t: int, lora: bool) -> _PrefillGraph | None:
+        rows, tokens = self._row_bucket(n), self._token_bucket(t)
+        if rows * tokens > self.graph_tokens:
+            return None
+        return self._prefill_graphs.get((rows, tokens, lora))
+
     @torch.no_grad()
     def prefill(
         self,
@@ -166,17 +247,48 @@ class DecodeRunner:
         rows: torch.Tensor,
         row_scales: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Logits [n, vocab] (float32) at each prompt's last token; fills the cache rows."""
+        """Logits [n, vocab] (float32) at each prompt's last token from device tensors; fills
+        the cache rows. From a graph, the logits are a view the next prefill overwrites."""
         n, t = tokens.shape
-        bucket = (self._row_bucket(n), self._token_bucket(t))
-        graph = None
-        if bucket[0] * bucket[1] <= self.graph_tokens:
-            graph = self._prefill_graphs.get((*bucket, row_scales is not None))
+        graph = self._prefill_graph(n, t, row_scales is not None)
         if graph is None:
             return self.model.prefill(tokens, lengths, rows, row_scales, layer_fn=self.prefill_fn)
         graph.load(tokens, lengths, rows, row_scales)
         graph.graph.replay()
-        return self.model.prefill_head(graph.out[:n])
+        return self._prefill_logits[:n]
+
+    @torch.no_grad()
+    def prefill_host(
+        self,
+        prompts: Sequence[Sequence[int]],
+        rows: Sequence[int],
+        row_scales: np.ndarray | None,
+    ) -> tuple[torch.Tensor, list[int]]:
+        """The engine's prefill from host lists: (logits [n, vocab] float32 on the device,
+        greedy first tokens). A graph bucket takes one staging copy, one replay and one read
+        back; a larger prefill (compute-bound) builds its tensors directly."""
+        n, longest = len(prompts), max(len(p) for p in prompts)
+        graph = self._prefill_graph(n, longest, row_scales is not None)
+        if graph is not None:
+            assert self.prefill_inputs is not None
+            graph.load_host(self.prefill_inputs, prompts, rows, row_scales)
+            graph.graph.replay()
+            return self._prefill_logits[:n], self._prefill_greedy[:n].tolist()
+        tokens = torch.zeros(n, self.prefill_len(longest), dtype=torch.long)
+        host = tokens.numpy()
+        for i, prompt in enumerate(prompts):
+            host[i, : len(prompt)] = prompt
+        lengths = torch.tensor([len(p) for p in prompts])
+        dev = self.device
+        scales = None if row_scales is None else torch.from_numpy(row_scales).to(dev)
+        logits = self.model.prefill(
+            tokens.to(dev),
+            lengths.to(dev),
+            torch.tensor(list(rows)).to(dev),
+            scales,
+            layer_fn=self.prefill_fn,
+        )
+        return logits, logits.argmax(dim=-1).tolist()
 
     def _row_bucket(self, n: int) -> int:
         bucket = _pow2(n) if n <= 8 else _round_up(n, 8)
@@ -189,10 +301,15 @@ class DecodeRunner:
     def _capture_prefill(self, rows: int, tokens: int, lora: bool) -> _PrefillGraph:
         graph = _PrefillGraph(self, rows, tokens, lora)
 
-        def run() -> torch.Tensor:
-            return self.model.prefill_hidden(
+        def run() -> None:
+            hidden = self.model.prefill_hidden(
                 graph.tokens, graph.lengths, graph.rows, graph.scales, layer_fn=self.prefill_fn
             )
+            # The head too: the graph's temporaries go back to the shared pool, only these
+            # two shared buffers outlive it.
+            logits = self.model.prefill_head(hidden)
+            self._prefill_logits[:rows].copy_(logits)
+            self._prefill_greedy[:rows].copy_(logits.argmax(dim=-1))
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -202,7 +319,7 @@ class DecodeRunner:
         with torch.cuda.graph(
             graph.graph, pool=self._prefill_pool, capture_error_mode="thread_local"
         ):
-            graph.out = run()
+            run()
         self._prefill_pool = graph.graph.pool()
         self._prefill_graphs[(rows, tokens, lora)] = graph
         return graph
@@ -210,6 +327,17 @@ class DecodeRunner:
     def capture_prefill_graphs(self) -> None:
         """Capture every prefill bucket of up to ``graph_tokens`` tokens (below max_seq)."""
         lora = self.row_scales is not None and bool(self.model.lora)
+        b = self.model.max_batch
+        fields = {
+            "tokens": (torch.long, self.graph_tokens),
+            "lengths": (torch.long, b),
+            "rows": (torch.long, b),
+        }
+        if lora:
+            fields["scales"] = (torch.float32, b * self.n_slots)
+        self.prefill_inputs = StagingBuffer(fields, self.device)
+        self._prefill_logits = torch.zeros(b, self.model.shape.vocab, device=self.device)
+        self._prefill_greedy = torch.zeros(b, dtype=torch.long, device=self.device)
         buckets = [
             (rows, tokens)
             for rows in {self._row_bucket(n) for n in range(1, self.model.max_batch + 1)}
@@ -245,6 +373,11 @@ class DecodeRunner:
             self.prefill_fn = prefill_layer
 
     def _step(self, rows: int, lora: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.compiled_step is not None:
+            return self.compiled_step(rows, lora)
+        return self._eager_step(rows, lora)
+
+    def _eager_step(self, rows: int, lora: bool) -> tuple[torch.Tensor, torch.Tensor]:
         scales = None
         if lora and self.row_scales is not None:
             scales = self.row_scales[:rows]
@@ -263,7 +396,7 @@ class DecodeRunner:
         try:
             self._capture()
         except Exception:
-            if self.layer_fn is decode_layer:
+            if self.layer_fn is decode_layer and self.compiled_step is None:
                 raise
             # A compiler failure must not take the engine down: graphs of the eager layer
             # are slower but still correct.
@@ -271,6 +404,8 @@ class DecodeRunner:
             self.compile_failed = True
             self.graphs.clear()
             self.layer_fn = decode_layer
+            self.compiled_step = None
+            self.model.attn_splits = 0
             self._capture()
         if self.graph_tokens:
             try:

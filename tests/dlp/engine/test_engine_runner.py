@@ -54,3 +54,26 @@ def test_compile_mode_is_checked():
     # reduce-overhead would capture CUDA graphs inside the engine's own graph capture.
     with pytest.raises(DlpError, match="compile_mode"):
         EngineConfig(compile_mode="reduce-overhead").validate()
+
+
+def test_prefill_from_host_lists_matches_tensor_prefill():
+    """The engine's prefill (host lists) and the tensor one agree, greedy tokens included."""
+    runner = _runner(max_batch=4, max_seq=64)
+    prompts = [[5, 9, 2, 7, 1, 3], [8, 4], [11, 12, 13]]
+    rows = [2, 0, 3]
+    logits, greedy = runner.prefill_host(prompts, rows, None)
+    ids = torch.zeros(3, 6, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+    ref = runner.prefill(ids, torch.tensor([6, 2, 3]), torch.tensor(rows), None)
+    torch.testing.assert_close(logits, ref)
+    assert greedy == ref.argmax(-1).tolist()
+
+
+def test_step_inputs_are_sent_in_one_upload():
+    runner = _runner(max_batch=4, max_seq=64)
+    runner.host_tokens[:] = [3, 1, 4, 1]
+    runner.host_positions[:] = [0, 5, 9, 2]
+    runner.upload_step_inputs()
+    assert runner.tokens.tolist() == [3, 1, 4, 1]
+    assert runner.positions.tolist() == [0, 5, 9, 2]

@@ -1,0 +1,283 @@
+"""One decode step of the engine against its memory floor, for several ways of compiling it.
+
+    python benchmarks/decode_step_bench.py --device cuda --out results/decode_step_h200.json
+
+Issue 4 asks for a decode step of the base model (variant (a) of the fusion benchmark:
+batch 64, context 128 + 128) within 2x the HBM floor ((weight bytes + KV bytes read) / 4.3
+TB/s). At the Qwen2-1.5B shape a step is bound by kernel count and small-GEMM efficiency,
+not bytes, so this compares, in one process on one model:
+
+- ``compile_scope``: one compiled block for every layer, or the whole step as one graph;
+- ``attention``: two GEMMs + softmax over the whole static cache, or the length-aware
+  Triton kernel (``dlp.engine.decode_attention``);
+- ``compile_mode``: Inductor's default, or ``max-autotune-no-cudagraphs``.
+
+Each variant is captured as the engine's CUDA graph and timed by CUDA events (median of
+``--iters`` replays) with and without the LoRA path, on the same random KV cache, its logits
+compared with the first variant's. A profile of graph replays lists each variant's kernels
+per step. JSON + PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+# name -> (compile_scope, compile_mode, attention)
+VARIANTS: dict[str, tuple[str, str | None, str]] = {
+    "layer": ("layer", None, "matmul"),
+    "layer+kernel": ("layer", None, "triton"),
+    "step+kernel": ("step", None, "triton"),
+    "layer+kernel+autotune": ("layer", "max-autotune-no-cudagraphs", "triton"),
+    "step": ("step", None, "matmul"),
+    "step+kernel+autotune": ("step", "max-autotune-no-cudagraphs", "triton"),
+}
+
+
+def _fill_cache(model: Any, seed: int) -> None:
+    """The same random K/V in every variant's cache, so their logits are comparable."""
+    import torch
+
+    gen = torch.Generator(device=model.k_caches[0].device).manual_seed(seed)
+    for cache in model.k_caches + model.v_caches:
+        cache.copy_(torch.randn(cache.shape, generator=gen, device=cache.device) * 0.5)
+
+
+def _time_step(runner: Any, rows: int, lora: bool, iters: int) -> float:
+    import torch
+
+    times = []
+    for _ in range(iters + 3):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        runner.step(rows, lora=lora)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times[3:])
+
+
+def _profile(runner: Any, rows: int, steps: int = 5) -> dict[str, Any]:
+    """Kernels of ``steps`` graph replays of the base step: per-step count and time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            runner.step(rows, lora=False)
+        torch.cuda.synchronize()
+    kernels = [
+        e
+        for e in prof.key_averages()
+        if (getattr(e, "device_time_total", 0) or 0) > 0 and e.cpu_time_total == 0
+    ]
+    kernels.sort(key=lambda e: e.device_time_total, reverse=True)
+    return {
+        "kernels_per_step": sum(e.count for e in kernels) / steps,
+        "kernel_ms_per_step": sum(e.device_time_total for e in kernels) / steps / 1e3,
+        "top": [
+            {
+                "name": e.key[:100],
+                "per_step": e.count / steps,
+                "us_per_step": e.device_time_total / steps,
+            }
+            for e in kernels[:25]
+        ],
+    }
+
+
+def _variant(
+    name: str,
+    hf_model: Any,
+    lora: dict,
+    a: argparse.Namespace,
+    compile_: bool = True,
+) -> tuple[dict[str, Any], Any, Any]:
+    import torch
+
+    from dlp.engine.model import CompactLM
+    from dlp.engine.runner import DecodeRunner
+
+    scope, mode, attention = VARIANTS[name]
+    torch._dynamo.reset()  # each variant compiles from scratch, no cache-limit recompiles
+    model = CompactLM(hf_model, a.batch, a.max_seq_len, lora)
+    runner = DecodeRunner(
+        model,
+        n_slots=a.slots,
+        compile=compile_,
+        cuda_graph=True,
+        compile_mode=mode,
+        compile_scope=scope,
+        attention=attention,
+    )
+    start = time.perf_counter()
+    with torch.no_grad():
+        runner._capture()
+    out: dict[str, Any] = {
+        "compile_scope": scope,
+        "compile_mode": mode,
+        "attention": attention,
+        "attn_splits": model.attn_splits,
+        "compile_capture_s": time.perf_counter() - start,
+        "compile_failed": runner.compile_failed,
+    }
+    _fill_cache(model, a.seed)
+    gen = torch.Generator().manual_seed(a.seed)
+    runner.tokens.copy_(torch.randint(0, model.shape.vocab, (a.batch,), generator=gen))
+    for key, position in (("", a.position), ("_full_cache", a.max_seq_len - 1)):
+        runner.positions.fill_(position)
+        out[f"a_ms{key}"] = _time_step(runner, a.batch, False, a.iters)
+        out[f"c_ms{key}"] = _time_step(runner, a.batch, True, a.iters)
+    runner.positions.fill_(a.position)
+    logits, _ = runner.step(a.batch, lora=False)
+    return out, logits.float().clone(), runner
+
+
+def plot(report: dict[str, Any], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, v in report["variants"].items() if "a_ms" in v]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    xs = range(len(names))
+    width = 0.38
+    a_ms = [report["variants"][n]["a_ms"] for n in names]
+    c_ms = [report["variants"][n]["c_ms"] for n in names]
+    ax.bar([x - width / 2 for x in xs], a_ms, width, label="(a) base")
+    ax.bar([x + width / 2 for x in xs], c_ms, width, label="(c) LoRA path")
+    floor = report["floor_ms"]
+    ax.axhline(floor, color="k", lw=1, label=f"HBM floor {floor:.2f} ms")
+    ax.axhline(2 * floor, color="r", lw=1, ls="--", label="2x floor (target)")
+    ax.set_xticks(list(xs), names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("ms per decode step (graph replay)")
+    ax.set_title(
+        f"{report['shape']}, batch {report['batch']}, context {report['position'] + 1}"
+        f" ({report['machine']})",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="qwen2-1.5b")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--max-seq-len", type=int, default=256, help="prompt 128 + 128 new")
+    p.add_argument(
+        "--position", type=int, default=192, help="every row's position: the mean context"
+    )
+    p.add_argument("--slots", type=int, default=32)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
+    p.add_argument("--profile", default="layer", help="comma-separated variants to profile")
+    p.add_argument("--time-limit", type=float, default=480.0, help="skip variants after this")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from dlp.engine.bench_fusion import HBM_BYTES_PER_S, build_model
+    from dlp.lora.pool import AdapterPool
+
+    if not torch.cuda.is_available() or not a.device.startswith("cuda"):
+        p.error("the decode step is timed as a CUDA graph: needs --device cuda and a GPU")
+    t0 = time.perf_counter()
+    device = torch.device(a.device)
+    hf_model, _ = build_model(a.shape, device, torch.bfloat16, a.seed)
+    pool = AdapterPool.for_model(
+        hf_model,
+        target_modules=("q_proj", "v_proj"),
+        max_rank=a.rank,
+        n_slots=a.slots,
+        host_budget_bytes=1 << 30,
+    )
+    lora = {m: (pool.a_stack(m), pool.b_stack(m)) for m in pool.modules}
+    weight_bytes = sum(q.numel() * q.element_size() for q in hf_model.parameters())
+    cfg = hf_model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
+    kv_bytes = a.batch * (a.position + 1) * kv_per_token
+    report: dict[str, Any] = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "shape": a.shape,
+        "batch": a.batch,
+        "max_seq_len": a.max_seq_len,
+        "position": a.position,
+        "weight_bytes": weight_bytes,
+        "kv_bytes_per_step": kv_bytes,
+        "floor_ms": 1e3 * (weight_bytes + kv_bytes) / HBM_BYTES_PER_S,
+        "variants": {},
+        "profiles": {},
+        "skipped": [],
+    }
+    reference = None
+    names = [n for n in a.variants.split(",") if n]
+    profiled = set(a.profile.split(","))
+    for name in tqdm(names, desc="decode step variants"):
+        if time.perf_counter() - t0 > a.time_limit:
+            report["skipped"].append(name)
+            continue
+        try:
+            out, logits, runner = _variant(name, hf_model, lora, a)
+        except Exception as exc:  # one variant failing must not lose the others' numbers
+            report["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            print(f"{name}: failed: {exc}", flush=True)
+            continue
+        if reference is None:
+            reference = logits
+        out["max_abs_logit_diff_vs_first"] = float((logits - reference).abs().max())
+        out["argmax_agreement_vs_first"] = float(
+            (logits.argmax(-1) == reference.argmax(-1)).float().mean()
+        )
+        out["a_to_floor"] = out["a_ms"] / report["floor_ms"]
+        report["variants"][name] = out
+        print(
+            f"{name}: a {out['a_ms']:.3f} ms ({out['a_to_floor']:.2f}x floor), c"
+            f" {out['c_ms']:.3f} ms; full cache a {out['a_ms_full_cache']:.3f};"
+            f" compile {out['compile_capture_s']:.0f} s;"
+            f" diff {out['max_abs_logit_diff_vs_first']:.3g}",
+            flush=True,
+        )
+        if name in profiled:
+            report["profiles"][name] = _profile(runner, a.batch)
+        del runner  # its caches and graphs
+        torch.cuda.empty_cache()
+    timed = {n: v for n, v in report["variants"].items() if "a_ms" in v}
+    if timed:
+        best = min(timed, key=lambda n: timed[n]["a_ms"])
+        report["best"] = best
+        report["best_a_to_floor"] = timed[best]["a_to_floor"]
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=2))
+    if timed:
+        plot(report, a.out.with_suffix(".png"))
+    for name, prof in report["profiles"].items():
+        print(
+            f"-- {name}: {prof['kernels_per_step']:.0f} kernels, "
+            f"{prof['kernel_ms_per_step']:.3f} ms of kernels per step"
+        )
+        for k in prof["top"][:15]:
+            print(f"  {k['us_per_step']:8.1f} us {k['per_step']:5.0f}x {k['name']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""decode_attention: the Triton flash-decoding kernel against the plain-torch reference.
+
+There is no GPU in CI, so the kernel runs under Triton's CPU interpreter. TRITON_INTERPRET=1
+must be set before triton and the kernel module are imported, hence one child process runs
+every kernel case (one interpreter start, ~5 s) and each test checks its case's numbers.
+The CUDA tests at the end run only where a GPU is present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import dlp.engine.decode_attention as da
+from dlp.engine.decode_attention import decode_attention_reference, pick_splits
+
+REPO = Path(__file__).resolve().parents[3]
+
+# name -> (dtype, b, B, n_heads, kvh, d, S, lengths, splits, strided). B > b everywhere (the
+# kernel must ignore extra cache rows); lengths cover 1, S and non-multiples of BLOCK_N=64.
+CASES = {
+    "mha_f32": ("float32", 4, 6, 4, 4, 32, 200, [1, 200, 65, 130], 1, False),
+    # Split ranges for these lengths: some splits lie wholly past the row's length.
+    "mha_f32_split3": ("float32", 4, 6, 4, 4, 32, 200, [1, 200, 65, 130], 3, False),
+    "gqa6_bf16": ("bfloat16", 3, 5, 12, 2, 64, 200, [200, 1, 129], 1, False),
+    "gqa6_bf16_split4": ("bfloat16", 3, 5, 12, 2, 64, 200, [200, 1, 129], 4, False),
+    # Cache laid out [B, S, kvh, d] and viewed as [B, kvh, S, d]; q a slice of a wider tensor.
+    "gqa2_f32_strided_split16": ("float32", 3, 4, 8, 4, 32, 160, [160, 64, 3], 16, True),
+    "gqa2_bf16_strided_split2": ("bfloat16", 3, 4, 8, 4, 32, 160, [97, 160, 2], 2, True),
+    # Group 32 > 16: the padded group is a power of two above the tl.dot minimum.
+    "group32_f32_split2": ("float32", 2, 3, 32, 1, 32, 70, [70, 5], 2, False),
+    # Qwen2-like heads: group 6, head_dim 128.
+    "qwen2_bf16_split2": ("bfloat16", 2, 2, 12, 2, 128, 96, [96, 33], 2, False),
+}
+TOL = {"float32": 1e-5, "bfloat16": 2e-2}
+
+_CHILD = textwrap.dedent(
+    """
+    import json, sys
+
+    import numpy as np
+    import torch
+    import triton.runtime.interpreter as interp
+
+    # numpy >= 2.4 refuses int() of a shape-(1,) array, which triton <= 3.5's interpreter
+    # does for runtime loop bounds (triton-lang/triton#9171, fixed upstream by #9172).
+    try:
+        int(np.array([1]))
+        numpy_refuses = False
+    except TypeError:
+        numpy_refuses = True
+    if numpy_refuses and hasattr(interp, "_patch_lang_tensor"):
+        _patch = interp._patch_lang_tensor
+
+        def _patch_lang_tensor(tensor, *args):
+            _patch(tensor, *args)
+            tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
+
+        interp._patch_lang_tensor = _patch_lang_tensor
+
+    from dlp.engine.decode_attention import decode_attention, decode_attention_reference
+
+    results = {}
+    for name, (dtype, b, B, h, kvh, d, S, lengths, splits, strided) in json.loads(
+        sys.argv[1]
+    ).items():
+        torch.manual_seed(0)
+        dt = getattr(torch, dtype)
+        if strided:
+            k = torch.randn(B, S, kvh, d).to(dt).transpose(1, 2)
+            v = torch.randn(B, S, kvh, d).to(dt).transpose(1, 2)
+            q = torch.randn(b, h, 2 * d).to(dt)[:, :, d:]
+        else:
+            k = torch.randn(B, kvh, S, d).to(dt)
+            v = torch.randn(B, kvh, S, d).to(dt)
+            q = torch.randn(b, h, d).to(dt)
+        lens = torch.tensor(lengths, dtype=torch.int32 if strided else torch.int64)
+        out = decode_attention(q, k, v, lens, d**-0.5, splits=splits)
+        ref = decode_attention_reference(q, k, v, lens, d**-0.5)
+        results[name] = {
+            "shape": list(out.shape),
+            "dtype": str(out.dtype),
+            "nan": bool(out.isnan().any()),
+            "err": (out.float() - ref.float()).abs().max().item(),
+        }
+    print(json.dumps(results))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """Run every kernel case once in a TRITON_INTERPRET=1 child; name -> its numbers."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(CASES)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_matches_reference(interpreted, name):
+    dtype, b, _, h, _, d, *_ = CASES[name]
+    res = interpreted[name]
+    assert res["shape"] == [b, h, d]
+    assert res["dtype"] == f"torch.{dtype}"
+    assert not res["nan"]
+    assert res["err"] < TOL[dtype], res
+
+
+def _eager_attention(q, k_cache, v_cache, lengths, scale):
+    """The engine's eager decode attention (model.decode_layer), with its additive mask."""
+    b, n_heads, d = q.shape
+    kvh, s = k_cache.shape[1], k_cache.shape[2]
+    k_cache, v_cache = k_cache[:b], v_cache[:b]
+    positions = lengths - 1
+    visible = torch.arange(s)[None, :] <= positions[:, None]
+    bias = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))[:, None, None, :]
+    qg = q.reshape(b, kvh, n_heads // kvh, d)
+    att = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * scale + bias
+    att = torch.softmax(att, dim=-1).to(v_cache.dtype)
+    return torch.matmul(att, v_cache).reshape(b, n_heads, d)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize(("n_heads", "kvh"), [(4, 4), (12, 2)])
+def test_reference_matches_eager_formula(dtype, tol, n_heads, kvh):
+    torch.manual_seed(1)
+    b, big_b, s, d = 4, 6, 100, 32
+    q = torch.randn(b, n_heads, d).to(dtype)
+    k = torch.randn(big_b, kvh, s, d).to(dtype)
+    v = torch.randn(big_b, kvh, s, d).to(dtype)
+    lengths = torch.tensor([1, 100, 37, 64])
+    ref = decode_attention_reference(q, k, v, lengths, d**-0.5)
+    eager = _eager_attention(q, k, v, lengths, d**-0.5)
+    assert ref.dtype == dtype and ref.shape == (b, n_heads, d)
+    torch.testing.assert_close(ref.float(), eager.float(), atol=tol, rtol=tol)
+    # Length 1 attends only key 0, so the output is exactly v[0] of that row.
+    first = v[0, :, 0].repeat_interleave(n_heads // kvh, 0)
+    torch.testing.assert_close(ref[0].float(), first.float())
+
+
+@pytest.mark.parametrize(
+    ("max_seq", "splits"),
+    [(1, 1), (256, 1), (512, 1), (513, 3), (768, 3), (1024, 4), (2048, 8), (4096, 16), (32768, 16)],
+)
+def test_pick_splits(max_seq, splits):
+    assert pick_splits(max_seq) == splits
+
+
+def test_pick_splits_stops_splitting_once_rows_fill_the_gpu():
+    assert pick_splits(4096, rows=8, kv_heads=1) == 16
+    assert pick_splits(4096, rows=8, kv_heads=2) == 8
+    assert pick_splits(2048, rows=64, kv_heads=2) == 1  # 128 programs already
+    assert pick_splits(2048, rows=64, kv_heads=8) == 1
+    assert pick_splits(256, rows=1, kv_heads=1) == 1  # short caches never split
+
+
+def test_pick_splits_bounds_split_size():
+    for max_seq in range(513, 4097, 37):
+        n = pick_splits(max_seq)
+        assert 2 <= n <= 16 and -(-max_seq // n) <= 256
+
+
+def test_without_triton_raises_clearly(monkeypatch):
+    monkeypatch.setattr(da, "triton", None)
+    assert not da.triton_available()
+    q = torch.zeros(1, 2, 32)
+    cache = torch.zeros(1, 2, 8, 32)
+    with pytest.raises(RuntimeError, match="needs triton"):
+        da.decode_attention(q, cache, cache, torch.ones(1, dtype=torch.long), 1.0)
+
+
+def test_rejects_bad_shapes():
+    pytest.importorskip("triton")
+    q = torch.zeros(2, 6, 32)
+    cache = torch.zeros(2, 4, 8, 32)
+    lengths = torch.ones(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="multiple"):
+        da.decode_attention(q, cache, cache, lengths, 1.0)
+    with pytest.raises(ValueError, match="power of two"):
+        da.decode_attention(torch.zeros(2, 4, 24), *[torch.zeros(2, 4, 8, 24)] * 2, lengths, 1.0)
+    with pytest.raises(ValueError, match="shapes"):
+        da.decode_attention(torch.zeros(3, 4, 32), cache, cache, torch.ones(3), 1.0)
+
+
+# --- real GPU (skipped in CI) -------------------------------------------------------------
+
+cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and da.triton_available()), reason="needs CUDA and triton"
+)
+
+
+def _cuda_inputs(dtype=torch.bfloat16, b=8, big_b=10, n_heads=12, kvh=2, d=128, s=2048):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(b, n_heads, d, device="cuda", generator=g).to(dtype)
+    k = torch.randn(big_b, kvh, s, d, device="cuda", generator=g).to(dtype)
+    v = torch.randn(big_b, kvh, s, d, device="cuda", generator=g).to(dtype)
+    lengths = torch.randint(1, s + 1, (b,), device="cuda", generator=g)
+    lengths[0], lengths[1] = 1, s
+    return q, k, v, lengths
+
+
+@cuda
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("splits", [1, 3, 8, 16])
+def test_cuda_matches_reference(d, splits):
+    q, k, v, lengths = _cuda_inputs(d=d)
+    out = da.decode_attention(q, k, v, lengths, d**-0.5, splits=splits)
+    ref = decode_attention_reference(q, k, v, lengths, d**-0.5)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    q, k, v, lengths = _cuda_inputs(torch.float32, d=d, s=300)
+    out = da.decode_attention(q, k, v, lengths, d**-0.5, splits=splits)
+    ref = decode_attention_reference(q, k, v, lengths, d**-0.5)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@cuda
+def test_cuda_compile_fullgraph_and_graph_capture():
+    q, k, v, lengths = _cuda_inputs()
+    splits = pick_splits(k.shape[2])
+
+    @torch.compile(fullgraph=True)
+    def step(q, k, v, lengths):
+        return da.decode_attention(q, k, v, lengths, 128**-0.5, splits=splits) * 2
+
+    ref = decode_attention_reference(q, k, v, lengths, 128**-0.5) * 2
+    torch.testing.assert_close(step(q, k, v, lengths), ref, atol=4e-2, rtol=2e-2)
+
+    static_lengths = lengths.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(q, k, v, static_lengths)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(q, k, v, static_lengths)
+    static_lengths.copy_(torch.flip(lengths, [0]))  # new lengths, same graph
+    graph.replay()
+    ref = decode_attention_reference(q, k, v, static_lengths, 128**-0.5) * 2
+    torch.testing.assert_close(static_out, ref, atol=4e-2, rtol=2e-2)
