@@ -98,6 +98,8 @@ class EngineConfig:
                 f"engine config: decode_attention must be one of {DECODE_ATTENTIONS}, got"
                 f" {self.decode_attention!r}"
             )
+        if self.decode_attention == "triton" and not self.on_cuda:
+            raise DlpError("engine config: decode_attention 'triton' needs a cuda device")
         if not self.device.startswith(("cpu", "cuda")):
             raise DlpError(f"engine config: device must be cpu or cuda[:N], got {self.device!r}")
 

@@ -31,6 +31,7 @@ import torch
 from dlp.engine.decode_attention import pick_splits, triton_available
 from dlp.engine.model import CompactLM, decode_layer, prefill_layer
 from dlp.engine.staging import StagingBuffer
+from dlp.errors import DlpError
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,8 @@ class DecodeRunner:
         # "auto" takes it for caches longer than AUTO_KERNEL_MIN_SEQ: at 256 positions the
         # two GEMMs over the whole cache were as fast (H200, Qwen2-1.5B, batch 64: 2.10 vs
         # 2.13 ms a step); at a serving context of 2048 they read ~10x the valid keys.
+        if attention == "triton" and not (device.type == "cuda" and triton_available()):
+            raise DlpError("decode_attention 'triton' needs a CUDA device and triton installed")
         use_kernel = attention == "triton" or (
             attention == "auto"
             and device.type == "cuda"

@@ -93,6 +93,39 @@ async def test_a_lone_waiting_request_is_admitted_after_the_wait(vocab_model, de
     assert (rest or [first])[-1].completion_tokens == 4
 
 
+async def test_deep_queue_still_prefills_in_groups(vocab_model, default_tokenizer):
+    """Requests that have waited long (a deep queue) do not make every freed row a prefill of
+    its own: after a prefill, the next waits for admit_min_rows free rows or the wait limit."""
+    engine = make_engine(
+        vocab_model,
+        default_tokenizer,
+        max_batch=4,
+        max_seq_len=512,
+        admit_min_rows=3,
+        admit_max_wait_steps=6,
+    )
+
+    def job(i: int, tokens: int):
+        return request(
+            i, AdapterMix.base(), prompt=PROMPTS[i % 4], max_tokens=tokens, ignore_eos=True
+        )
+
+    async with engine:
+        # Four rows that free one decode step apart, four requests queued behind them from
+        # step 0 (so by the time rows free, the oldest has waited far past the limit).
+        running = [job(i, 10 + i) for i in range(4)]
+        queued = [job(4 + i, 30) for i in range(4)]
+        results = await asyncio.wait_for(
+            asyncio.gather(*(engine.generate(r) for r in running + queued)), 120
+        )
+        stats = engine.stats()
+    assert [r.completion_tokens for r in results] == [10, 11, 12, 13, 30, 30, 30, 30]
+    # First row frees past the wait limit: admitted alone; the next three wait until three
+    # rows are free, then share one prefill (arrival-only counting gave 1+1+1+1).
+    assert stats["prefill_calls"] == 3
+    assert stats["prefill_rows"] == 8
+
+
 async def test_idle_engine_admits_at_once(vocab_model, default_tokenizer):
     engine = make_engine(
         vocab_model, default_tokenizer, max_batch=8, admit_min_rows=8, admit_max_wait_steps=10_000

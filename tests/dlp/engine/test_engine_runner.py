@@ -77,3 +77,15 @@ def test_step_inputs_are_sent_in_one_upload():
     runner.upload_step_inputs()
     assert runner.tokens.tolist() == [3, 1, 4, 1]
     assert runner.positions.tolist() == [0, 5, 9, 2]
+
+
+def test_decode_attention_choice_on_the_cpu():
+    """auto keeps the matmul attention on the CPU; the Triton kernel is refused there."""
+    model = tiny_model("qwen2")
+    runner = DecodeRunner(CompactLM(model, max_batch=2, max_seq=1024), n_slots=0)
+    assert runner.model.attn_splits == 0
+    with pytest.raises(DlpError, match="triton"):
+        DecodeRunner(CompactLM(model, max_batch=2, max_seq=64), n_slots=0, attention="triton")
+    with pytest.raises(DlpError, match="decode_attention"):
+        EngineConfig(decode_attention="triton").validate()
+    EngineConfig(decode_attention="triton", device="cuda").validate()
