@@ -50,6 +50,10 @@ class EngineConfig:
     # longer than 512 positions, if triton imports).
     decode_attention: str = "auto"
     cuda_graph: bool | None = None  # capture the decode step (default: on CUDA)
+    # Queue decode step N+1 before handling step N's tokens (greedy rows feed their own token
+    # on the device), so the host's per-token work runs while the GPU decodes. Steps with a
+    # sampling or sentence-routed row run synchronously. Not yet measured on a GPU: off.
+    overlap_steps: bool = False
     max_prefill_tokens: int = 8192  # padded tokens per prefill forward
     # Admission while other rows decode (see Engine._admission_due): gather waiting requests
     # until this many can be prefilled together (None: max_batch // 8, at least 1) or the

@@ -71,11 +71,21 @@ class _Seq:
     arrived: float = field(default_factory=time.perf_counter)
     arrived_step: int = 0  # the engine's decode step count when it was submitted
     first_token_at: float | None = None
+    # Overlapped steps: its last launched step's greedy token is its next input, on the device.
+    fed_on_device: bool = False
 
     @property
     def next_position(self) -> int:
         """Cache position of the last generated token (the one fed to the next step)."""
         return len(self.prompt_ids) + len(self.out_ids) - 1
+
+
+@dataclass
+class _Launched:
+    """A step queued by ``_launch_step``: the runner's handle and (row, request) it ran."""
+
+    handle: Any
+    rows: list[tuple[int, _Seq]]
 
 
 class Engine:
@@ -115,6 +125,7 @@ class Engine:
             compile_mode=config.compile_mode,
             compile_scope=config.compile_scope,
             attention=config.decode_attention,
+            overlap=config.overlap_steps,
         )
         self.eos_ids = _eos_ids(model, tokenizer)
         # Each row's LoRA scale per pool slot: the runner's staging buffer itself (sent with
@@ -361,6 +372,10 @@ class Engine:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _loop(self) -> None:
+        # With overlap_steps, step N+1 is queued before step N's tokens are handled, so the
+        # host's per-token work (detokenising, stop checks, answering, admission) runs while
+        # the GPU decodes. ``pending`` is the step in flight.
+        pending: _Launched | None = None
         try:
             while not self._stopping:
                 self._retire_cancelled()
@@ -368,7 +383,7 @@ class Engine:
                 if admitted:
                     await self._prefill(admitted)
                 active = [s for s in self._rows if s is not None]
-                if not active:
+                if not active and pending is None:
                     self._wake.clear()
                     if self._waiting:  # blocked on pool slots held outside the engine
                         with contextlib.suppress(TimeoutError):
@@ -376,11 +391,21 @@ class Engine:
                     else:
                         await self._wake.wait()
                     continue
-                tokens = await self._call(self._decode_step)
-                self._counters["decode_steps"] += 1
-                for seq, token in zip(active, tokens, strict=True):
-                    if not seq.finished:
-                        self._on_token(seq, token)
+                if active and self._can_overlap(active):
+                    launched = await self._call(self._launch_step)
+                    if pending is not None:
+                        self._handle(pending, await self._call(self._collect_step, pending))
+                    pending = launched
+                elif pending is not None:  # drain before a synchronous step
+                    self._handle(pending, await self._call(self._collect_step, pending))
+                    pending = None
+                    continue
+                else:
+                    tokens = await self._call(self._decode_step)
+                    self._counters["decode_steps"] += 1
+                    for seq, token in zip(active, tokens, strict=True):
+                        if not seq.finished:
+                            self._on_token(seq, token)
                 await self._reroute_due()
                 await asyncio.sleep(0)
         except Exception as exc:  # the loop must never die silently
@@ -389,6 +414,13 @@ class Engine:
                 self._finish(seq, "error", error=exc)
             self._waiting.clear()
             raise
+
+    def _can_overlap(self, active: list[_Seq]) -> bool:
+        """Overlap needs every running row greedy (its next input is its own argmax, fed on
+        the device) and none routed per sentence (a switch must apply to the next token)."""
+        return self.runner.overlap and all(
+            s.req.sampling.temperature == 0 and s.req.routing != "sentence" for s in active
+        )
 
     def _retire_cancelled(self) -> None:
         for seq in [s for s in self._rows if s is not None and s.cancelled]:
@@ -531,6 +563,9 @@ class Engine:
             seq = self._rows[i]
             tokens[i] = seq.out_ids[-1]
             positions[i] = seq.next_position
+            seq.fed_on_device = False
+        if runner.host_override is not None:
+            runner.host_override[:] = 1
         runner.upload_step_inputs()
         use_lora = any(self._rows[i].lease is not None for i in live)
         logits, greedy = runner.step(n, lora=use_lora)
@@ -544,6 +579,48 @@ class Engine:
                 out.append(greedy_host[i])
         self._counters["decode_s"] += time.perf_counter() - start
         return out
+
+    @torch.no_grad()
+    def _launch_step(self) -> _Launched:
+        """Queue one overlapped step: rows that ran in the previous launched step continue
+        from its greedy token on the device; the others (just prefilled, or after a
+        synchronous step) get their last token and position from the host."""
+        start = time.perf_counter()
+        runner = self.runner
+        live = [i for i, s in enumerate(self._rows) if s is not None]
+        tokens, positions = runner.host_tokens, runner.host_positions
+        override = runner.host_override
+        assert override is not None
+        tokens[:] = 0
+        positions[:] = 0
+        override[:] = 1  # free rows: token 0 at position 0, as in a synchronous step
+        for i in live:
+            seq = self._rows[i]
+            if seq.fed_on_device:
+                override[i] = 0
+            else:
+                tokens[i] = seq.out_ids[-1]
+                positions[i] = seq.next_position
+                seq.fed_on_device = True
+        use_lora = any(self._rows[i].lease is not None for i in live)
+        n = self.config.max_batch if runner.captured else live[-1] + 1
+        handle = runner.step_async(n, lora=use_lora)
+        self._counters["decode_s"] += time.perf_counter() - start
+        return _Launched(handle, [(i, self._rows[i]) for i in live])
+
+    def _collect_step(self, launched: _Launched) -> list[int]:
+        start = time.perf_counter()
+        tokens = self.runner.collect(launched.handle)
+        self._counters["decode_s"] += time.perf_counter() - start
+        return tokens
+
+    def _handle(self, launched: _Launched, tokens: list[int]) -> None:
+        """Tokens of a collected step for the requests it ran; a request that finished
+        meanwhile (its previous token ended it, or it was cancelled) drops its token."""
+        self._counters["decode_steps"] += 1
+        for row, seq in launched.rows:
+            if not seq.finished:
+                self._on_token(seq, tokens[row])
 
     # ------------------------------------------------------------------ per-token logic
     def _on_token(self, seq: _Seq, token: int) -> None:

@@ -151,6 +151,7 @@ class DecodeRunner:
         compile_mode: str | None = None,
         compile_scope: str = "layer",
         attention: str = "auto",
+        overlap: bool = False,
     ) -> None:
         self.model = model
         device = model.rope_cos.device
@@ -161,11 +162,28 @@ class DecodeRunner:
         fields = {"tokens": (torch.long, b), "positions": (torch.long, b)}
         if n_slots:
             fields["row_scales"] = (torch.float32, b * n_slots)
+        # Overlapped steps (see step_async): a row whose input is the previous step's own
+        # greedy token takes it on the device; ``override`` marks the rows the host sets.
+        self.overlap = overlap
+        if overlap:
+            fields["override"] = (torch.long, b)
         self.step_inputs = StagingBuffer(fields, device)
         self.tokens = self.step_inputs.device("tokens")
         self.positions = self.step_inputs.device("positions")
         self.host_tokens = self.step_inputs.host("tokens")
         self.host_positions = self.step_inputs.host("positions")
+        self.host_override: np.ndarray | None = None
+        if overlap:
+            self.host_override = self.step_inputs.host("override")
+            self.host_override[:] = 1
+            # What the step ran on (host inputs or fed back) and its greedy output: the next
+            # step's fed-back inputs. Read back into two pinned buffers, one per step in flight.
+            self.step_tokens = torch.zeros(b, dtype=torch.long, device=device)
+            self.step_positions = torch.zeros(b, dtype=torch.long, device=device)
+            self.step_greedy = torch.zeros(b, dtype=torch.long, device=device)
+            pin = device.type == "cuda"
+            self._greedy_host = [torch.zeros(b, dtype=torch.long, pin_memory=pin) for _ in "ab"]
+            self._launches = 0
         self.row_scales: torch.Tensor | None = None
         self.host_row_scales: np.ndarray | None = None
         if n_slots:
@@ -384,10 +402,20 @@ class DecodeRunner:
         scales = None
         if lora and self.row_scales is not None:
             scales = self.row_scales[:rows]
-        logits = self.model.decode(
-            self.tokens[:rows], self.positions[:rows], scales, layer_fn=self.layer_fn
-        )
-        return logits, logits.argmax(dim=-1)
+        tokens, positions = self.tokens[:rows], self.positions[:rows]
+        if self.overlap:
+            # Rows the host did not set continue from the previous step: its greedy token, at
+            # the next position. Part of the captured graph, so no host work per row.
+            host = self.step_inputs.device("override")[:rows].bool()
+            self.step_tokens[:rows].copy_(torch.where(host, tokens, self.step_greedy[:rows]))
+            fed = self.step_positions[:rows] + 1
+            self.step_positions[:rows].copy_(torch.where(host, positions, fed))
+            tokens, positions = self.step_tokens[:rows], self.step_positions[:rows]
+        logits = self.model.decode(tokens, positions, scales, layer_fn=self.layer_fn)
+        greedy = logits.argmax(dim=-1)
+        if self.overlap:
+            self.step_greedy[:rows].copy_(greedy)
+        return logits, greedy
 
     @torch.no_grad()
     def capture(self) -> None:
@@ -437,6 +465,37 @@ class DecodeRunner:
             torch.cuda.synchronize()
             self.graphs[lora] = (graph, logits, greedy)
             log.info("captured decode graph for %d rows (lora=%s)", rows, lora)
+
+    @torch.no_grad()
+    def step_async(self, rows: int, lora: bool) -> tuple[int, torch.cuda.Event | None]:
+        """Send the staged inputs, queue one step and the copy of its greedy tokens to the
+        host, without waiting for them (overlap mode, greedy rows only). Returns a handle for
+        :meth:`collect`. Returns once the staged inputs have reached the device (that is,
+        once the previous step has finished on the GPU): the host buffers may then be
+        rewritten while this step runs."""
+        assert self.overlap, "step_async needs DecodeRunner(overlap=True)"
+        on_cuda = self.device.type == "cuda"
+        self.upload_step_inputs()
+        uploaded = torch.cuda.Event() if on_cuda else None
+        if uploaded is not None:
+            uploaded.record()
+        _, greedy = self.step(rows, lora)
+        slot = self._launches % 2
+        self._launches += 1
+        self._greedy_host[slot][: greedy.shape[0]].copy_(greedy, non_blocking=on_cuda)
+        done = None
+        if on_cuda:
+            done = torch.cuda.Event()
+            done.record()
+            uploaded.synchronize()
+        return slot, done
+
+    def collect(self, handle: tuple[int, torch.cuda.Event | None]) -> list[int]:
+        """The greedy tokens of a step queued by :meth:`step_async` (waits for it)."""
+        slot, done = handle
+        if done is not None:
+            done.synchronize()
+        return self._greedy_host[slot].tolist()
 
     @torch.no_grad()
     def step(self, rows: int, lora: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

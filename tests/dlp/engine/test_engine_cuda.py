@@ -49,13 +49,17 @@ def _requests():
 
 def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
     """fp32: compiled + graphs + Triton attention == eager matmul attention, token for token,
-    through prefill graphs (several buckets, LoRA scales staged) and decode graphs."""
+    through prefill graphs (several buckets, LoRA scales staged) and decode graphs, with
+    synchronous and with overlapped steps."""
     model = tiny_model("qwen2").to("cuda")
     adapters = write_adapters(model, tmp_path, ["t0", "t1", "t2"])
     outputs = {}
     for name, cfg in {
         "eager": dict(compile=False, cuda_graph=False, decode_attention="matmul"),
         "graphs": dict(compile=True, cuda_graph=True, decode_attention="triton"),
+        "overlap": dict(
+            compile=True, cuda_graph=True, decode_attention="triton", overlap_steps=True
+        ),
     }.items():
         engine = make_engine(
             model, None, adapters, device="cuda", max_batch=8, max_seq_len=128, **cfg
@@ -67,7 +71,8 @@ def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
 
         results = asyncio.run(run())
         outputs[name] = [r.token_ids for r in results]
-        if name == "graphs":
+        if name != "eager":
             assert engine.runner.captured and engine.model.attn_splits >= 1
             assert engine.runner._prefill_graphs
     assert outputs["graphs"] == outputs["eager"]
+    assert outputs["overlap"] == outputs["eager"]
