@@ -111,6 +111,9 @@ def _app_args(assets: dict[str, str], a: argparse.Namespace) -> dict[str, Any]:
             "pool_slots": a.slots,
             "admit_min_rows": a.admit_min_rows,
             "admit_max_wait_steps": a.admit_max_wait_steps,
+            "overlap_steps": a.overlap_steps,
+            "compile_scope": a.compile_scope,
+            "decode_attention": a.decode_attention,
         },
         "worker": {
             "num_gpus": 1 if on_gpu else 0,
@@ -353,6 +356,13 @@ def main(argv: list[str] | None = None) -> int:
         help="engine.admit_min_rows (default: the engine's, max_batch // 8)",
     )
     p.add_argument("--admit-max-wait-steps", type=int, default=16)
+    p.add_argument(
+        "--overlap-steps",
+        action="store_true",
+        help="engine.overlap_steps: queue step N+1 before handling step N's tokens",
+    )
+    p.add_argument("--compile-scope", choices=("layer", "step"), default="layer")
+    p.add_argument("--decode-attention", choices=("auto", "matmul", "triton"), default="auto")
     p.add_argument(
         "--client-procs",
         type=int,

@@ -39,6 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["default", "max-autotune-no-cudagraphs"],
         help="torch.compile mode of the engine's decode layer",
     )
+    parser.add_argument(
+        "--compile-scope",
+        default=None,
+        choices=["layer", "step"],
+        help="compile one block for every layer (default) or the whole decode step",
+    )
+    parser.add_argument(
+        "--overlap-steps",
+        action="store_true",
+        help="queue decode step N+1 before handling step N's tokens",
+    )
     parser.add_argument("--out", default=None, help="JSON path (PNG written beside it)")
     parser.add_argument(
         "--plot-only", default=None, metavar="JSON", help="only draw the PNG of an existing report"

@@ -97,6 +97,8 @@ class BenchConfig:
     out: str = "benchmarks/results/fusion_h200.json"
     compile: bool | None = None
     compile_mode: str | None = None  # EngineConfig.compile_mode of the engine variants
+    compile_scope: str = "layer"  # EngineConfig.compile_scope of the engine variants
+    overlap_steps: bool = False  # EngineConfig.overlap_steps of the engine variants
 
 
 class Deadline:
@@ -398,6 +400,8 @@ async def run_shape(shape: str, cfg: BenchConfig, deadline: Deadline) -> dict[st
         max_rank=cfg.rank,
         compile=cfg.compile,
         compile_mode=cfg.compile_mode,
+        compile_scope=cfg.compile_scope,
+        overlap_steps=cfg.overlap_steps,
         max_prefill_tokens=cfg.batch * cfg.prompt,
     )
     engine = Engine(model, None, pool, econf)
@@ -813,10 +817,13 @@ def config_from_args(args) -> BenchConfig:
     cfg.scale_shape = cfg.shapes[0] if cfg.scale_shape not in cfg.shapes else cfg.scale_shape
     if args.time_limit is not None:
         cfg.time_limit_s = args.time_limit
-    if args.compile_mode:
-        cfg.compile_mode = args.compile_mode
     elif device == "cpu":
         cfg.time_limit_s = 1800.0
+    if args.compile_mode:
+        cfg.compile_mode = args.compile_mode
+    if args.compile_scope:
+        cfg.compile_scope = args.compile_scope
+    cfg.overlap_steps = bool(args.overlap_steps)
     if args.out:
         cfg.out = args.out
     return cfg

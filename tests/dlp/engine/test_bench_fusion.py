@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dlp.engine.bench_fusion import BenchConfig, main
 
 
-def test_fusion_bench_runs_all_variants(tmp_path):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap_steps"])
+def test_fusion_bench_runs_all_variants(tmp_path, overlap):
     out = tmp_path / "fusion.json"
     cfg = BenchConfig(
+        overlap_steps=overlap,
         device="cpu",
         shapes=("tiny-qwen2", "tiny-llama3"),
         batch=6,
