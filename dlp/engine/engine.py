@@ -547,27 +547,40 @@ class Engine:
     def _choose(self, seq: _Seq, logits: torch.Tensor) -> int:
         return sample_row(logits, seq.req.sampling, seq.generator)
 
+    def _stage_rows(self, overlap: bool) -> tuple[list[int], int, bool]:
+        """Write the next step's inputs as numpy into the runner's pinned staging buffer (one
+        copy sends them; no torch call per row). Returns (live rows, rows to run, LoRA?).
+
+        Free rows decode token 0 at position 0 (their output is dropped; the attention
+        kernel then reads one key). With ``overlap``, a row that ran in the previous
+        launched step takes that step's greedy token on the device (override 0); otherwise
+        every row's token and position come from the host."""
+        runner = self.runner
+        live = [i for i, s in enumerate(self._rows) if s is not None]
+        tokens, positions = runner.host_tokens, runner.host_positions
+        override = runner.host_override  # None unless the runner overlaps steps
+        assert override is not None or not overlap
+        tokens[:] = 0
+        positions[:] = 0
+        if override is not None:
+            override[:] = 1
+        for i in live:
+            seq = self._rows[i]
+            if overlap and seq.fed_on_device:
+                override[i] = 0
+                continue
+            tokens[i] = seq.out_ids[-1]
+            positions[i] = seq.next_position
+            seq.fed_on_device = overlap
+        n = self.config.max_batch if runner.captured else live[-1] + 1
+        return live, n, any(self._rows[i].lease is not None for i in live)
+
     @torch.no_grad()
     def _decode_step(self) -> list[int]:
         start = time.perf_counter()
         runner = self.runner
-        live = [i for i, s in enumerate(self._rows) if s is not None]
-        n = self.config.max_batch if runner.captured else live[-1] + 1
-        # numpy writes into the runner's pinned staging buffer, then one copy for tokens,
-        # positions and row scales: no torch call per row. Free rows decode token 0 at
-        # position 0 (their output is dropped; the attention kernel then reads one key).
-        tokens, positions = runner.host_tokens, runner.host_positions
-        tokens[:] = 0
-        positions[:] = 0
-        for i in live:
-            seq = self._rows[i]
-            tokens[i] = seq.out_ids[-1]
-            positions[i] = seq.next_position
-            seq.fed_on_device = False
-        if runner.host_override is not None:
-            runner.host_override[:] = 1
+        live, n, use_lora = self._stage_rows(overlap=False)
         runner.upload_step_inputs()
-        use_lora = any(self._rows[i].lease is not None for i in live)
         logits, greedy = runner.step(n, lora=use_lora)
         greedy_host = greedy.tolist()
         out = []
@@ -586,25 +599,8 @@ class Engine:
         from its greedy token on the device; the others (just prefilled, or after a
         synchronous step) get their last token and position from the host."""
         start = time.perf_counter()
-        runner = self.runner
-        live = [i for i, s in enumerate(self._rows) if s is not None]
-        tokens, positions = runner.host_tokens, runner.host_positions
-        override = runner.host_override
-        assert override is not None
-        tokens[:] = 0
-        positions[:] = 0
-        override[:] = 1  # free rows: token 0 at position 0, as in a synchronous step
-        for i in live:
-            seq = self._rows[i]
-            if seq.fed_on_device:
-                override[i] = 0
-            else:
-                tokens[i] = seq.out_ids[-1]
-                positions[i] = seq.next_position
-                seq.fed_on_device = True
-        use_lora = any(self._rows[i].lease is not None for i in live)
-        n = self.config.max_batch if runner.captured else live[-1] + 1
-        handle = runner.step_async(n, lora=use_lora)
+        live, n, use_lora = self._stage_rows(overlap=True)
+        handle = self.runner.step_async(n, lora=use_lora)
         self._counters["decode_s"] += time.perf_counter() - start
         return _Launched(handle, [(i, self._rows[i]) for i in live])
 

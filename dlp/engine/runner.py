@@ -51,6 +51,13 @@ def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
+def _fill_prompts(out: np.ndarray, prompts: Sequence[Sequence[int]]) -> None:
+    """Right-padded prompts (zeros after each) into the first rows of ``out`` [rows, T]."""
+    out[:] = 0
+    for i, prompt in enumerate(prompts):
+        out[i, : len(prompt)] = prompt
+
+
 class _PrefillGraph:
     """One captured prefill bucket: views of the runner's staging buffer as its static
     inputs, and the graph (which leaves logits and greedy tokens in the runner's buffers)."""
@@ -98,9 +105,7 @@ class _PrefillGraph:
         """The same from host lists: numpy writes into the pinned buffer, one copy."""
         r, t, n = self.n_rows, self.n_tokens, len(prompts)
         tokens = staging.host("tokens")[: r * t].reshape(r, t)
-        tokens[:] = 0
-        for i, prompt in enumerate(prompts):
-            tokens[i, : len(prompt)] = prompt
+        _fill_prompts(tokens, prompts)
         tokens[n:] = tokens[n - 1]
         lengths = staging.host("lengths")[:r]
         lengths[:n] = [len(p) for p in prompts]
@@ -295,10 +300,8 @@ class DecodeRunner:
             graph.load_host(self.prefill_inputs, prompts, rows, row_scales)
             graph.graph.replay()
             return self._prefill_logits[:n], self._prefill_greedy[:n].tolist()
-        tokens = torch.zeros(n, self.prefill_len(longest), dtype=torch.long)
-        host = tokens.numpy()
-        for i, prompt in enumerate(prompts):
-            host[i, : len(prompt)] = prompt
+        tokens = torch.empty(n, self.prefill_len(longest), dtype=torch.long)
+        _fill_prompts(tokens.numpy(), prompts)
         lengths = torch.tensor([len(p) for p in prompts])
         dev = self.device
         scales = None if row_scales is None else torch.from_numpy(row_scales).to(dev)
