@@ -10,7 +10,9 @@ not bytes, so this compares, in one process on one model:
 - ``compile_scope``: one compiled block for every layer, or the whole step as one graph;
 - ``attention``: two GEMMs + softmax over the whole static cache, or the length-aware
   Triton kernel (``dlp.engine.decode_attention``);
-- ``compile_mode``: Inductor's default, or ``max-autotune-no-cudagraphs``.
+- ``compile_mode``: Inductor's default, or ``max-autotune-no-cudagraphs``;
+- ``gemm``: cuBLAS (``F.linear``), or the weight-streaming Triton GEMMs
+  (``dlp.engine.skinny_gemm``, silu * up fused into gate/up).
 
 Each variant is captured as the engine's CUDA graph and timed by CUDA events (median of
 ``--iters`` replays) with and without the LoRA path, on the same random KV cache, its logits
@@ -29,14 +31,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-# name -> (compile_scope, compile_mode, attention)
-VARIANTS: dict[str, tuple[str, str | None, str]] = {
-    "layer": ("layer", None, "matmul"),
-    "layer+kernel": ("layer", None, "triton"),
-    "step+kernel": ("step", None, "triton"),
-    "layer+kernel+autotune": ("layer", "max-autotune-no-cudagraphs", "triton"),
-    "step": ("step", None, "matmul"),
-    "step+kernel+autotune": ("step", "max-autotune-no-cudagraphs", "triton"),
+# name -> (compile_scope, compile_mode, attention, gemm)
+VARIANTS: dict[str, tuple[str, str | None, str, str]] = {
+    "layer": ("layer", None, "matmul", "cublas"),
+    "layer+gemm": ("layer", None, "matmul", "triton"),
+    "layer+kernel+gemm": ("layer", None, "triton", "triton"),
+    "step+kernel+gemm": ("step", None, "triton", "triton"),
+    "layer+kernel": ("layer", None, "triton", "cublas"),
+    "step+kernel": ("step", None, "triton", "cublas"),
+    "step": ("step", None, "matmul", "cublas"),
+    "layer+kernel+autotune": ("layer", "max-autotune-no-cudagraphs", "triton", "cublas"),
+    "step+kernel+autotune": ("step", "max-autotune-no-cudagraphs", "triton", "cublas"),
 }
 
 
@@ -105,7 +110,7 @@ def _variant(
     from dlp.engine.model import CompactLM
     from dlp.engine.runner import DecodeRunner
 
-    scope, mode, attention = VARIANTS[name]
+    scope, mode, attention, gemm = VARIANTS[name]
     torch._dynamo.reset()  # each variant compiles from scratch, no cache-limit recompiles
     model = CompactLM(hf_model, a.batch, a.max_seq_len, lora)
     runner = DecodeRunner(
@@ -116,6 +121,7 @@ def _variant(
         compile_mode=mode,
         compile_scope=scope,
         attention=attention,
+        gemm=gemm,
     )
     start = time.perf_counter()
     with torch.no_grad():
@@ -125,6 +131,8 @@ def _variant(
         "compile_mode": mode,
         "attention": attention,
         "attn_splits": model.attn_splits,
+        "gemm": gemm,
+        "decode_gemm": model.decode_gemm,
         "compile_capture_s": time.perf_counter() - start,
         "compile_failed": runner.compile_failed,
     }

@@ -114,6 +114,7 @@ def _app_args(assets: dict[str, str], a: argparse.Namespace) -> dict[str, Any]:
             "overlap_steps": a.overlap_steps,
             "compile_scope": a.compile_scope,
             "decode_attention": a.decode_attention,
+            "decode_gemm": a.decode_gemm,
         },
         "worker": {
             "num_gpus": 1 if on_gpu else 0,
@@ -363,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--compile-scope", choices=("layer", "step"), default="layer")
     p.add_argument("--decode-attention", choices=("auto", "matmul", "triton"), default="auto")
+    p.add_argument("--decode-gemm", choices=("auto", "cublas", "triton"), default="auto")
     p.add_argument(
         "--client-procs",
         type=int,

@@ -60,6 +60,7 @@ def engine_config_dict(cfg: AppConfig) -> dict[str, Any]:
         "cuda_graph": e.cuda_graph,
         "compile_scope": e.compile_scope,
         "decode_attention": e.decode_attention,
+        "decode_gemm": e.decode_gemm,
         "overlap_steps": e.overlap_steps,
         "admit_min_rows": e.admit_min_rows,
         "admit_max_wait_steps": e.admit_max_wait_steps,

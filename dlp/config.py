@@ -90,6 +90,11 @@ class EngineSettings(_Strict):
         description="triton: length-aware decode attention kernel (auto: on CUDA for"
         " caches over 512 positions)",
     )
+    decode_gemm: Literal["auto", "cublas", "triton"] = Field(
+        "auto",
+        description="triton: weight-streaming decode GEMM kernels (auto: cuBLAS until"
+        " measured faster)",
+    )
     admit_min_rows: int | None = Field(
         None,
         ge=1,

@@ -46,6 +46,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compile one block for every layer (default) or the whole decode step",
     )
     parser.add_argument(
+        "--decode-attention",
+        default=None,
+        choices=["auto", "matmul", "triton"],
+        help="decode attention of the engine variants (default: auto)",
+    )
+    parser.add_argument(
+        "--decode-gemm",
+        default=None,
+        choices=["auto", "cublas", "triton"],
+        help="decode GEMMs of the engine variants (default: auto)",
+    )
+    parser.add_argument(
         "--overlap-steps",
         action="store_true",
         help="queue decode step N+1 before handling step N's tokens",

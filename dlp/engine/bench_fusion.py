@@ -98,6 +98,8 @@ class BenchConfig:
     compile: bool | None = None
     compile_mode: str | None = None  # EngineConfig.compile_mode of the engine variants
     compile_scope: str = "layer"  # EngineConfig.compile_scope of the engine variants
+    decode_attention: str = "auto"  # EngineConfig.decode_attention of the engine variants
+    decode_gemm: str = "auto"  # EngineConfig.decode_gemm of the engine variants
     overlap_steps: bool = False  # EngineConfig.overlap_steps of the engine variants
 
 
@@ -401,6 +403,8 @@ async def run_shape(shape: str, cfg: BenchConfig, deadline: Deadline) -> dict[st
         compile=cfg.compile,
         compile_mode=cfg.compile_mode,
         compile_scope=cfg.compile_scope,
+        decode_attention=cfg.decode_attention,
+        decode_gemm=cfg.decode_gemm,
         overlap_steps=cfg.overlap_steps,
         max_prefill_tokens=cfg.batch * cfg.prompt,
     )
@@ -823,6 +827,10 @@ def config_from_args(args) -> BenchConfig:
         cfg.compile_mode = args.compile_mode
     if args.compile_scope:
         cfg.compile_scope = args.compile_scope
+    if args.decode_attention:
+        cfg.decode_attention = args.decode_attention
+    if args.decode_gemm:
+        cfg.decode_gemm = args.decode_gemm
     cfg.overlap_steps = bool(args.overlap_steps)
     if args.out:
         cfg.out = args.out

@@ -12,6 +12,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 COMPILE_SCOPES = ("layer", "step")
 DECODE_ATTENTIONS = ("auto", "matmul", "triton")
+DECODE_GEMMS = ("auto", "cublas", "triton")
 
 
 @dataclass
@@ -49,6 +50,9 @@ class EngineConfig:
     # "matmul" (two GEMMs over the whole static cache), "auto" (triton on CUDA for caches
     # longer than 512 positions, if triton imports).
     decode_attention: str = "auto"
+    # Decode GEMMs: "triton" (weight-streaming kernels of skinny_gemm, silu * up fused into
+    # gate/up), "cublas" (F.linear), "auto" (cuBLAS: see runner.AUTO_SKINNY_GEMM).
+    decode_gemm: str = "auto"
     cuda_graph: bool | None = None  # capture the decode step (default: on CUDA)
     # Queue decode step N+1 before handling step N's tokens (greedy rows feed their own token
     # on the device), so the host's per-token work runs while the GPU decodes. Steps with a
@@ -104,6 +108,13 @@ class EngineConfig:
             )
         if self.decode_attention == "triton" and not self.on_cuda:
             raise DlpError("engine config: decode_attention 'triton' needs a cuda device")
+        if self.decode_gemm not in DECODE_GEMMS:
+            raise DlpError(
+                f"engine config: decode_gemm must be one of {DECODE_GEMMS}, got"
+                f" {self.decode_gemm!r}"
+            )
+        if self.decode_gemm == "triton" and not self.on_cuda:
+            raise DlpError("engine config: decode_gemm 'triton' needs a cuda device")
         if not self.device.startswith(("cpu", "cuda")):
             raise DlpError(f"engine config: device must be cpu or cuda[:N], got {self.device!r}")
 

@@ -26,27 +26,19 @@ works inside ``torch.compile(fullgraph=True)`` and CUDA-graph capture.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-try:  # The CPU torch wheel ships without triton: importing this module must still work.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
+from dlp.engine.triton_support import INTERPRET as _INTERPRET
+from dlp.engine.triton_support import tl, triton, triton_available
+
+__all__ = ["decode_attention", "decode_attention_reference", "pick_splits", "triton_available"]
 
 BLOCK_N = 64  # keys per loop step: 64 x head_dim bf16 tiles keep registers low at d=128
 MIN_DOT_ROWS = 16  # tl.dot needs M >= 16, so the query-head group is padded up to this
 MAX_SPLITS = 16
 SPLIT_TARGET = 256  # positions per split once the cache is long enough to split
 TARGET_PROGRAMS = 128  # about one program per SM of an H100/H200 (132) is enough to split for
-
-
-def triton_available() -> bool:
-    """True when triton imported (it may still need a GPU, or TRITON_INTERPRET=1 on CPU)."""
-    return triton is not None
 
 
 def pick_splits(max_seq: int, rows: int = 1, kv_heads: int = 1) -> int:
@@ -83,12 +75,6 @@ def decode_attention_reference(
 
 
 if triton is not None:
-    # Triton's CPU interpreter (TRITON_INTERPRET=1, used by the tests) multiplies the raw
-    # bit patterns of bf16 operands in tl.dot (seen with triton 3.5), so there the dot
-    # operands are upcast to fp32; compiled GPU code keeps the bf16 tensor-core dots.
-    _knobs = getattr(triton, "knobs", None)
-    _INTERPRET = bool(_knobs.runtime.interpret) if _knobs is not None else False
-    _INTERPRET = _INTERPRET or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
     @triton.jit
     def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):

@@ -125,6 +125,7 @@ class Engine:
             compile_mode=config.compile_mode,
             compile_scope=config.compile_scope,
             attention=config.decode_attention,
+            gemm=config.decode_gemm,
             overlap=config.overlap_steps,
         )
         self.eos_ids = _eos_ids(model, tokenizer)

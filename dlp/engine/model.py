@@ -24,6 +24,7 @@ from torch import nn
 
 from dlp.engine.decode_attention import decode_attention
 from dlp.engine.fused_weights import fuse_layer, slot_copies
+from dlp.engine.skinny_gemm import skinny_linear, skinny_silu_mul
 from dlp.errors import DlpError
 from dlp.lora.fused_ops import lora_delta
 
@@ -128,6 +129,9 @@ class CompactLM(nn.Module):
         # Decode attention: 0 = matmuls over the whole static cache (any device); N >= 1 = the
         # length-aware Triton kernel with N splits of the sequence (set by the runner on CUDA).
         self.attn_splits = 0
+        # Decode GEMMs: False = F.linear (cuBLAS / CPU); True = the weight-streaming Triton
+        # kernels of skinny_gemm (set by the runner on CUDA).
+        self.decode_gemm = False
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.set_lora(lora or {})
         self._build_fused()
@@ -295,6 +299,7 @@ class CompactLM(nn.Module):
                 s.head_dim,
                 s.rms_eps,
                 self.attn_splits,
+                self.decode_gemm,
             )
         return self.decode_head(x)
 
@@ -381,8 +386,8 @@ def _rope_tables(
     return cos[0].float(), sin[0].float()
 
 
-def _lin(x, weight, bias, lora, scales):
-    out = F.linear(x, weight, bias)
+def _lin(x, weight, bias, lora, scales, linear=F.linear):
+    out = linear(x, weight, bias)
     if lora is not None and scales is not None:
         out = out + lora_delta(x, lora[0], lora[1], None, scales).to(out.dtype)
     return out
@@ -417,6 +422,7 @@ def decode_layer(
     head_dim: int,
     eps: float,
     attn_splits: int = 0,
+    skinny: bool = False,
 ) -> torch.Tensor:
     """One transformer block for one new token per row; a pure function of its tensors so
     one ``torch.compile`` of it serves every layer. Writes this token's K/V into the cache.
@@ -424,11 +430,13 @@ def decode_layer(
     ``w_in`` holds q/k/v and (with ``bt``) every slot's LoRA A rows: one GEMM, then the
     row-scaled LoRA hidden states go through the block-diagonal ``bt`` onto q/k/v.
     ``attn_splits`` > 0 runs attention as the Triton kernel that reads each row's valid
-    prefix only (``bias`` is then unused)."""
+    prefix only (``bias`` is then unused). ``skinny`` runs the GEMMs as the weight-streaming
+    Triton kernels (gate/up with silu * up in their epilogue)."""
     b = x.shape[0]
     lo, lg, lu, ld = lora
+    linear = skinny_linear if skinny else F.linear
     h = rms_norm(x, in_norm, eps)
-    q, k, v = _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes)
+    q, k, v = _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes, linear)
     q = q.reshape(b, 1, n_heads, head_dim).transpose(1, 2)
     k = k.reshape(b, 1, n_kv_heads, head_dim).transpose(1, 2)
     v = v.reshape(b, 1, n_kv_heads, head_dim).transpose(1, 2)
@@ -446,8 +454,9 @@ def decode_layer(
         att = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * head_dim**-0.5 + bias
         att = torch.softmax(att, dim=-1).to(v_cache.dtype)
         o = torch.matmul(att, v_cache).reshape(b, 1, n_heads * head_dim)
-    x = x + _lin(o, w_o, b_o, lo, row_scales)
-    return _mlp(x, post_norm, w_gu, b_gu, w_down, b_down, (lg, lu, ld), row_scales, eps)
+    x = x + _lin(o, w_o, b_o, lo, row_scales, linear)
+    mlp_lora = (lg, lu, ld)
+    return _mlp(x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny)
 
 
 def prefill_layer(
@@ -507,10 +516,11 @@ def _qkv(
     bt: torch.Tensor | None,
     in_scales: torch.Tensor | None,
     qkv_sizes: tuple[int, int, int],
+    linear=F.linear,
 ) -> list[torch.Tensor]:
     """q, k, v [..., size] from one GEMM over the merged rows (q/k/v + every slot's LoRA A),
     the row-scaled LoRA hidden states mapped back through the block-diagonal ``bt``."""
-    big = F.linear(h, w_in, b_in)
+    big = linear(h, w_in, b_in)
     qkv_size = qkv_sizes[0] + qkv_sizes[1] + qkv_sizes[2]
     if bt is not None and in_scales is not None:
         qkv = big[..., :qkv_size] + torch.matmul(big[..., qkv_size:] * in_scales, bt)
@@ -529,15 +539,24 @@ def _mlp(
     lora: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...],
     row_scales: torch.Tensor | None,
     eps: float,
+    skinny: bool = False,
 ) -> torch.Tensor:
-    """Residual MLP half of a block: gate and up in one GEMM, per-row LoRA on any of them."""
+    """Residual MLP half of a block: gate and up in one GEMM, per-row LoRA on any of them.
+    ``skinny``: the weight-streaming kernels; without LoRA on gate/up, silu(gate) * up is
+    the gate/up kernel's epilogue."""
     lg, lu, ld = lora
     h = rms_norm(x, post_norm, eps)
-    gu = F.linear(h, w_gu, b_gu)
+    linear = skinny_linear if skinny else F.linear
+    gate_lora = lg is not None and row_scales is not None
+    up_lora = lu is not None and row_scales is not None
+    if skinny and not (gate_lora or up_lora):
+        act = skinny_silu_mul(h, w_gu, b_gu)
+        return x + _lin(act, w_down, b_down, ld, row_scales, linear)
+    gu = linear(h, w_gu, b_gu)
     inter = w_gu.shape[0] // 2
     gate, up = gu[..., :inter], gu[..., inter:]
-    if lg is not None and row_scales is not None:
+    if gate_lora:
         gate = gate + lora_delta(h, lg[0], lg[1], None, row_scales).to(gate.dtype)
-    if lu is not None and row_scales is not None:
+    if up_lora:
         up = up + lora_delta(h, lu[0], lu[1], None, row_scales).to(up.dtype)
-    return x + _lin(F.silu(gate) * up, w_down, b_down, ld, row_scales)
+    return x + _lin(F.silu(gate) * up, w_down, b_down, ld, row_scales, linear)

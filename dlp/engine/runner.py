@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 PREFILL_PAD = 16
 AUTO_KERNEL_MIN_SEQ = 512
+# decode_gemm "auto": the weight-streaming Triton GEMMs (skinny_gemm) on CUDA. Off until
+# benchmarks/gemm_bench.py and decode_step_bench.py measure them faster than cuBLAS.
+AUTO_SKINNY_GEMM = False
 # Above this many padded tokens a prefill's GPU time (~16 ms on an H200 for Qwen2-1.5B)
 # covers its host time: run it directly, without a bucket's padding.
 PREFILL_GRAPH_TOKENS = 4096
@@ -157,6 +160,7 @@ class DecodeRunner:
         compile_scope: str = "layer",
         attention: str = "auto",
         overlap: bool = False,
+        gemm: str = "auto",
     ) -> None:
         self.model = model
         device = model.rope_cos.device
@@ -208,6 +212,11 @@ class DecodeRunner:
         )
         splits = pick_splits(model.max_seq, model.max_batch, model.shape.n_kv_heads)
         model.attn_splits = splits if use_kernel else 0
+        if gemm == "triton" and not (device.type == "cuda" and triton_available()):
+            raise DlpError("decode_gemm 'triton' needs a CUDA device and triton installed")
+        model.decode_gemm = gemm == "triton" or (
+            gemm == "auto" and AUTO_SKINNY_GEMM and device.type == "cuda" and triton_available()
+        )
         self.layer_fn = decode_layer
         self.prefill_fn = prefill_layer
         self.compiled_step: Callable[[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -440,6 +449,7 @@ class DecodeRunner:
             self.layer_fn = decode_layer
             self.compiled_step = None
             self.model.attn_splits = 0
+            self.model.decode_gemm = False
             self._capture()
         if self.graph_tokens:
             try:

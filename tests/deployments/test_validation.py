@@ -170,6 +170,7 @@ def test_engine_config_from_app_config() -> None:
                 "admit_min_rows": 16,
                 "compile_scope": "step",
                 "decode_attention": "triton",
+                "decode_gemm": "triton",
             },
             "limits": {"max_context_tokens": 2048, "max_adapter_rank": 8},
         }
@@ -178,13 +179,15 @@ def test_engine_config_from_app_config() -> None:
     engine.validate()
     assert engine.admit_rows == 16
     assert engine.compile_scope == "step" and engine.decode_attention == "triton"
+    assert engine.decode_gemm == "triton"
     assert engine.model_config["hidden_size"] == 1536 and engine.tokenizer_path
     assert engine.max_seq_len == 2048 and engine.max_rank == 8 and engine.max_batch == 64
     default = EngineConfig(**engine_config_dict(AppConfig()))
     default.validate()
     assert default.model_path is None and default.model_config is None  # embedded default
     assert default.compile_scope == "layer" and default.decode_attention == "auto"
-    for bad in ({"compile_scope": "model"}, {"decode_attention": "flash"}):
+    assert default.decode_gemm == "auto"
+    for bad in ({"compile_scope": "model"}, {"decode_attention": "flash"}, {"decode_gemm": "x"}):
         with pytest.raises(ValidationError, match=next(iter(bad))):
             AppConfig.model_validate({"engine": bad})
         with pytest.raises(DlpError, match=next(iter(bad))):

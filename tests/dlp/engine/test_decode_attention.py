@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import dlp.engine.decode_attention as da
+from dlp.engine import triton_support
 from dlp.engine.decode_attention import decode_attention_reference, pick_splits
 
 REPO = Path(__file__).resolve().parents[3]
@@ -178,6 +179,7 @@ def test_pick_splits_bounds_split_size():
 
 def test_without_triton_raises_clearly(monkeypatch):
     monkeypatch.setattr(da, "triton", None)
+    monkeypatch.setattr(triton_support, "triton", None)
     assert not da.triton_available()
     q = torch.zeros(1, 2, 32)
     cache = torch.zeros(1, 2, 8, 32)

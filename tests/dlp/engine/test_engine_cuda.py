@@ -32,6 +32,34 @@ def test_decode_attention_kernel_matches_reference(dtype, splits):
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 64, 100])
+def test_skinny_gemm_matches_f_linear(dtype, rows):
+    import torch.nn.functional as F
+
+    from dlp.engine.skinny_gemm import GemmConfig, skinny_linear, skinny_silu_mul
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    for n, k, bias, cfg in [
+        (2048, 1536, True, None),
+        (1536, 8960, False, None),
+        (1536, 8960, False, GemmConfig(64, 128, 3)),  # uneven split of 70 K steps
+        (200, 136, True, GemmConfig(32, 64, 2)),  # ragged N and K
+    ]:
+        x = torch.randn(rows, k, generator=gen, device="cuda").to(dtype)
+        w = (torch.randn(2 * n, k, generator=gen, device="cuda") * k**-0.5).to(dtype)
+        b = torch.randn(2 * n, generator=gen, device="cuda").to(dtype) if bias else None
+        ref = F.linear(x.float(), w[:n].float(), None if b is None else b[:n].float())
+        out = skinny_linear(x, w[:n], None if b is None else b[:n], cfg)
+        assert out.dtype == dtype and out.shape == (rows, n)
+        torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+        gu = F.linear(x, w, b)
+        ref_act = F.silu(gu[:, :n]) * gu[:, n:]
+        act = skinny_silu_mul(x, w, b, cfg)
+        torch.testing.assert_close(act.float(), ref_act.float(), atol=2 * tol, rtol=2 * tol)
+
+
 def _requests():
     mixes = [
         AdapterMix.base(),
@@ -50,7 +78,7 @@ def _requests():
 def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
     """fp32: compiled + graphs + Triton attention == eager matmul attention, token for token,
     through prefill graphs (several buckets, LoRA scales staged) and decode graphs, with
-    synchronous and with overlapped steps."""
+    synchronous and with overlapped steps, and with the Triton decode GEMMs."""
     model = tiny_model("qwen2").to("cuda")
     adapters = write_adapters(model, tmp_path, ["t0", "t1", "t2"])
     outputs = {}
@@ -59,6 +87,9 @@ def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
         "graphs": dict(compile=True, cuda_graph=True, decode_attention="triton"),
         "overlap": dict(
             compile=True, cuda_graph=True, decode_attention="triton", overlap_steps=True
+        ),
+        "gemm": dict(
+            compile=True, cuda_graph=True, decode_attention="triton", decode_gemm="triton"
         ),
     }.items():
         engine = make_engine(
@@ -76,3 +107,4 @@ def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
             assert engine.runner._prefill_graphs
     assert outputs["graphs"] == outputs["eager"]
     assert outputs["overlap"] == outputs["eager"]
+    assert outputs["gemm"] == outputs["eager"]

@@ -89,3 +89,17 @@ def test_decode_attention_choice_on_the_cpu():
     with pytest.raises(DlpError, match="decode_attention"):
         EngineConfig(decode_attention="triton").validate()
     EngineConfig(decode_attention="triton", device="cuda").validate()
+
+
+def test_decode_gemm_choice_on_the_cpu():
+    """auto keeps F.linear on the CPU; the Triton GEMMs are refused there."""
+    model = tiny_model("qwen2")
+    runner = DecodeRunner(CompactLM(model, max_batch=2, max_seq=64), n_slots=0)
+    assert runner.model.decode_gemm is False
+    with pytest.raises(DlpError, match="decode_gemm"):
+        DecodeRunner(CompactLM(model, max_batch=2, max_seq=64), n_slots=0, gemm="triton")
+    with pytest.raises(DlpError, match="decode_gemm"):
+        EngineConfig(decode_gemm="triton").validate()
+    with pytest.raises(DlpError, match="decode_gemm"):
+        EngineConfig(decode_gemm="magma").validate()
+    EngineConfig(decode_gemm="triton", device="cuda").validate()

@@ -1,0 +1,300 @@
+"""Weight-streaming GEMMs for the decode step: ``x [M, K] @ w[N, K]^T`` with few rows (M <= 128).
+
+At decode, a linear layer multiplies a handful of rows (the batch) by a large weight, so its
+time is the time to stream the weight from HBM once. cuBLAS picks tiles made for square
+problems: on the H200 at M = 64 its kernels for Qwen2-1.5B's layers reached 0.9-3.0 TB/s of
+the 4.3 TB/s the memory gives (``benchmarks/results/decode_step_h200.json``), and the GEMMs
+alone took 1.6x the whole step's memory floor. Here each program owns a ``BLOCK_N`` slice of
+the output for all M rows (one ``BLOCK_M`` tile covers the batch) and walks K in ``BLOCK_K``
+steps, so each weight byte is read once; ``split_k`` cuts K into pieces that run in parallel
+so that small layers (q/k/v, o) still give every SM work, and the pieces land as fp32
+partials ``[split_k, M, N]`` that the caller sums (under ``torch.compile`` that sum fuses into
+the next pointwise kernel, so the split costs no extra launch).
+
+:func:`skinny_silu_mul` is the MLP's gate/up GEMM with ``silu(gate) * up`` in the epilogue:
+each program streams the gate rows and the matching up rows of one output slice.
+
+Configs (:class:`GemmConfig`) come from :func:`pick_config`: the best measured on the H200 per
+shape where one was measured (``benchmarks/gemm_bench.py``), else a rule that aims for a few
+programs per SM. Everything that shapes a launch is a Python int: the calls work inside
+``torch.compile(fullgraph=True)`` and CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dlp.engine.triton_support import INTERPRET, tl, triton
+
+MAX_ROWS = 128  # beyond this the problem is no longer weight-bound: cuBLAS is the right tool
+SM_COUNT_DEFAULT = 132  # H100 / H200
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "block_n": self.block_n,
+            "block_k": self.block_k,
+            "split_k": self.split_k,
+            "num_warps": self.num_warps,
+            "num_stages": self.num_stages,
+        }
+
+
+# (N, K, silu) -> config measured best at M = 64 on the H200 (benchmarks/gemm_bench.py).
+# Filled from benchmarks/results/gemm_h200.json; shapes not listed use the rule below.
+MEASURED: dict[tuple[int, int, bool], GemmConfig] = {}
+
+
+def block_m_for(m: int) -> int:
+    """Rows per tile: the batch padded to a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, min(64, triton_next_pow2(m)))
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def pick_config(
+    m: int, n: int, k: int, silu: bool = False, sms: int = SM_COUNT_DEFAULT
+) -> GemmConfig:
+    """The config for one GEMM shape: measured if listed, else ~2+ programs per SM. ``n`` is
+    the output width (for ``silu``, the intermediate size: half the weight's rows)."""
+    measured = MEASURED.get((n, k, silu))
+    if measured is not None and m <= 64:
+        return measured
+    block_n = 64 if silu else 128
+    block_k = 128
+    tiles = math.ceil(n / block_n) * math.ceil(m / 64)
+    k_steps = math.ceil(k / block_k)
+    split = 1
+    # Split K until the grid covers the SMs twice, keeping >= 4 K steps per piece.
+    while not silu and tiles * split < 2 * sms and k_steps // (split * 2) >= 4:
+        split *= 2
+    return GemmConfig(block_n=block_n, block_k=block_k, split_k=split)
+
+
+def supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """True when the kernel applies: triton, a CUDA (or interpreted) half-precision or fp32
+    weight, few rows, contiguous K."""
+    if triton is None or w.dim() != 2 or w.stride(1) != 1:
+        return False
+    if not (w.is_cuda or INTERPRET):
+        return False
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return 0 < rows <= MAX_ROWS and x.dtype == w.dtype
+
+
+def skinny_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` for x ``[..., K]`` with few rows; falls back to F.linear where
+    the kernel does not apply. Accumulates in fp32, rounds once to x's dtype."""
+    if not supported(x, w):
+        return F.linear(x, w, bias)
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m, n = x2.shape[0], w.shape[0]
+    cfg = config or pick_config(m, n, k)
+    out = _launch(x2, w, bias, m, n, k, cfg, silu=False)
+    return out.reshape(*lead, n)
+
+
+def skinny_silu_mul(
+    x: torch.Tensor,
+    w_gu: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """``silu(gate) * up`` where ``[gate, up] = F.linear(x, w_gu, bias).chunk(2, -1)``: the
+    MLP's merged gate/up weight ``[2 * inter, K]``. gate and up are rounded to x's dtype
+    before the product, as the eager path does."""
+    inter = w_gu.shape[0] // 2
+    if not supported(x, w_gu):
+        gu = F.linear(x, w_gu, bias)
+        return F.silu(gu[..., :inter]) * gu[..., inter:]
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    cfg = config or pick_config(m, inter, k, silu=True)
+    out = _launch(x2, w_gu, bias, m, inter, k, cfg, silu=True)
+    return out.reshape(*lead, inter)
+
+
+def _launch(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    m: int,
+    n: int,
+    k: int,
+    cfg: GemmConfig,
+    silu: bool,
+) -> torch.Tensor:
+    out = launch_partials(x, w, bias, m, n, k, cfg, silu)
+    return finish_partials(out, n, silu, x.dtype)
+
+
+def launch_partials(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    m: int,
+    n: int,
+    k: int,
+    cfg: GemmConfig,
+    silu: bool,
+) -> torch.Tensor:
+    """The kernel alone: ``[m, n]`` in x's dtype when K is not split, else fp32 partials
+    ``[split, m, n]`` (``[split, m, 2n]``, gate then up, for ``silu``)."""
+    block_m = block_m_for(m)
+    k_steps = math.ceil(k / cfg.block_k)
+    split = max(1, min(cfg.split_k, k_steps))
+    # Every piece but the last covers the same whole number of BLOCK_K steps.
+    k_per_split = math.ceil(k_steps / split) * cfg.block_k
+    split = math.ceil(k / k_per_split)
+    if split == 1:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    else:
+        width = 2 * n if silu else n
+        out = torch.empty((split, m, width), dtype=torch.float32, device=x.device)
+    grid = (math.ceil(n / cfg.block_n), split, math.ceil(m / block_m))
+    _skinny_kernel[grid](
+        x, w, bias if bias is not None else w, out,
+        m, n, k, k_per_split,
+        x.stride(0), w.stride(0), out.stride(-2),
+        out.stride(0) if split > 1 else 0,
+        n,
+        BLOCK_M=block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        HAS_BIAS=bias is not None,
+        GATE_UP=silu,
+        FUSE_SILU=silu and split == 1,
+        EVEN_K=k % cfg.block_k == 0,
+        EVEN_N=n % cfg.block_n == 0,
+        UPCAST=INTERPRET,
+        # fp32 weights get exact fp32 dots (not tf32): the engine's fp32 path must match
+        # F.linear token for token; bf16/fp16 ignore the setting.
+        PRECISION="ieee" if w.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def finish_partials(out: torch.Tensor, n: int, silu: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Sum the split pieces of :func:`launch_partials` (and apply silu * up): plain torch, so
+    under torch.compile it fuses into the kernel that consumes the result."""
+    if out.dim() == 2:
+        return out
+    total = out.sum(0)
+    if silu:
+        gate = total[:, :n].to(dtype)
+        up = total[:, n:].to(dtype)
+        return F.silu(gate) * up
+    return total.to(dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_dot(x_ptrs, w_ptrs, k_lo, k_hi, m_ok, n_ok, acc, BLOCK_K: tl.constexpr,
+                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
+                  PRECISION: tl.constexpr):  # fmt: skip
+        """acc += x[:, k_lo:k_hi] @ w[k_lo:k_hi, :] (w seen as [K, BLOCK_N])."""
+        kk = tl.arange(0, BLOCK_K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            if EVEN_K:
+                xt = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0)
+                if EVEN_N:
+                    wt = tl.load(w_ptrs + k0)
+                else:
+                    wt = tl.load(w_ptrs + k0, mask=n_ok[None, :], other=0.0)
+            else:
+                k_ok = (k0 + kk) < k_hi
+                xt = tl.load(x_ptrs + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                wt = tl.load(w_ptrs + k0, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            if UPCAST:  # Triton's CPU interpreter mis-multiplies bf16 dots: fp32 there
+                xt = xt.to(tl.float32)
+                wt = wt.to(tl.float32)
+            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
+    def _skinny_kernel(
+        X, W, Bias, Out,
+        M, N, K, K_PER_SPLIT,
+        stride_xm, stride_wn, stride_om, stride_os,
+        UP_OFFSET,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        GATE_UP: tl.constexpr,
+        FUSE_SILU: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        EVEN_N: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        kk = tl.arange(0, BLOCK_K)
+        m_ok = rows < M
+        n_ok = cols < N
+        k_lo = pid_s * K_PER_SPLIT
+        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+        # int64 weight offsets: N * K passes 2^31 for big vocabularies.
+        x_ptrs = X + rows[:, None].to(tl.int64) * stride_xm + kk[None, :]
+        w_ptrs = W + cols[None, :].to(tl.int64) * stride_wn + kk[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc = _tile_dot(x_ptrs, w_ptrs, k_lo, k_hi, m_ok, n_ok, acc, BLOCK_K, EVEN_K, EVEN_N,
+                        UPCAST, PRECISION)  # fmt: skip
+        if GATE_UP:
+            up_ptrs = w_ptrs + UP_OFFSET.to(tl.int64) * stride_wn
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            acc_up = _tile_dot(x_ptrs, up_ptrs, k_lo, k_hi, m_ok, n_ok, acc_up, BLOCK_K, EVEN_K,
+                               EVEN_N, UPCAST, PRECISION)  # fmt: skip
+        if HAS_BIAS:  # noqa: SIM102 - triton: `and` of a constexpr and a runtime value
+            if pid_s == 0:  # the bias belongs to one piece of a split sum only
+                acc += tl.load(Bias + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                if GATE_UP:
+                    up_b = tl.load(Bias + UP_OFFSET + cols, mask=n_ok, other=0.0)
+                    acc_up += up_b.to(tl.float32)[None, :]
+        out_ok = m_ok[:, None] & n_ok[None, :]
+        o_ptrs = Out + pid_s.to(tl.int64) * stride_os + rows[:, None] * stride_om + cols[None, :]
+        if FUSE_SILU:
+            # Same roundings as the eager path: gate and up to the dtype, then silu(g) * u.
+            # (The product of two rounded values is exact in fp32: one rounding at the store.)
+            dt = Out.dtype.element_ty
+            gate = acc.to(dt).to(tl.float32)
+            up = acc_up.to(dt).to(tl.float32)
+            act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+            tl.store(o_ptrs, (act * up).to(dt), mask=out_ok)
+        elif GATE_UP:  # split pieces: gate and up partials side by side, [.., 2N]
+            tl.store(o_ptrs, acc, mask=out_ok)
+            tl.store(o_ptrs + UP_OFFSET, acc_up, mask=out_ok)
+        else:
+            tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=out_ok)
