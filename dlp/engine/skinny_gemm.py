@@ -40,7 +40,7 @@ class GemmConfig:
     block_k: int
     split_k: int
     num_warps: int = 4
-    num_stages: int = 4
+    num_stages: int = 5
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -52,9 +52,26 @@ class GemmConfig:
         }
 
 
-# (N, K, silu) -> config measured best at M = 64 on the H200 (benchmarks/gemm_bench.py).
-# Filled from benchmarks/results/gemm_h200.json; shapes not listed use the rule below.
-MEASURED: dict[tuple[int, int, bool], GemmConfig] = {}
+# (N, K, silu) -> the fastest config of the sweep at M = 64 on the H200 (benchmarks/gemm_bench.py,
+# benchmarks/results/gemm_h200.json); shapes not listed use the rule in pick_config.
+MEASURED: dict[tuple[int, int, bool], GemmConfig] = {
+    # Qwen2-1.5B: q/k/v (+ the LoRA A rows of 32 r=8 q/v slots), o, gate/up, down
+    (2048, 1536, False): GemmConfig(32, 64, 4),
+    (2560, 1536, False): GemmConfig(64, 128, 3),
+    (1536, 1536, False): GemmConfig(64, 64, 4),
+    (8960, 1536, True): GemmConfig(32, 64, 1),
+    (1536, 8960, False): GemmConfig(64, 128, 4),
+    # Llama-3-8B
+    (6144, 4096, False): GemmConfig(64, 128, 1),
+    (6656, 4096, False): GemmConfig(64, 128, 1),
+    (4096, 4096, False): GemmConfig(64, 128, 2),
+    (14336, 4096, True): GemmConfig(64, 128, 1, num_stages=3),
+    (4096, 14336, False): GemmConfig(64, 128, 2),
+}
+# The rule for other shapes: split K until the grid has this many programs. In the sweep the
+# best splits gave 96-128 programs at M = 64 (fewer programs leave SMs idle; more pieces
+# cost a wider fp32 sum).
+TARGET_PROGRAMS = 96
 
 
 def block_m_for(m: int) -> int:
@@ -69,18 +86,19 @@ def triton_next_pow2(n: int) -> int:
 def pick_config(
     m: int, n: int, k: int, silu: bool = False, sms: int = SM_COUNT_DEFAULT
 ) -> GemmConfig:
-    """The config for one GEMM shape: measured if listed, else ~2+ programs per SM. ``n`` is
-    the output width (for ``silu``, the intermediate size: half the weight's rows)."""
+    """The config for one GEMM shape: measured if listed, else 64 x 128 tiles with K split
+    until the grid has ~``TARGET_PROGRAMS`` programs (>= 4 K steps a piece). ``n`` is the
+    output width (for ``silu``, the intermediate size: half the weight's rows)."""
     measured = MEASURED.get((n, k, silu))
     if measured is not None and m <= 64:
         return measured
-    block_n = 64 if silu else 128
-    block_k = 128
+    block_n, block_k = 64, 128
     tiles = math.ceil(n / block_n) * math.ceil(m / 64)
     k_steps = math.ceil(k / block_k)
     split = 1
-    # Split K until the grid covers the SMs twice, keeping >= 4 K steps per piece.
-    while not silu and tiles * split < 2 * sms and k_steps // (split * 2) >= 4:
+    target = TARGET_PROGRAMS * sms // SM_COUNT_DEFAULT
+    # silu * up needs whole sums in the epilogue: gate/up is wide enough not to split.
+    while not silu and tiles * split < target and k_steps // (split * 2) >= 4:
         split *= 2
     return GemmConfig(block_n=block_n, block_k=block_k, split_k=split)
 
