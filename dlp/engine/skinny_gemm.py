@@ -184,6 +184,10 @@ def launch_partials(
     """The kernel alone: ``[m, n]`` in x's dtype when K is not split, else fp32 partials
     ``[split, m, n]`` (``[split, m, 2n]``, gate then up, for ``silu``)."""
     block_m = block_m_for(m)
+    if x.element_size() == 4:
+        # fp32 tiles are twice the bytes: the bf16 configs' pipelines would not fit in
+        # shared memory (228 KB on an H200).
+        cfg = GemmConfig(cfg.block_n, min(cfg.block_k, 64), cfg.split_k, cfg.num_warps, 2)
     k_steps = math.ceil(k / cfg.block_k)
     split = max(1, min(cfg.split_k, k_steps))
     # Every piece but the last covers the same whole number of BLOCK_K steps.
@@ -235,29 +239,6 @@ def finish_partials(out: torch.Tensor, n: int, silu: bool, dtype: torch.dtype) -
 if triton is not None:
 
     @triton.jit
-    def _tile_dot(x_ptrs, w_ptrs, k_lo, k_hi, m_ok, n_ok, acc, BLOCK_K: tl.constexpr,
-                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
-                  PRECISION: tl.constexpr):  # fmt: skip
-        """acc += x[:, k_lo:k_hi] @ w[k_lo:k_hi, :] (w seen as [K, BLOCK_N])."""
-        kk = tl.arange(0, BLOCK_K)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            if EVEN_K:
-                xt = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0)
-                if EVEN_N:
-                    wt = tl.load(w_ptrs + k0)
-                else:
-                    wt = tl.load(w_ptrs + k0, mask=n_ok[None, :], other=0.0)
-            else:
-                k_ok = (k0 + kk) < k_hi
-                xt = tl.load(x_ptrs + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                wt = tl.load(w_ptrs + k0, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-            if UPCAST:  # Triton's CPU interpreter mis-multiplies bf16 dots: fp32 there
-                xt = xt.to(tl.float32)
-                wt = wt.to(tl.float32)
-            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-        return acc
-
-    @triton.jit
     def _skinny_kernel(
         X, W, Bias, Out,
         M, N, K, K_PER_SPLIT,
@@ -274,6 +255,8 @@ if triton is not None:
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
+        # One loop, no nested jit function: Inductor reads a user kernel's stores to learn
+        # which inputs it mutates, and clones every input (the weights!) where it cannot.
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -287,14 +270,35 @@ if triton is not None:
         # int64 weight offsets: N * K passes 2^31 for big vocabularies.
         x_ptrs = X + rows[:, None].to(tl.int64) * stride_xm + kk[None, :]
         w_ptrs = W + cols[None, :].to(tl.int64) * stride_wn + kk[:, None]
+        up_ptrs = w_ptrs + UP_OFFSET.to(tl.int64) * stride_wn  # gate/up: the up rows
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        acc = _tile_dot(x_ptrs, w_ptrs, k_lo, k_hi, m_ok, n_ok, acc, BLOCK_K, EVEN_K, EVEN_N,
-                        UPCAST, PRECISION)  # fmt: skip
-        if GATE_UP:
-            up_ptrs = w_ptrs + UP_OFFSET.to(tl.int64) * stride_wn
-            acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            acc_up = _tile_dot(x_ptrs, up_ptrs, k_lo, k_hi, m_ok, n_ok, acc_up, BLOCK_K, EVEN_K,
-                               EVEN_N, UPCAST, PRECISION)  # fmt: skip
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            # w is read as [BLOCK_K, BLOCK_N] (K contiguous), so x @ w is a plain dot.
+            if EVEN_K:
+                x_mask = m_ok[:, None]
+                w_mask = n_ok[None, :]
+            else:
+                k_ok = (k0 + kk) < k_hi
+                x_mask = m_ok[:, None] & k_ok[None, :]
+                w_mask = n_ok[None, :] & k_ok[:, None]
+            xt = tl.load(x_ptrs + k0, mask=x_mask, other=0.0)
+            if EVEN_K and EVEN_N:
+                wt = tl.load(w_ptrs + k0)
+            else:
+                wt = tl.load(w_ptrs + k0, mask=w_mask, other=0.0)
+            if UPCAST:  # Triton's CPU interpreter mis-multiplies bf16 dots: fp32 there
+                xt = xt.to(tl.float32)
+                wt = wt.to(tl.float32)
+            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+            if GATE_UP:
+                if EVEN_K and EVEN_N:
+                    ut = tl.load(up_ptrs + k0)
+                else:
+                    ut = tl.load(up_ptrs + k0, mask=w_mask, other=0.0)
+                if UPCAST:
+                    ut = ut.to(tl.float32)
+                acc_up = tl.dot(xt, ut, acc_up, input_precision=PRECISION)
         if HAS_BIAS:  # noqa: SIM102 - triton: `and` of a constexpr and a runtime value
             if pid_s == 0:  # the bias belongs to one piece of a split sum only
                 acc += tl.load(Bias + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]

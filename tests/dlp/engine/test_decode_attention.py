@@ -8,21 +8,13 @@ The CUDA tests at the end run only where a GPU is present.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
+from triton_interpreter import run_interpreted
 
 import dlp.engine.decode_attention as da
 from dlp.engine import triton_support
 from dlp.engine.decode_attention import decode_attention_reference, pick_splits
-
-REPO = Path(__file__).resolve().parents[3]
 
 # name -> (dtype, b, B, n_heads, kvh, d, S, lengths, splits, strided). B > b everywhere (the
 # kernel must ignore extra cache rows); lengths cover 1, S and non-multiples of BLOCK_N=64.
@@ -42,29 +34,8 @@ CASES = {
 }
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
 
-_CHILD = textwrap.dedent(
-    """
-    import json, sys
-
-    import numpy as np
+_CHILD = """
     import torch
-    import triton.runtime.interpreter as interp
-
-    # numpy >= 2.4 refuses int() of a shape-(1,) array, which triton <= 3.5's interpreter
-    # does for runtime loop bounds (triton-lang/triton#9171, fixed upstream by #9172).
-    try:
-        int(np.array([1]))
-        numpy_refuses = False
-    except TypeError:
-        numpy_refuses = True
-    if numpy_refuses and hasattr(interp, "_patch_lang_tensor"):
-        _patch = interp._patch_lang_tensor
-
-        def _patch_lang_tensor(tensor, *args):
-            _patch(tensor, *args)
-            tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
-
-        interp._patch_lang_tensor = _patch_lang_tensor
 
     from dlp.engine.decode_attention import decode_attention, decode_attention_reference
 
@@ -92,25 +63,14 @@ _CHILD = textwrap.dedent(
             "err": (out.float() - ref.float()).abs().max().item(),
         }
     print(json.dumps(results))
-    """
-)
+"""
 
 
 @pytest.fixture(scope="module")
 def interpreted():
     """Run every kernel case once in a TRITON_INTERPRET=1 child; name -> its numbers."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, json.dumps(CASES)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(_CHILD, CASES)
 
 
 @pytest.mark.parametrize("name", list(CASES))
