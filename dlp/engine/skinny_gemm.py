@@ -270,7 +270,10 @@ if triton is not None:
         # int64 weight offsets: N * K passes 2^31 for big vocabularies.
         x_ptrs = X + rows[:, None].to(tl.int64) * stride_xm + kk[None, :]
         w_ptrs = W + cols[None, :].to(tl.int64) * stride_wn + kk[:, None]
-        up_ptrs = w_ptrs + UP_OFFSET.to(tl.int64) * stride_wn  # gate/up: the up rows
+        # gate/up: the up rows. (No .to() on the int argument: Inductor's mutation analysis
+        # runs the kernel's Python with plain ints, fails on it and then clones every input.)
+        up_rows = cols + UP_OFFSET
+        up_ptrs = W + up_rows[None, :].to(tl.int64) * stride_wn + kk[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):

@@ -53,11 +53,14 @@ def test_skinny_gemm_matches_f_linear(dtype, rows):
         ref = F.linear(x.float(), w[:n].float(), None if b is None else b[:n].float())
         out = skinny_linear(x, w[:n], None if b is None else b[:n], cfg)
         assert out.dtype == dtype and out.shape == (rows, n)
+        # Against fp32 references: bf16 results are off by their final rounding only.
         torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
-        gu = F.linear(x, w, b)
+        gu = F.linear(x.float(), w.float(), None if b is None else b.float())
         ref_act = F.silu(gu[:, :n]) * gu[:, n:]
         act = skinny_silu_mul(x, w, b, cfg)
-        torch.testing.assert_close(act.float(), ref_act.float(), atol=2 * tol, rtol=2 * tol)
+        # gate and up are rounded before the product: a rounding step of each, times the other.
+        scale = gu.abs().max().item()
+        torch.testing.assert_close(act.float(), ref_act, atol=2 * tol * scale, rtol=2 * tol)
 
 
 def _requests():
