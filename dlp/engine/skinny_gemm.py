@@ -32,6 +32,9 @@ from dlp.engine.triton_support import INTERPRET, tl, triton
 
 MAX_ROWS = 128  # beyond this the problem is no longer weight-bound: cuBLAS is the right tool
 SM_COUNT_DEFAULT = 132  # H100 / H200
+# Shared memory the pipeline stages may take: an H100/H200 SM has 227 KB for one block;
+# Triton needs a little for itself.
+SHARED_MEMORY_BYTES = 216 * 1024
 
 
 @dataclass(frozen=True)
@@ -184,10 +187,12 @@ def launch_partials(
     """The kernel alone: ``[m, n]`` in x's dtype when K is not split, else fp32 partials
     ``[split, m, n]`` (``[split, m, 2n]``, gate then up, for ``silu``)."""
     block_m = block_m_for(m)
-    if x.element_size() == 4:
-        # fp32 tiles are twice the bytes: the bf16 configs' pipelines would not fit in
-        # shared memory (228 KB on an H200).
-        cfg = GemmConfig(cfg.block_n, min(cfg.block_k, 64), cfg.split_k, cfg.num_warps, 2)
+    # Each pipeline stage holds an x tile and one (gate/up: two) weight tiles in shared
+    # memory; fewer stages where they would not fit (fp32 tiles, gate/up at 64 x 128).
+    stage_bytes = (block_m + (2 if silu else 1) * cfg.block_n) * cfg.block_k * x.element_size()
+    stages = max(2, min(cfg.num_stages, SHARED_MEMORY_BYTES // stage_bytes))
+    if stages != cfg.num_stages:
+        cfg = GemmConfig(cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, stages)
     k_steps = math.ceil(k / cfg.block_k)
     split = max(1, min(cfg.split_k, k_steps))
     # Every piece but the last covers the same whole number of BLOCK_K steps.
