@@ -359,8 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--admit-max-wait-steps", type=int, default=16)
     p.add_argument(
         "--overlap-steps",
-        action="store_true",
-        help="engine.overlap_steps: queue step N+1 before handling step N's tokens",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="engine.overlap_steps: queue step N+1 before handling step N's tokens"
+        " (default: the engine's, on for CUDA)",
     )
     p.add_argument("--compile-scope", choices=("layer", "step"), default="layer")
     p.add_argument("--decode-attention", choices=("auto", "matmul", "triton"), default="auto")

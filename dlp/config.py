@@ -78,9 +78,10 @@ class EngineSettings(_Strict):
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     compile: bool | None = Field(None, description="torch.compile decode; null = on CUDA")
     cuda_graph: bool | None = Field(None, description="CUDA-graph decode; null = on CUDA")
-    overlap_steps: bool = Field(
-        False,
-        description="queue decode step N+1 before handling step N's tokens (greedy rows)",
+    overlap_steps: bool | None = Field(
+        None,
+        description="queue decode step N+1 before handling step N's tokens (greedy rows);"
+        " null = on CUDA",
     )
     compile_scope: Literal["layer", "step"] = Field(
         "layer", description="compile one block for every layer, or the whole decode step"

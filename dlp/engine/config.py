@@ -56,8 +56,10 @@ class EngineConfig:
     cuda_graph: bool | None = None  # capture the decode step (default: on CUDA)
     # Queue decode step N+1 before handling step N's tokens (greedy rows feed their own token
     # on the device), so the host's per-token work runs while the GPU decodes. Steps with a
-    # sampling or sentence-routed row run synchronously. Not yet measured on a GPU: off.
-    overlap_steps: bool = False
+    # sampling or sentence-routed row run synchronously. None: on CUDA (measured on the H200:
+    # +12% tokens/s through HTTP, +14% engine alone); on the CPU the forward itself is the
+    # host's work, so there is nothing to overlap.
+    overlap_steps: bool | None = None
     max_prefill_tokens: int = 8192  # padded tokens per prefill forward
     # Admission while other rows decode (see Engine._admission_due): gather waiting requests
     # until this many can be prefilled together (None: max_batch // 8, at least 1) or the
@@ -132,6 +134,10 @@ class EngineConfig:
     @property
     def use_compile(self) -> bool:
         return self.on_cuda if self.compile is None else self.compile
+
+    @property
+    def use_overlap(self) -> bool:
+        return self.on_cuda if self.overlap_steps is None else self.overlap_steps
 
     @property
     def use_cuda_graph(self) -> bool:

@@ -126,7 +126,7 @@ class Engine:
             compile_scope=config.compile_scope,
             attention=config.decode_attention,
             gemm=config.decode_gemm,
-            overlap=config.overlap_steps,
+            overlap=config.use_overlap,
         )
         self.eos_ids = _eos_ids(model, tokenizer)
         # Each row's LoRA scale per pool slot: the runner's staging buffer itself (sent with

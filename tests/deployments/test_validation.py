@@ -187,6 +187,11 @@ def test_engine_config_from_app_config() -> None:
     assert default.model_path is None and default.model_config is None  # embedded default
     assert default.compile_scope == "layer" and default.decode_attention == "auto"
     assert default.decode_gemm == "auto"
+    # Overlapped steps: on for CUDA unless switched off, never on the CPU by default.
+    assert default.overlap_steps is None and not default.use_overlap
+    assert engine.use_overlap  # the cuda config above
+    cfg_off = AppConfig.model_validate({"engine": {"device": "cuda", "overlap_steps": False}})
+    assert not EngineConfig(**engine_config_dict(cfg_off)).use_overlap
     for bad in ({"compile_scope": "model"}, {"decode_attention": "flash"}, {"decode_gemm": "x"}):
         with pytest.raises(ValidationError, match=next(iter(bad))):
             AppConfig.model_validate({"engine": bad})
