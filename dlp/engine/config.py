@@ -93,30 +93,19 @@ class EngineConfig:
                 "engine config: admit_max_wait_steps must be an integer >= 0,"
                 f" got {self.admit_max_wait_steps!r}"
             )
-        if self.compile_mode not in COMPILE_MODES:
-            raise DlpError(
-                f"engine config: compile_mode must be one of {COMPILE_MODES}, got"
-                f" {self.compile_mode!r}"
-            )
-        if self.compile_scope not in COMPILE_SCOPES:
-            raise DlpError(
-                f"engine config: compile_scope must be one of {COMPILE_SCOPES}, got"
-                f" {self.compile_scope!r}"
-            )
-        if self.decode_attention not in DECODE_ATTENTIONS:
-            raise DlpError(
-                f"engine config: decode_attention must be one of {DECODE_ATTENTIONS}, got"
-                f" {self.decode_attention!r}"
-            )
-        if self.decode_attention == "triton" and not self.on_cuda:
-            raise DlpError("engine config: decode_attention 'triton' needs a cuda device")
-        if self.decode_gemm not in DECODE_GEMMS:
-            raise DlpError(
-                f"engine config: decode_gemm must be one of {DECODE_GEMMS}, got"
-                f" {self.decode_gemm!r}"
-            )
-        if self.decode_gemm == "triton" and not self.on_cuda:
-            raise DlpError("engine config: decode_gemm 'triton' needs a cuda device")
+        choices = {
+            "compile_mode": COMPILE_MODES,
+            "compile_scope": COMPILE_SCOPES,
+            "decode_attention": DECODE_ATTENTIONS,
+            "decode_gemm": DECODE_GEMMS,
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise DlpError(f"engine config: {name} must be one of {allowed}, got {value!r}")
+        for name in ("decode_attention", "decode_gemm"):  # Triton kernels: GPU code
+            if getattr(self, name) == "triton" and not self.on_cuda:
+                raise DlpError(f"engine config: {name} 'triton' needs a cuda device")
         if not self.device.startswith(("cpu", "cuda")):
             raise DlpError(f"engine config: device must be cpu or cuda[:N], got {self.device!r}")
 

@@ -22,6 +22,7 @@ programs per SM. Everything that shapes a launch is a Python int: the calls work
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -46,13 +47,7 @@ class GemmConfig:
     num_stages: int = 5
 
     def as_dict(self) -> dict[str, int]:
-        return {
-            "block_n": self.block_n,
-            "block_k": self.block_k,
-            "split_k": self.split_k,
-            "num_warps": self.num_warps,
-            "num_stages": self.num_stages,
-        }
+        return dataclasses.asdict(self)
 
 
 # (N, K, silu) -> the fastest config of the sweep at M = 64 on the H200 (benchmarks/gemm_bench.py,
@@ -127,14 +122,7 @@ def skinny_linear(
     the kernel does not apply. Accumulates in fp32, rounds once to x's dtype."""
     if not supported(x, w):
         return F.linear(x, w, bias)
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    m, n = x2.shape[0], w.shape[0]
-    cfg = config or pick_config(m, n, k)
-    out = _launch(x2, w, bias, m, n, k, cfg, silu=False)
-    return out.reshape(*lead, n)
+    return _run(x, w, bias, w.shape[0], False, config)
 
 
 def skinny_silu_mul(
@@ -150,28 +138,26 @@ def skinny_silu_mul(
     if not supported(x, w_gu):
         gu = F.linear(x, w_gu, bias)
         return F.silu(gu[..., :inter]) * gu[..., inter:]
+    return _run(x, w_gu, bias, inter, True, config)
+
+
+def _run(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    silu: bool,
+    config: GemmConfig | None,
+) -> torch.Tensor:
+    """x ``[..., K]`` as rows, the kernel, the split pieces summed: ``[..., n]``."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    cfg = config or pick_config(m, inter, k, silu=True)
-    out = _launch(x2, w_gu, bias, m, inter, k, cfg, silu=True)
-    return out.reshape(*lead, inter)
-
-
-def _launch(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    m: int,
-    n: int,
-    k: int,
-    cfg: GemmConfig,
-    silu: bool,
-) -> torch.Tensor:
-    out = launch_partials(x, w, bias, m, n, k, cfg, silu)
-    return finish_partials(out, n, silu, x.dtype)
+    cfg = config or pick_config(m, n, k, silu)
+    out = launch_partials(x2, w, bias, m, n, k, cfg, silu)
+    return finish_partials(out, n, silu, x.dtype).reshape(*lead, n)
 
 
 def launch_partials(
@@ -192,7 +178,7 @@ def launch_partials(
     stage_bytes = (block_m + (2 if silu else 1) * cfg.block_n) * cfg.block_k * x.element_size()
     stages = max(2, min(cfg.num_stages, SHARED_MEMORY_BYTES // stage_bytes))
     if stages != cfg.num_stages:
-        cfg = GemmConfig(cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, stages)
+        cfg = dataclasses.replace(cfg, num_stages=stages)
     k_steps = math.ceil(k / cfg.block_k)
     split = max(1, min(cfg.split_k, k_steps))
     # Every piece but the last covers the same whole number of BLOCK_K steps.
