@@ -112,6 +112,7 @@ def _app_args(assets: dict[str, str], a: argparse.Namespace) -> dict[str, Any]:
             "admit_min_rows": a.admit_min_rows,
             "admit_max_wait_steps": a.admit_max_wait_steps,
             "overlap_steps": a.overlap_steps,
+            "overlap_queue_ahead": a.queue_ahead,
             "compile_scope": a.compile_scope,
             "decode_attention": a.decode_attention,
             "decode_gemm": a.decode_gemm,
@@ -363,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="engine.overlap_steps: queue step N+1 before handling step N's tokens"
         " (default: the engine's, on for CUDA)",
+    )
+    p.add_argument(
+        "--queue-ahead",
+        action="store_true",
+        help="engine.overlap_queue_ahead: queue step N+1 before step N has finished",
     )
     p.add_argument("--compile-scope", choices=("layer", "step"), default="layer")
     p.add_argument("--decode-attention", choices=("auto", "matmul", "triton"), default="auto")

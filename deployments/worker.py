@@ -62,6 +62,7 @@ def engine_config_dict(cfg: AppConfig) -> dict[str, Any]:
         "decode_attention": e.decode_attention,
         "decode_gemm": e.decode_gemm,
         "overlap_steps": e.overlap_steps,
+        "overlap_queue_ahead": e.overlap_queue_ahead,
         "admit_min_rows": e.admit_min_rows,
         "admit_max_wait_steps": e.admit_max_wait_steps,
     }

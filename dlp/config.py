@@ -83,6 +83,11 @@ class EngineSettings(_Strict):
         description="queue decode step N+1 before handling step N's tokens (greedy rows);"
         " null = on CUDA",
     )
+    overlap_queue_ahead: bool = Field(
+        False,
+        description="with overlap_steps: queue step N+1 before step N has finished on the"
+        " device (not yet measured on a GPU)",
+    )
     compile_scope: Literal["layer", "step"] = Field(
         "layer", description="compile one block for every layer, or the whole decode step"
     )

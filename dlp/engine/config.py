@@ -60,6 +60,10 @@ class EngineConfig:
     # +12% tokens/s through HTTP, +14% engine alone); on the CPU the forward itself is the
     # host's work, so there is nothing to overlap.
     overlap_steps: bool | None = None
+    # With overlap_steps: queue step N+1 without waiting for step N to finish (inputs go from
+    # a snapshot of the staging buffer), so the GPU never waits for the host to wake up and
+    # launch. Built and tested on the CPU, not yet measured on a GPU: off.
+    overlap_queue_ahead: bool = False
     max_prefill_tokens: int = 8192  # padded tokens per prefill forward
     # Admission while other rows decode (see Engine._admission_due): gather waiting requests
     # until this many can be prefilled together (None: max_batch // 8, at least 1) or the

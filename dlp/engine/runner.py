@@ -161,6 +161,7 @@ class DecodeRunner:
         attention: str = "auto",
         overlap: bool = False,
         gemm: str = "auto",
+        queue_ahead: bool = False,
     ) -> None:
         self.model = model
         device = model.rope_cos.device
@@ -174,6 +175,10 @@ class DecodeRunner:
         # Overlapped steps (see step_async): a row whose input is the previous step's own
         # greedy token takes it on the device; ``override`` marks the rows the host sets.
         self.overlap = overlap
+        # With overlap: step_async returns at once (inputs sent from a snapshot of the staging
+        # buffer) instead of once the previous step has finished, so the next step is queued
+        # behind the running one and the GPU does not wait for the host between steps.
+        self.queue_ahead = overlap and queue_ahead
         if overlap:
             fields["override"] = (torch.long, b)
         self.step_inputs = StagingBuffer(fields, device)
@@ -494,12 +499,14 @@ class DecodeRunner:
         """Send the staged inputs, queue one step and the copy of its greedy tokens to the
         host, without waiting for them (overlap mode, greedy rows only). Returns a handle for
         :meth:`collect`. Returns once the staged inputs have reached the device (that is,
-        once the previous step has finished on the GPU): the host buffers may then be
-        rewritten while this step runs."""
+        once the previous step has finished on the GPU), or with ``queue_ahead`` at once
+        (they go from a snapshot): the host buffers may then be rewritten while this step
+        runs. Two steps are in flight at most: the caller collects step N before it queues
+        step N + 2, whose greedy tokens reuse step N's read-back buffer."""
         assert self.overlap, "step_async needs DecodeRunner(overlap=True)"
         on_cuda = self.device.type == "cuda"
-        self.upload_step_inputs()
-        uploaded = torch.cuda.Event() if on_cuda else None
+        self.step_inputs.upload(snapshot=self.queue_ahead)
+        uploaded = torch.cuda.Event() if on_cuda and not self.queue_ahead else None
         if uploaded is not None:
             uploaded.record()
         _, greedy = self.step(rows, lora)
@@ -510,6 +517,7 @@ class DecodeRunner:
         if on_cuda:
             done = torch.cuda.Event()
             done.record()
+        if uploaded is not None:
             uploaded.synchronize()
         return slot, done
 

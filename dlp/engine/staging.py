@@ -7,8 +7,12 @@ more per call in the server than alone. Here the caller writes plain numpy views
 host buffer (no torch call, the GIL is kept) and :meth:`StagingBuffer.upload` sends the whole
 buffer with one non-blocking copy into a device buffer whose views the captured graphs read.
 
-The host buffer may be rewritten only after the forward that read it has been synchronised
-(the engine reads every forward's tokens back before the next one, so it always is).
+The host buffer may be rewritten only after the copy has run, which a caller that reads each
+forward's output back before the next one always waits for. A caller that queues the next
+forward before the previous one has finished (overlapped decode steps) uploads a *snapshot*
+instead: the host buffer is copied into one of two pinned transfer buffers (a plain memcpy of
+a few KB) and the device copy reads that one, so the host buffer may be rewritten at once;
+a transfer buffer is reused only after its previous copy has run (an event, two uploads back).
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ class StagingBuffer:
         self._host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
         self._device = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         self._host_np = {name: self._view(self._host, name).numpy() for name in self._layout}
+        # Snapshot uploads: two pinned transfer buffers (made on first use) and, on CUDA, the
+        # event of each one's last copy.
+        self._spares: list[torch.Tensor] = []
+        self._spare_done: list[torch.cuda.Event | None] = [None, None]
+        self._next_spare = 0
 
     def _view(self, buf: torch.Tensor, name: str) -> torch.Tensor:
         dtype, offset, size = self._layout[name]
@@ -50,6 +59,24 @@ class StagingBuffer:
         """The field in the pinned host buffer, as a numpy array writes go straight into."""
         return self._host_np[name]
 
-    def upload(self) -> None:
-        """Every field to the device in one copy, queued on the current stream."""
-        self._device.copy_(self._host, non_blocking=True)
+    def upload(self, snapshot: bool = False) -> None:
+        """Every field to the device in one copy, queued on the current stream. With
+        ``snapshot`` the copy reads a snapshot of the host buffer, which may then be rewritten
+        before the copy has run."""
+        if not snapshot:
+            self._device.copy_(self._host, non_blocking=True)
+            return
+        on_cuda = self._device.is_cuda
+        if not self._spares:
+            self._spares = [torch.empty_like(self._host, pin_memory=on_cuda) for _ in "ab"]
+        i = self._next_spare
+        self._next_spare = 1 - i
+        done = self._spare_done[i]
+        if done is not None:
+            done.synchronize()  # its copy was queued two uploads ago: normally long done
+        self._spares[i].copy_(self._host)
+        self._device.copy_(self._spares[i], non_blocking=True)
+        if on_cuda:
+            event = torch.cuda.Event()
+            event.record()
+            self._spare_done[i] = event

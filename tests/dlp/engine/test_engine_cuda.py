@@ -63,6 +63,20 @@ def test_skinny_gemm_matches_f_linear(dtype, rows):
         torch.testing.assert_close(act.float(), ref_act, atol=2 * tol * scale, rtol=2 * tol)
 
 
+def test_snapshot_upload_survives_a_rewrite_before_the_copy_runs():
+    """The copy of a snapshot upload runs after a long kernel; the host buffer is rewritten
+    meanwhile; the device still gets what was staged."""
+    from dlp.engine.staging import StagingBuffer
+
+    buf = StagingBuffer({"tokens": (torch.long, 1024)}, torch.device("cuda"))
+    for step in range(4):
+        torch.cuda._sleep(50_000_000)  # ~25 ms of GPU time queued before the copy
+        buf.host("tokens")[:] = step
+        buf.upload(snapshot=True)
+        buf.host("tokens")[:] = -1
+        assert buf.device("tokens").tolist() == [step] * 1024
+
+
 def _requests():
     mixes = [
         AdapterMix.base(),
@@ -94,6 +108,13 @@ def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
         "gemm": dict(
             compile=True, cuda_graph=True, decode_attention="triton", decode_gemm="triton"
         ),
+        "queue_ahead": dict(
+            compile=True,
+            cuda_graph=True,
+            decode_attention="triton",
+            overlap_steps=True,
+            overlap_queue_ahead=True,
+        ),
     }.items():
         engine = make_engine(
             model, None, adapters, device="cuda", max_batch=8, max_seq_len=128, **cfg
@@ -111,3 +132,4 @@ def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
     assert outputs["graphs"] == outputs["eager"]
     assert outputs["overlap"] == outputs["eager"]
     assert outputs["gemm"] == outputs["eager"]
+    assert outputs["queue_ahead"] == outputs["eager"]

@@ -49,7 +49,8 @@ async def test_overlapped_steps_give_the_synchronous_tokens(
     # Staggered arrivals: requests join and leave while steps are in flight.
     delays = [0.0, 0.0, 0.01, 0.02, 0.02, 0.05, 0.08, 0.08, 0.12]
     runs = {}
-    for overlap in (False, True):
+    modes = {"sync": (False, False), "overlap": (True, False), "queue_ahead": (True, True)}
+    for mode, (overlap, ahead) in modes.items():
         engine = make_engine(
             vocab_model,
             default_tokenizer,
@@ -57,13 +58,16 @@ async def test_overlapped_steps_give_the_synchronous_tokens(
             max_batch=4,
             max_seq_len=256,
             overlap_steps=overlap,
+            overlap_queue_ahead=ahead,
         )
-        assert engine.runner.overlap == overlap
-        runs[overlap] = await _run(engine, _requests(mixes), delays)
-    sync, overlapped = (_outputs(runs[k][0]) for k in (False, True))
-    assert overlapped == sync
+        assert engine.runner.overlap == overlap and engine.runner.queue_ahead == ahead
+        runs[mode] = await _run(engine, _requests(mixes), delays)
+    sync = _outputs(runs["sync"][0])
+    assert _outputs(runs["overlap"][0]) == sync
+    assert _outputs(runs["queue_ahead"][0]) == sync
     assert {r[2] for r in sync} >= {"length", "stop"}  # both ends are exercised
-    assert runs[True][1]["generated_tokens"] == runs[False][1]["generated_tokens"]
+    for mode in ("overlap", "queue_ahead"):
+        assert runs[mode][1]["generated_tokens"] == runs["sync"][1]["generated_tokens"]
 
 
 async def test_a_sampling_request_runs_its_steps_synchronously(vocab_model, default_tokenizer):

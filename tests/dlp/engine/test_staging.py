@@ -36,3 +36,17 @@ def test_fields_do_not_overlap_and_views_are_stable():
     # The same device memory every time: captured graphs keep reading these addresses.
     assert buf.device("a").data_ptr() == a.data_ptr()
     assert a.tolist() == [1.0] * 5 and b.tolist() == [-1, -1]
+
+
+def test_a_snapshot_upload_lets_the_host_buffer_change_at_once():
+    """Overlapped steps queue the next upload before the last copy has run: a snapshot upload
+    sends what the buffer held when it was called, through alternating transfer buffers."""
+    buf = StagingBuffer({"tokens": (torch.long, 4)}, torch.device("cpu"))
+    sent = []
+    for step in range(5):
+        buf.host("tokens")[:] = [step, step + 1, step + 2, step + 3]
+        buf.upload(snapshot=True)
+        buf.host("tokens")[:] = -1  # rewritten right after the call
+        sent.append(buf.device("tokens").tolist())
+    assert sent == [[s, s + 1, s + 2, s + 3] for s in range(5)]
+    assert len(buf._spares) == 2 and buf._spares[0].data_ptr() != buf._spares[1].data_ptr()
