@@ -108,8 +108,10 @@ def supported(x: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     if not (w.is_cuda or INTERPRET):
         return False
+    if x.dtype != w.dtype or w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return 0 < rows <= MAX_ROWS and x.dtype == w.dtype
+    return 0 < rows <= MAX_ROWS
 
 
 def skinny_linear(

@@ -128,4 +128,5 @@ def test_falls_back_to_f_linear_where_the_kernel_does_not_apply(monkeypatch):
         assert sg.supported(x, w)
     assert not sg.supported(torch.randn(sg.MAX_ROWS + 1, 16), w)
     assert not sg.supported(x.double(), w)
+    assert not sg.supported(x.double(), w.double())  # tl.dot has no fp64
     assert not sg.supported(x, torch.randn(16, 8).t())
