@@ -60,10 +60,13 @@ def decode_attention_reference(
     v_cache: torch.Tensor,
     lengths: torch.Tensor,
     scale: float,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain torch (fp32 softmax), same contract as :func:`decode_attention`."""
     b, n_heads, d = q.shape
     kvh, s = k_cache.shape[1], k_cache.shape[2]
+    if slots is not None:
+        k_cache, v_cache = k_cache[slots], v_cache[slots]
     k = k_cache[:b].float()
     v = v_cache[:b].float()
     qg = q.float().reshape(b, kvh, n_heads // kvh, d)
@@ -85,7 +88,7 @@ if triton is not None:
 
     @triton.jit
     def _decode_attn_kernel(
-        Q, K, V, Lengths, Out, PartAcc, PartM, PartL,
+        Q, K, V, Lengths, Slots, Out, PartAcc, PartM, PartL,
         stride_qb, stride_qh,
         stride_kb, stride_kh, stride_ks,
         stride_vb, stride_vh, stride_vs,
@@ -98,9 +101,14 @@ if triton is not None:
         SPLITS: tl.constexpr,
         PRECISION: tl.constexpr,
         UPCAST: tl.constexpr,
+        HAS_SLOTS: tl.constexpr,
     ):  # fmt: skip
         # int64 row index: row * stride_kb overflows int32 for large caches.
         row = tl.program_id(0).to(tl.int64)
+        # The row's cache row: its own index, or its entry in the slot table.
+        cache_row = row
+        if HAS_SLOTS:
+            cache_row = tl.load(Slots + row).to(tl.int64)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         length = tl.load(Lengths + row).to(tl.int32)
@@ -121,8 +129,8 @@ if triton is not None:
 
         # torch.compile (inductor) passes a Python float as fp64; keep the scores fp32.
         qk_scale = tl.cast(scale, tl.float32)
-        k_base = K + row * stride_kb + kv_head * stride_kh
-        v_base = V + row * stride_vb + kv_head * stride_vh
+        k_base = K + cache_row * stride_kb + kv_head * stride_kh
+        v_base = V + cache_row * stride_vb + kv_head * stride_vh
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_sum = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -198,10 +206,12 @@ def decode_attention(
     lengths: torch.Tensor,
     scale: float,
     splits: int = 1,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [b, n_heads, d]; k_cache/v_cache [B >= b, kvh, S, d] (any strides with last dim
-    contiguous); lengths [b] int (valid keys per row, 1..S). Returns [b, n_heads, d] in
-    q.dtype. Lengths are not checked on the host (that would sync): 0 or > S is undefined."""
+    """q [b, n_heads, d]; k_cache/v_cache [B, kvh, S, d] (any strides with last dim
+    contiguous); lengths [b] int (valid keys per row, 1..S); ``slots`` [b] int: row r's
+    cache row (default: r, then B >= b). Returns [b, n_heads, d] in q.dtype. Lengths and
+    slots are not checked on the host (that would sync): out of range is undefined."""
     if triton is None:
         raise RuntimeError(
             "decode_attention needs triton, which is not installed "
@@ -209,7 +219,7 @@ def decode_attention(
         )
     b, n_heads, d = q.shape
     big_b, kvh, _, d_k = k_cache.shape
-    if v_cache.shape != k_cache.shape or d_k != d or big_b < b:
+    if v_cache.shape != k_cache.shape or d_k != d or (slots is None and big_b < b):
         shapes = [tuple(t.shape) for t in (q, k_cache, v_cache)]
         raise ValueError(f"q/k_cache/v_cache shapes do not fit: {shapes}")
     if n_heads % kvh != 0:
@@ -220,6 +230,8 @@ def decode_attention(
         raise ValueError("q, k_cache and v_cache need a contiguous last dim")
     if tuple(lengths.shape) != (b,) or splits < 1:
         raise ValueError(f"lengths must be [b]={b} and splits >= 1 (got {splits})")
+    if slots is not None and tuple(slots.shape) != (b,):
+        raise ValueError(f"slots must be [b]={b}, got {tuple(slots.shape)}")
 
     group = n_heads // kvh
     out = torch.empty((b, n_heads, d), dtype=q.dtype, device=q.device)
@@ -232,6 +244,7 @@ def decode_attention(
         # fp32 caches get exact fp32 dots (not tf32); bf16/fp16 ignore the setting.
         "PRECISION": "ieee" if k_cache.dtype == torch.float32 else "tf32",
         "UPCAST": _INTERPRET,
+        "HAS_SLOTS": slots is not None,
     }
     if splits == 1:
         part_acc = part_m = part_l = out  # unused: the kernel writes `out` directly
@@ -240,7 +253,8 @@ def decode_attention(
         part_m = torch.empty((b, kvh, splits, group), dtype=torch.float32, device=q.device)
         part_l = torch.empty((b, kvh, splits, group), dtype=torch.float32, device=q.device)
     _decode_attn_kernel[(b, kvh, splits)](
-        q, k_cache, v_cache, lengths, out, part_acc, part_m, part_l,
+        q, k_cache, v_cache, lengths, slots if slots is not None else lengths,
+        out, part_acc, part_m, part_l,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -31,6 +31,10 @@ CASES = {
     "group32_f32_split2": ("float32", 2, 3, 32, 1, 32, 70, [70, 5], 2, False),
     # Qwen2-like heads: group 6, head_dim 128.
     "qwen2_bf16_split2": ("bfloat16", 2, 2, 12, 2, 128, 96, [96, 33], 2, False),
+    # A slot table (the engine's spare cache rows): row r reads cache row slots[r]; two rows
+    # may read the same one, and the cache may have fewer rows than b.
+    "slots_f32": ("float32", 4, 5, 4, 4, 32, 100, [1, 100, 65, 30], 1, False, [4, 2, 2, 0]),
+    "slots_bf16_split2": ("bfloat16", 3, 2, 12, 2, 64, 200, [200, 1, 129], 2, False, [1, 0, 1]),
 }
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
 
@@ -40,7 +44,7 @@ _CHILD = """
     from dlp.engine.decode_attention import decode_attention, decode_attention_reference
 
     results = {}
-    for name, (dtype, b, B, h, kvh, d, S, lengths, splits, strided) in json.loads(
+    for name, (dtype, b, B, h, kvh, d, S, lengths, splits, strided, *slots) in json.loads(
         sys.argv[1]
     ).items():
         torch.manual_seed(0)
@@ -54,8 +58,14 @@ _CHILD = """
             v = torch.randn(B, kvh, S, d).to(dt)
             q = torch.randn(b, h, d).to(dt)
         lens = torch.tensor(lengths, dtype=torch.int32 if strided else torch.int64)
-        out = decode_attention(q, k, v, lens, d**-0.5, splits=splits)
-        ref = decode_attention_reference(q, k, v, lens, d**-0.5)
+        if slots:
+            table = torch.tensor(slots[0])
+            out = decode_attention(q, k, v, lens, d**-0.5, splits=splits, slots=table)
+            # Independent of the slot code paths: the cache rows gathered by hand.
+            ref = decode_attention_reference(q, k[table], v[table], lens, d**-0.5)
+        else:
+            out = decode_attention(q, k, v, lens, d**-0.5, splits=splits)
+            ref = decode_attention_reference(q, k, v, lens, d**-0.5)
         results[name] = {
             "shape": list(out.shape),
             "dtype": str(out.dtype),
@@ -95,6 +105,17 @@ def _eager_attention(q, k_cache, v_cache, lengths, scale):
     att = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * scale + bias
     att = torch.softmax(att, dim=-1).to(v_cache.dtype)
     return torch.matmul(att, v_cache).reshape(b, n_heads, d)
+
+
+def test_reference_reads_the_slot_table():
+    torch.manual_seed(2)
+    q = torch.randn(3, 4, 16)
+    k, v = torch.randn(5, 2, 10, 16), torch.randn(5, 2, 10, 16)
+    lengths = torch.tensor([10, 3, 7])
+    slots = torch.tensor([4, 4, 1])
+    out = decode_attention_reference(q, k, v, lengths, 0.25, slots=slots)
+    gathered = decode_attention_reference(q, k[slots], v[slots], lengths, 0.25)
+    torch.testing.assert_close(out, gathered)
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
