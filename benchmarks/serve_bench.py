@@ -113,6 +113,7 @@ def _app_args(assets: dict[str, str], a: argparse.Namespace) -> dict[str, Any]:
             "admit_max_wait_steps": a.admit_max_wait_steps,
             "overlap_steps": a.overlap_steps,
             "overlap_queue_ahead": a.queue_ahead,
+            "spare_rows": a.spare_rows,
             "compile_scope": a.compile_scope,
             "decode_attention": a.decode_attention,
             "decode_gemm": a.decode_gemm,
@@ -364,6 +365,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="engine.overlap_steps: queue step N+1 before handling step N's tokens"
         " (default: the engine's, on for CUDA)",
+    )
+    p.add_argument(
+        "--spare-rows",
+        type=int,
+        default=0,
+        help="engine.spare_rows: KV cache rows that requests are prefilled into ahead",
     )
     p.add_argument(
         "--queue-ahead",

@@ -65,6 +65,7 @@ def engine_config_dict(cfg: AppConfig) -> dict[str, Any]:
         "overlap_queue_ahead": e.overlap_queue_ahead,
         "admit_min_rows": e.admit_min_rows,
         "admit_max_wait_steps": e.admit_max_wait_steps,
+        "spare_rows": e.spare_rows,
     }
     if e.model:
         out["model_path"] = str(Path(e.model).expanduser().resolve())

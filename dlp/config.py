@@ -107,6 +107,12 @@ class EngineSettings(_Strict):
         description="while rows decode, prefill waiting requests in groups of this many"
         " (null = max_batch // 8); 1 = admit each at once",
     )
+    spare_rows: int = Field(
+        0,
+        ge=0,
+        description="KV cache rows beyond max_batch that waiting requests are prefilled into"
+        " before a decode row frees (not yet measured on a GPU)",
+    )
     admit_max_wait_steps: int = Field(
         16, ge=0, description="...or once the oldest has waited this many decode steps"
     )

@@ -65,6 +65,11 @@ class EngineConfig:
     # launch. Built and tested on the CPU, not yet measured on a GPU: off.
     overlap_queue_ahead: bool = False
     max_prefill_tokens: int = 8192  # padded tokens per prefill forward
+    # KV cache rows beyond max_batch: waiting requests are prefilled into them in groups
+    # before decode rows free, and a freed row takes the next one at once (decode rows read
+    # their cache row through a slot table; one more row is scratch). 0: off. Built and
+    # tested on the CPU, not yet measured on a GPU.
+    spare_rows: int = 0
     # Admission while other rows decode (see Engine._admission_due): gather waiting requests
     # until this many can be prefilled together (None: max_batch // 8, at least 1) or the
     # oldest has waited this many decode steps. 1 / 0 admits at once (every free row).
@@ -83,6 +88,14 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DlpError(f"engine config: {name} must be a positive integer, got {value!r}")
+        if (
+            isinstance(self.spare_rows, bool)
+            or not isinstance(self.spare_rows, int)
+            or (self.spare_rows < 0)
+        ):
+            raise DlpError(
+                f"engine config: spare_rows must be an integer >= 0, got {self.spare_rows!r}"
+            )
         if self.admit_min_rows is not None and (
             isinstance(self.admit_min_rows, bool)
             or not isinstance(self.admit_min_rows, int)

@@ -61,7 +61,8 @@ class _Seq:
     detok: IncrementalDetokenizer | None = None
     generator: torch.Generator | None = None
     lease: Any = None  # dlp.lora.pool.PoolLease
-    row: int = -1
+    row: int = -1  # decode row, once it has one
+    slot: int = -1  # KV cache row: its decode row's, or a spare row it was prefilled into
     out_ids: list[int] = field(default_factory=list)
     switches: list[MixSwitch] = field(default_factory=list)
     finished: bool = False
@@ -115,7 +116,9 @@ class Engine:
         if pool is not None:
             lora = {m: (pool.a_stack(m), pool.b_stack(m)) for m in pool.modules}
             n_slots = pool.n_slots
-        self.model = CompactLM(model, config.max_batch, config.max_seq_len, lora)
+        self.model = CompactLM(
+            model, config.max_batch, config.max_seq_len, lora, spare_rows=config.spare_rows
+        )
         self.device = self.model.rope_cos.device
         self.runner = DecodeRunner(
             self.model,
@@ -141,6 +144,10 @@ class Engine:
         self._last_prefill_step = 0  # decode-step count at the last prefill (admission)
         self._rows: list[_Seq | None] = [None] * config.max_batch
         self._waiting: deque[_Seq] = deque()
+        # With spare cache rows: requests prefilled (first token made) that wait for a decode
+        # row, and the cache rows no request holds.
+        self._ready: deque[_Seq] = deque()
+        self._free_slots: list[int] = list(range(config.max_batch + config.spare_rows))
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -200,7 +207,7 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for seq in [s for s in self._rows if s is not None] + list(self._waiting):
+        for seq in self._held() + list(self._waiting):
             self._finish(seq, "error")
         self._waiting.clear()
         if self._executor is not None:
@@ -260,6 +267,7 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         c = dict(self._counters)
         c["running"] = sum(s is not None for s in self._rows)
+        c["ready"] = len(self._ready)
         c["waiting"] = len(self._waiting)
         c["max_batch"] = self.config.max_batch
         c["decode_ms_per_step"] = 1e3 * c["decode_s"] / max(1, c["decode_steps"])
@@ -381,6 +389,7 @@ class Engine:
         try:
             while not self._stopping:
                 self._retire_cancelled()
+                self._bind_ready()
                 admitted = await self._admit()
                 if admitted:
                     await self._prefill(admitted)
@@ -412,7 +421,7 @@ class Engine:
                 await asyncio.sleep(0)
         except Exception as exc:  # the loop must never die silently
             log.exception("engine loop failed")
-            for seq in [s for s in self._rows if s is not None] + list(self._waiting):
+            for seq in self._held() + list(self._waiting):
                 self._finish(seq, "error", error=exc)
             self._waiting.clear()
             raise
@@ -424,8 +433,12 @@ class Engine:
             s.req.sampling.temperature == 0 and s.req.routing != "sentence" for s in active
         )
 
+    def _held(self) -> list[_Seq]:
+        """Requests holding a decode row or a prefilled spare cache row."""
+        return [s for s in self._rows if s is not None] + list(self._ready)
+
     def _retire_cancelled(self) -> None:
-        for seq in [s for s in self._rows if s is not None and s.cancelled]:
+        for seq in [s for s in self._held() if s.cancelled]:
             self._finish(seq, "cancelled")
         if any(s.cancelled for s in self._waiting):
             for seq in [s for s in self._waiting if s.cancelled]:
@@ -446,10 +459,14 @@ class Engine:
         from the last prefill matters under a deep queue: the oldest request there has always
         waited long, so counting from its arrival alone would prefill every row the moment it
         frees (measured through HTTP on the H200: groups of 10.7 rows where 16 were asked).
-        With no row running they are admitted at once."""
+        With no row running they are admitted at once.
+
+        ``free``: rows a prefill may fill now - free decode rows, or with spare cache rows
+        (``spare_rows``) free cache rows, so that requests are prefilled in groups before
+        decode rows free and handed a row the moment one does (``_bind_ready``)."""
         if not self._waiting or free == 0:
             return False
-        if free == self.config.max_batch:
+        if not self._ready and all(s is None for s in self._rows):
             return True
         if min(free, len(self._waiting)) >= self.config.admit_rows:
             return True
@@ -461,7 +478,8 @@ class Engine:
         adapters do not fit right now waits, later ones may pass it)."""
         from dlp.lora.pool import PoolBusyError
 
-        free = [i for i, s in enumerate(self._rows) if s is None]
+        spare = self.model.spare_rows > 0
+        free = self._free_slots if spare else [i for i, s in enumerate(self._rows) if s is None]
         if not self._admission_due(len(free)):
             return []
         admitted: list[_Seq] = []
@@ -481,9 +499,12 @@ class Engine:
                 except DlpError as exc:  # unregistered meanwhile, more than the pool holds
                     self._finish(seq, "error", error=exc)
                     continue
-            seq.row = free.pop(0)
-            self._rows[seq.row] = seq
-            self._set_scales(seq)
+            if spare:  # a cache row now, a decode row in _bind_ready
+                seq.slot = free.pop(0)
+            else:
+                seq.row = seq.slot = free.pop(0)
+                self._rows[seq.row] = seq
+                self._set_scales(seq)
             budget -= len(seq.prompt_ids)
             admitted.append(seq)
         self._waiting = still_waiting
@@ -511,11 +532,27 @@ class Engine:
             self.model.refresh_slots(sorted(slots))
 
     def _set_scales(self, seq: _Seq) -> None:
-        row = self._host_scales[seq.row]
-        row[:] = 0.0
+        self._scales_of(seq, self._host_scales[seq.row])
+
+    def _scales_of(self, seq: _Seq, out: np.ndarray) -> np.ndarray:
+        """The request's LoRA scale per pool slot (w_i * s_i of its adapters, 0 elsewhere)."""
+        out[:] = 0.0
         if seq.lease is not None:
             for name, weight in seq.mix.entries:
-                row[seq.lease.slot_of(name)] += weight * seq.lease.scaling(name)
+                out[seq.lease.slot_of(name)] += weight * seq.lease.scaling(name)
+        return out
+
+    def _bind_ready(self) -> None:
+        """Hand free decode rows to prefilled requests (spare cache rows), oldest first:
+        the row reads the request's cache row through the step's slot table."""
+        if not self._ready:
+            return
+        free = [i for i, s in enumerate(self._rows) if s is None]
+        while free and self._ready:
+            seq = self._ready.popleft()
+            seq.row = free.pop(0)
+            self._rows[seq.row] = seq
+            self._set_scales(seq)
 
     async def _prefill(self, seqs: list[_Seq]) -> None:
         self._last_prefill_step = self._counters["decode_steps"]
@@ -528,15 +565,20 @@ class Engine:
         for seq, token in zip(seqs, first, strict=True):
             if not seq.finished:
                 self._on_token(seq, token)
+            if seq.row < 0 and not seq.finished:
+                self._ready.append(seq)
+        self._bind_ready()
 
     # ------------------------------------------------------------------ forwards (worker)
     @torch.no_grad()
     def _prefill_forward(self, seqs: list[_Seq]) -> list[int]:
-        rows = [s.row for s in seqs]
+        rows = [s.slot for s in seqs]  # the cache rows to fill
         scales = None
         if self.pool is not None and self.model.lora:
             # Every slot's scale (0 where unused): one prefill graph whatever the mixes are.
-            scales = self._host_scales[rows]
+            scales = np.zeros((len(seqs), self._host_scales.shape[1]), dtype=np.float32)
+            for seq, out in zip(seqs, scales, strict=True):
+                self._scales_of(seq, out)
         # Greedy first tokens come back in one device->host copy: each sync releases the
         # GIL, and in a busy server process (Ray's threads) taking it back can cost a
         # switch interval.
@@ -554,20 +596,26 @@ class Engine:
         copy sends them; no torch call per row). Returns (live rows, rows to run, LoRA?).
 
         Free rows decode token 0 at position 0 (their output is dropped; the attention
-        kernel then reads one key). With ``overlap``, a row that ran in the previous
-        launched step takes that step's greedy token on the device (override 0); otherwise
-        every row's token and position come from the host."""
+        kernel then reads one key), into their own cache row, or with spare rows into the
+        scratch row: their own may hold a prefilled request's prompt. With ``overlap``, a
+        row that ran in the previous launched step takes that step's greedy token on the
+        device (override 0); otherwise every row's token and position come from the host."""
         runner = self.runner
         live = [i for i, s in enumerate(self._rows) if s is not None]
         tokens, positions = runner.host_tokens, runner.host_positions
         override = runner.host_override  # None unless the runner overlaps steps
         assert override is not None or not overlap
+        slots = runner.host_slots  # None unless the cache has spare rows
         tokens[:] = 0
         positions[:] = 0
         if override is not None:
             override[:] = 1
+        if slots is not None:
+            slots[:] = self.model.scratch_row  # free rows write their garbage there
         for i in live:
             seq = self._rows[i]
+            if slots is not None:
+                slots[i] = seq.slot
             if overlap and seq.fed_on_device:
                 override[i] = 0
                 continue
@@ -677,6 +725,12 @@ class Engine:
         if seq.row >= 0 and self._rows[seq.row] is seq:
             self._rows[seq.row] = None
             self._host_scales[seq.row] = 0.0
+        if self.model.spare_rows and seq.slot >= 0:
+            # A step still in flight may write this row; a prefill into it is queued after.
+            self._free_slots.append(seq.slot)
+            seq.slot = -1
+            if seq.row < 0 and seq in self._ready:
+                self._ready.remove(seq)
         if seq.lease is not None:
             seq.lease.release()
             seq.lease = None

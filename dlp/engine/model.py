@@ -101,6 +101,7 @@ class CompactLM(nn.Module):
         max_seq: int,
         lora: LoraStacks | None = None,
         cache_dtype: torch.dtype | None = None,
+        spare_rows: int = 0,
     ) -> None:
         super().__init__()
         self.shape = ModelShape.from_hf_config(hf_model.config)
@@ -108,10 +109,16 @@ class CompactLM(nn.Module):
         inner = hf_model.model
         self.max_batch = max_batch
         self.max_seq = max_seq
+        # Spare cache rows: requests can be prefilled into them before a decode row frees;
+        # decode rows then find their cache row in a slot table (decode(slots=...)). With
+        # spares, one more row is scratch: free decode rows point there.
+        self.spare_rows = spare_rows
+        self.cache_rows = max_batch + (spare_rows + 1 if spare_rows else 0)
+        self.scratch_row = self.cache_rows - 1
         param = next(hf_model.parameters())
         device, dtype = param.device, cache_dtype or param.dtype
         s = self.shape
-        cache_shape = (s.n_layers, max_batch, s.n_kv_heads, max_seq, s.head_dim)
+        cache_shape = (s.n_layers, self.cache_rows, s.n_kv_heads, max_seq, s.head_dim)
         # One tensor per layer (not views of one buffer): a compiled layer then mutates a
         # graph input in place, which Inductor keeps in place.
         self.k_caches = [
@@ -267,20 +274,22 @@ class CompactLM(nn.Module):
         positions: torch.Tensor,
         row_scales: torch.Tensor | None,
         layer_fn=None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens [b] long, positions [b] long (where each token goes), row_scales [b, S].
-        Uses cache rows 0..b-1. Returns logits [b, vocab] in the model dtype. ``layer_fn``
-        replaces :func:`decode_layer` (e.g. by its torch.compile'd version)."""
+        Uses cache rows 0..b-1, or with ``slots`` [b] long row r's cache row slots[r].
+        Returns logits [b, vocab] in the model dtype. ``layer_fn`` replaces
+        :func:`decode_layer` (e.g. by its torch.compile'd version)."""
         layer_fn = layer_fn or decode_layer
         s = self.shape
         b = tokens.shape[0]
         x, cos, sin, bias = self.decode_inputs(tokens, positions)
-        batch_idx = torch.arange(b, device=tokens.device)
+        batch_idx = torch.arange(b, device=tokens.device) if slots is None else slots
         use_lora = row_scales is not None and len(self.lora) > 0
         in_scales = self._in_scales(row_scales, x.dtype) if use_lora else None
         for i in range(s.n_layers):
             k_cache, v_cache = self.k_caches[i], self.v_caches[i]
-            if b != k_cache.shape[0]:
+            if slots is None and b != k_cache.shape[0]:
                 k_cache, v_cache = k_cache[:b], v_cache[:b]
             x = layer_fn(
                 x,
@@ -425,7 +434,9 @@ def decode_layer(
     skinny: bool = False,
 ) -> torch.Tensor:
     """One transformer block for one new token per row; a pure function of its tensors so
-    one ``torch.compile`` of it serves every layer. Writes this token's K/V into the cache.
+    one ``torch.compile`` of it serves every layer. Writes this token's K/V into the cache:
+    row r's cache row is ``batch_idx[r]`` (r itself, or a slot table when the cache has
+    more rows than the batch).
 
     ``w_in`` holds q/k/v and (with ``bt``) every slot's LoRA A rows: one GEMM, then the
     row-scaled LoRA hidden states go through the block-diagonal ``bt`` onto q/k/v.
@@ -444,11 +455,17 @@ def decode_layer(
     k = apply_rope(k, cos, sin)
     k_cache[batch_idx, :, positions] = k[:, :, 0]
     v_cache[batch_idx, :, positions] = v[:, :, 0]
+    slotted = k_cache.shape[0] != b  # cache rows through the slot table batch_idx
     if attn_splits:
         lengths = positions + 1
-        o = decode_attention(q[:, :, 0], k_cache, v_cache, lengths, head_dim**-0.5, attn_splits)
+        slots = batch_idx if slotted else None
+        o = decode_attention(
+            q[:, :, 0], k_cache, v_cache, lengths, head_dim**-0.5, attn_splits, slots
+        )
         o = o.reshape(b, 1, n_heads * head_dim)
     else:
+        if slotted:  # the rows' caches, gathered (the Triton kernel reads them in place)
+            k_cache, v_cache = k_cache[batch_idx], v_cache[batch_idx]
         # GQA without repeating the cache: [b, kvh, g, d] x [b, kvh, d, S].
         qg = q.reshape(b, n_kv_heads, n_heads // n_kv_heads, head_dim)
         att = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * head_dim**-0.5 + bias

@@ -172,6 +172,8 @@ class DecodeRunner:
         fields = {"tokens": (torch.long, b), "positions": (torch.long, b)}
         if n_slots:
             fields["row_scales"] = (torch.float32, b * n_slots)
+        if model.spare_rows:
+            fields["slots"] = (torch.long, b)  # each decode row's cache row
         # Overlapped steps (see step_async): a row whose input is the previous step's own
         # greedy token takes it on the device; ``override`` marks the rows the host sets.
         self.overlap = overlap
@@ -198,6 +200,13 @@ class DecodeRunner:
             pin = device.type == "cuda"
             self._greedy_host = [torch.zeros(b, dtype=torch.long, pin_memory=pin) for _ in "ab"]
             self._launches = 0
+        self.slots: torch.Tensor | None = None
+        self.host_slots: np.ndarray | None = None
+        if model.spare_rows:
+            self.slots = self.step_inputs.device("slots")
+            self.host_slots = self.step_inputs.host("slots")
+            self.host_slots[:] = model.scratch_row  # free rows write to the scratch row
+            self.step_inputs.upload()  # warm-up and capture runs read it too
         self.row_scales: torch.Tensor | None = None
         self.host_row_scales: np.ndarray | None = None
         if n_slots:
@@ -438,7 +447,8 @@ class DecodeRunner:
             fed = self.step_positions[:rows] + 1
             self.step_positions[:rows].copy_(torch.where(host, positions, fed))
             tokens, positions = self.step_tokens[:rows], self.step_positions[:rows]
-        logits = self.model.decode(tokens, positions, scales, layer_fn=self.layer_fn)
+        slots = self.slots[:rows] if self.slots is not None else None
+        logits = self.model.decode(tokens, positions, scales, layer_fn=self.layer_fn, slots=slots)
         greedy = logits.argmax(dim=-1)
         if self.overlap:
             self.step_greedy[:rows].copy_(greedy)

@@ -192,6 +192,14 @@ def test_engine_config_from_app_config() -> None:
     assert engine.use_overlap  # the cuda config above
     cfg_off = AppConfig.model_validate({"engine": {"device": "cuda", "overlap_steps": False}})
     assert not EngineConfig(**engine_config_dict(cfg_off)).use_overlap
+    # Spare cache rows: off by default, passed through, never negative.
+    assert default.spare_rows == 0
+    spare = AppConfig.model_validate({"engine": {"spare_rows": 16}})
+    assert EngineConfig(**engine_config_dict(spare)).spare_rows == 16
+    with pytest.raises(ValidationError, match="spare_rows"):
+        AppConfig.model_validate({"engine": {"spare_rows": -1}})
+    with pytest.raises(DlpError, match="spare_rows"):
+        EngineConfig(spare_rows=-1).validate()
     for bad in ({"compile_scope": "model"}, {"decode_attention": "flash"}, {"decode_gemm": "x"}):
         with pytest.raises(ValidationError, match=next(iter(bad))):
             AppConfig.model_validate({"engine": bad})

@@ -30,6 +30,11 @@ def test_decode_attention_kernel_matches_reference(dtype, splits):
     ref = decode_attention_reference(q, k, v, lengths, d**-0.5)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-3
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    # Through a slot table (spare cache rows): rows read other cache rows.
+    slots = torch.tensor([10, 0, 3, 3, 7, 1, 9, 2, 5], device="cuda")
+    out = decode_attention(q, k, v, lengths, d**-0.5, splits, slots=slots)
+    ref = decode_attention_reference(q, k[slots], v[slots], lengths, d**-0.5)
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -115,6 +120,13 @@ def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
             overlap_steps=True,
             overlap_queue_ahead=True,
         ),
+        "spare_rows": dict(
+            compile=True,
+            cuda_graph=True,
+            decode_attention="triton",
+            overlap_steps=True,
+            spare_rows=4,
+        ),
     }.items():
         engine = make_engine(
             model, None, adapters, device="cuda", max_batch=8, max_seq_len=128, **cfg
@@ -133,3 +145,4 @@ def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
     assert outputs["overlap"] == outputs["eager"]
     assert outputs["gemm"] == outputs["eager"]
     assert outputs["queue_ahead"] == outputs["eager"]
+    assert outputs["spare_rows"] == outputs["eager"]
