@@ -487,7 +487,10 @@ class Engine:
         still_waiting: deque[_Seq] = deque()
         while self._waiting:
             seq = self._waiting.popleft()
-            if not free or (len(seq.prompt_ids) > budget and admitted):
+            # One prefill holds at most max_batch rows (its graphs and staging are that big),
+            # even when spare cache rows leave room for more.
+            full = len(admitted) >= self.config.max_batch
+            if not free or full or (len(seq.prompt_ids) > budget and admitted):
                 still_waiting.append(seq)
                 continue
             if not seq.mix.is_base:
