@@ -147,6 +147,7 @@ class Engine:
         # With spare cache rows: requests prefilled (first token made) that wait for a decode
         # row, and the cache rows no request holds.
         self._ready: deque[_Seq] = deque()
+        self._prefilling: list[_Seq] = []
         self._free_slots: list[int] = list(range(config.max_batch + config.spare_rows))
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -434,8 +435,9 @@ class Engine:
         )
 
     def _held(self) -> list[_Seq]:
-        """Requests holding a decode row or a prefilled spare cache row."""
-        return [s for s in self._rows if s is not None] + list(self._ready)
+        """Requests holding a decode row or a spare cache row (prefilled or being so)."""
+        rows = [s for s in self._rows if s is not None]
+        return rows + list(self._ready) + [s for s in self._prefilling if s.row < 0]
 
     def _retire_cancelled(self) -> None:
         for seq in [s for s in self._held() if s.cancelled]:
@@ -560,7 +562,11 @@ class Engine:
     async def _prefill(self, seqs: list[_Seq]) -> None:
         self._last_prefill_step = self._counters["decode_steps"]
         start = time.perf_counter()
+        # Held while the forward runs, so that a failure answers them too (the loop's error
+        # path finishes every held request; one going into a spare row has no decode row).
+        self._prefilling = seqs
         first = await self._call(self._prefill_forward, seqs)
+        self._prefilling = []
         self._counters["prefill_s"] += time.perf_counter() - start
         self._counters["prefill_calls"] += 1
         self._counters["prefill_rows"] += len(seqs)

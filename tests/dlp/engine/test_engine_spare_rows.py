@@ -5,6 +5,7 @@ the step's slot table. Every request must get exactly the plain engine's tokens 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import torch
 from engine_helpers import make_engine, request, run_all, tiny_model, write_adapters
@@ -139,3 +140,35 @@ async def test_cancelling_a_request_that_waits_prefilled(vocab_model, default_to
     assert [r.completion_tokens for r in results] == [40, 5]
     assert stats["cancelled"] == 1 and stats["ready"] == 0 and stats["running"] == 0
     assert sorted(engine._free_slots) == [0, 1, 2]  # every cache row back
+
+
+async def test_a_failed_prefill_into_spare_rows_answers_every_request(
+    vocab_model, default_tokenizer
+):
+    """Fault injection: the second prefill (into the spare rows) fails. The requests it was
+    prefilling hold no decode row, and must be answered with the error like the others."""
+    engine = make_engine(vocab_model, default_tokenizer, max_batch=3, max_seq_len=128, spare_rows=3)
+    real = engine.runner.prefill_host
+    calls = []
+
+    def prefill_host(*args, **kwargs):
+        calls.append(len(args[0]))
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return real(*args, **kwargs)
+
+    engine.runner.prefill_host = prefill_host
+    reqs = [
+        request(i, AdapterMix.base(), prompt=PROMPTS[i % 5], max_tokens=30, ignore_eos=True)
+        for i in range(6)
+    ]
+    await engine.start()
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(engine.generate(r) for r in reqs), return_exceptions=True), 60
+        )
+    finally:
+        with contextlib.suppress(RuntimeError):  # the loop's own failure, re-raised at stop
+            await engine.stop()
+    assert calls == [3, 3]
+    assert all(isinstance(r, RuntimeError) and "device lost" in str(r) for r in results)
