@@ -88,14 +88,10 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DlpError(f"engine config: {name} must be a positive integer, got {value!r}")
-        if (
-            isinstance(self.spare_rows, bool)
-            or not isinstance(self.spare_rows, int)
-            or (self.spare_rows < 0)
-        ):
-            raise DlpError(
-                f"engine config: spare_rows must be an integer >= 0, got {self.spare_rows!r}"
-            )
+        for name in ("spare_rows", "admit_max_wait_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise DlpError(f"engine config: {name} must be an integer >= 0, got {value!r}")
         if self.admit_min_rows is not None and (
             isinstance(self.admit_min_rows, bool)
             or not isinstance(self.admit_min_rows, int)
@@ -104,11 +100,6 @@ class EngineConfig:
             raise DlpError(
                 f"engine config: admit_min_rows must be a positive integer or None,"
                 f" got {self.admit_min_rows!r}"
-            )
-        if not isinstance(self.admit_max_wait_steps, int) or self.admit_max_wait_steps < 0:
-            raise DlpError(
-                "engine config: admit_max_wait_steps must be an integer >= 0,"
-                f" got {self.admit_max_wait_steps!r}"
             )
         choices = {
             "compile_mode": COMPILE_MODES,

@@ -148,7 +148,8 @@ class Engine:
         # row, and the cache rows no request holds.
         self._ready: deque[_Seq] = deque()
         self._prefilling: list[_Seq] = []
-        self._free_slots: list[int] = list(range(config.max_batch + config.spare_rows))
+        spare = config.spare_rows
+        self._free_slots: list[int] = list(range(config.max_batch + spare)) if spare else []
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -481,6 +482,7 @@ class Engine:
         from dlp.lora.pool import PoolBusyError
 
         spare = self.model.spare_rows > 0
+        # With spares, admission takes cache rows straight from the engine's free list.
         free = self._free_slots if spare else [i for i, s in enumerate(self._rows) if s is None]
         if not self._admission_due(len(free)):
             return []
@@ -539,13 +541,13 @@ class Engine:
     def _set_scales(self, seq: _Seq) -> None:
         self._scales_of(seq, self._host_scales[seq.row])
 
-    def _scales_of(self, seq: _Seq, out: np.ndarray) -> np.ndarray:
-        """The request's LoRA scale per pool slot (w_i * s_i of its adapters, 0 elsewhere)."""
+    def _scales_of(self, seq: _Seq, out: np.ndarray) -> None:
+        """Write the request's LoRA scale per pool slot into ``out`` (w_i * s_i of its
+        adapters, 0 elsewhere)."""
         out[:] = 0.0
         if seq.lease is not None:
             for name, weight in seq.mix.entries:
                 out[seq.lease.slot_of(name)] += weight * seq.lease.scaling(name)
-        return out
 
     def _bind_ready(self) -> None:
         """Hand free decode rows to prefilled requests (spare cache rows), oldest first:
