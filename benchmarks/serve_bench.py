@@ -221,11 +221,13 @@ def run_http(args_dict: dict[str, Any], prompts: list[str], a: argparse.Namespac
         timeout_s=600,
         duration_s=3600,
     )
-    before = worker.stats.remote().result()
-    result = asyncio.run(run_load(cfg, items))
-    after = worker.stats.remote().result()
-    out = _phase(result.records, result.wall_s, before, after)
-    out["mixes"] = [rec.mix for rec in result.records]
+    out: dict[str, Any] = {}
+    if a.single_client_phase:
+        before = worker.stats.remote().result()
+        result = asyncio.run(run_load(cfg, items))
+        after = worker.stats.remote().result()
+        out["http"] = _phase(result.records, result.wall_s, before, after)
+        out["mixes"] = [rec.mix for rec in result.records]
     if a.client_procs > 1:
         # The same requests from several client processes: one Python HTTP client is itself
         # a bottleneck at a few hundred connections.
@@ -234,6 +236,8 @@ def run_http(args_dict: dict[str, Any], prompts: list[str], a: argparse.Namespac
         after = worker.stats.remote().result()
         out["http_procs"] = _phase(procs.records, procs.wall_s, before, after)
         out["http_procs"]["client_procs"] = a.client_procs
+        # The engine-alone run replays the mixes the router chose; any HTTP phase has them.
+        out.setdefault("mixes", [rec.mix for rec in procs.records])
     if a.handle_phase:
         app = serve.get_app_handle("dlp")
         before = worker.stats.remote().result()
@@ -325,13 +329,23 @@ def plot(report: dict[str, Any], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    vals = [report["engine"]["tokens_per_s"], report["http"]["tokens_per_s"]]
-    ax.bar(["engine alone", "HTTP via Ray Serve"], vals, color=["#888", "#3a7"])
+    phases = {
+        "engine alone": "engine",
+        "HTTP, 1 proc": "http",
+        "HTTP, N procs": "http_procs",
+        "Python handle": "app_handle",
+    }
+    shown = {label: key for label, key in phases.items() if key in report}
+    vals = [report[key]["tokens_per_s"] for key in shown.values()]
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    ax.bar(list(shown), vals, color=["#888", "#9c9", "#3a7", "#38c"][: len(vals)])
+    engine = report["engine"]["tokens_per_s"]
+    for i, v in enumerate(vals):
+        ax.text(i, v, f"{v / engine:.3f}", ha="center", va="bottom")
     ax.set_ylabel("completion tokens / s")
     ax.set_title(
         f"{report['shape']}, {report['requests']} requests, concurrency {report['concurrency']}"
-        f"\nHTTP / engine = {report['ratio_http_to_engine_throughput']:.3f}"
+        "\n(labels: throughput / engine alone)"
     )
     fig.tight_layout()
     fig.savefig(png, dpi=120)
@@ -393,6 +407,12 @@ def main(argv: list[str] | None = None) -> int:
         help="engine-alone phases with 0..this ms between a client's requests (0: skip)",
     )
     p.add_argument(
+        "--no-single-client-phase",
+        dest="single_client_phase",
+        action="store_false",
+        help="skip the HTTP load from one client process (client-bound at high concurrency)",
+    )
+    p.add_argument(
         "--no-handle-phase",
         dest="handle_phase",
         action="store_false",
@@ -400,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
+    if not a.single_client_phase and a.client_procs < 2:
+        p.error("--no-single-client-phase needs --client-procs of 2 or more: no HTTP phase left")
     prompts = _prompts(a.requests, a.prompt_words, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         assets = _assets(Path(tmp), a.tokenizer_dir, a.shape)
@@ -417,12 +439,15 @@ def main(argv: list[str] | None = None) -> int:
         "requests": a.requests,
         "concurrency": a.concurrency,
         "max_tokens": a.max_tokens,
-        "ratio_http_to_engine_throughput": http["tokens_per_s"] / engine["tokens_per_s"],
         "app_args": {k: v for k, v in args_dict.items() if k in ("engine", "worker", "ingress")},
-        "http": http,
         "engine": engine,
         **engines,
     }
+    if "http" in http:
+        report["http"] = http.pop("http")
+        report["ratio_http_to_engine_throughput"] = (
+            report["http"]["tokens_per_s"] / engine["tokens_per_s"]
+        )
     if "http_procs" in http:
         report["http_procs"] = http.pop("http_procs")
         report["ratio_http_procs_to_engine_throughput"] = (
