@@ -83,10 +83,10 @@ class EngineSettings(_Strict):
         description="queue decode step N+1 before handling step N's tokens (greedy rows);"
         " null = on CUDA",
     )
-    overlap_queue_ahead: bool = Field(
-        False,
+    overlap_queue_ahead: bool | None = Field(
+        None,
         description="with overlap_steps: queue step N+1 before step N has finished on the"
-        " device (not yet measured on a GPU)",
+        " device; null = on CUDA",
     )
     compile_scope: Literal["layer", "step"] = Field(
         "layer", description="compile one block for every layer, or the whole decode step"

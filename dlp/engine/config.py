@@ -62,8 +62,9 @@ class EngineConfig:
     overlap_steps: bool | None = None
     # With overlap_steps: queue step N+1 without waiting for step N to finish (inputs go from
     # a snapshot of the staging buffer), so the GPU never waits for the host to wake up and
-    # launch. Built and tested on the CPU, not yet measured on a GPU: off.
-    overlap_queue_ahead: bool = False
+    # launch. None: on CUDA (measured on the H200 through HTTP: 0.925 of the engine alone's
+    # tokens/s, against 0.866 without it).
+    overlap_queue_ahead: bool | None = None
     max_prefill_tokens: int = 8192  # padded tokens per prefill forward
     # KV cache rows beyond max_batch: waiting requests are prefilled into them in groups
     # before decode rows free, and a freed row takes the next one at once (decode rows read
@@ -135,6 +136,11 @@ class EngineConfig:
     @property
     def use_overlap(self) -> bool:
         return self.on_cuda if self.overlap_steps is None else self.overlap_steps
+
+    @property
+    def use_queue_ahead(self) -> bool:
+        ahead = self.on_cuda if self.overlap_queue_ahead is None else self.overlap_queue_ahead
+        return self.use_overlap and ahead
 
     @property
     def use_cuda_graph(self) -> bool:

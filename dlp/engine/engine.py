@@ -130,7 +130,7 @@ class Engine:
             attention=config.decode_attention,
             gemm=config.decode_gemm,
             overlap=config.use_overlap,
-            queue_ahead=config.overlap_queue_ahead,
+            queue_ahead=config.use_queue_ahead,
         )
         self.eos_ids = _eos_ids(model, tokenizer)
         # Each row's LoRA scale per pool slot: the runner's staging buffer itself (sent with

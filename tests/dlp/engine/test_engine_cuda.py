@@ -108,7 +108,11 @@ def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
         "eager": dict(compile=False, cuda_graph=False, decode_attention="matmul"),
         "graphs": dict(compile=True, cuda_graph=True, decode_attention="triton"),
         "overlap": dict(
-            compile=True, cuda_graph=True, decode_attention="triton", overlap_steps=True
+            compile=True,
+            cuda_graph=True,
+            decode_attention="triton",
+            overlap_steps=True,
+            overlap_queue_ahead=False,
         ),
         "gemm": dict(
             compile=True, cuda_graph=True, decode_attention="triton", decode_gemm="triton"
