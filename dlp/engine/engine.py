@@ -466,19 +466,13 @@ class Engine:
 
         ``free``: rows a prefill may fill now - free decode rows, or with spare cache rows
         (``spare_rows``) free cache rows, so that requests are prefilled in groups before
-        decode rows free and handed a row the moment one does (``_bind_ready``). With spare
-        rows the wait limit does not apply: prefilled requests cover the decode rows that free
-        meanwhile, so a group is prefilled once ``admit_rows`` cache rows are free, or at once
-        when a decode row would otherwise sit idle (measured through HTTP on the H200: with
-        the wait limit, groups stayed at 10.6 rows where 32 were asked)."""
+        decode rows free and handed a row the moment one does (``_bind_ready``)."""
         if not self._waiting or free == 0:
             return False
         if not self._ready and all(s is None for s in self._rows):
             return True
         if min(free, len(self._waiting)) >= self.config.admit_rows:
             return True
-        if self.model.spare_rows:
-            return not self._ready and any(s is None for s in self._rows)
         since = max(self._waiting[0].arrived_step, self._last_prefill_step)
         return self._counters["decode_steps"] - since >= self.config.admit_max_wait_steps
 

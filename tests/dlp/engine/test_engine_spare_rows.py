@@ -115,34 +115,6 @@ async def test_waiting_requests_are_prefilled_into_spare_rows_ahead(vocab_model,
     assert plain[1]["prefill_calls"] == 4 and plain[2] == 0  # one per freed row
 
 
-async def test_spare_rows_prefill_in_groups_under_a_deep_queue(vocab_model, default_tokenizer):
-    """Rows free one at a time under a deep queue. Without spare rows the wait limit (here one
-    step) prefills each freed row alone; with spare rows the prefilled requests cover the rows
-    that free, and the next group is prefilled once admit_rows cache rows are free."""
-    reqs = [
-        request(i, AdapterMix.base(), prompt=PROMPTS[i % 5], max_tokens=3 + 2 * i, ignore_eos=True)
-        for i in range(12)
-    ]
-    results = {}
-    for spare in (0, 4):
-        engine = make_engine(
-            vocab_model,
-            default_tokenizer,
-            max_batch=4,
-            max_seq_len=128,
-            spare_rows=spare,
-            admit_min_rows=4,
-            admit_max_wait_steps=1,
-        )
-        async with engine:
-            done = await asyncio.wait_for(run_all(engine, reqs), 60)
-            stats = engine.stats()
-        results[spare] = ([r.token_ids for r in done], stats["prefill_calls"])
-    assert results[4][0] == results[0][0]
-    assert results[4][1] == 3  # 4 rows at start, 4 into the spare rows, the last 4 together
-    assert results[0][1] == 1 + 8  # the last eight one by one, at the one-step wait limit
-
-
 async def test_cancelling_a_request_that_waits_prefilled(vocab_model, default_tokenizer):
     engine = make_engine(vocab_model, default_tokenizer, max_batch=1, max_seq_len=256, spare_rows=2)
     async with engine:
