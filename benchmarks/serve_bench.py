@@ -388,10 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--queue-ahead",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="engine.overlap_queue_ahead: queue step N+1 before step N has finished"
-        " (default: the engine's, on for CUDA)",
+        action="store_true",
+        help="engine.overlap_queue_ahead: queue step N+1 before step N has finished",
     )
     p.add_argument("--compile-scope", choices=("layer", "step"), default="layer")
     p.add_argument("--decode-attention", choices=("auto", "matmul", "triton"), default="auto")

@@ -62,9 +62,10 @@ class EngineConfig:
     overlap_steps: bool | None = None
     # With overlap_steps: queue step N+1 without waiting for step N to finish (inputs go from
     # a snapshot of the staging buffer), so the GPU never waits for the host to wake up and
-    # launch. None: on CUDA (measured on the H200 through HTTP: 0.925 of the engine alone's
-    # tokens/s, against 0.866 without it).
-    overlap_queue_ahead: bool | None = None
+    # launch. Token-identical on the H200 (test_engine_cuda), but no clear gain through HTTP
+    # there: 0.925, 0.873 and 0.822 of the engine alone's tokens/s in three runs, against
+    # 0.862 and 0.866 without it (the runs vary by +-5%). Off.
+    overlap_queue_ahead: bool = False
     max_prefill_tokens: int = 8192  # padded tokens per prefill forward
     # KV cache rows beyond max_batch: waiting requests are prefilled into them in groups
     # before decode rows free, and a freed row takes the next one at once (decode rows read
@@ -139,8 +140,7 @@ class EngineConfig:
 
     @property
     def use_queue_ahead(self) -> bool:
-        ahead = self.on_cuda if self.overlap_queue_ahead is None else self.overlap_queue_ahead
-        return self.use_overlap and ahead
+        return self.use_overlap and self.overlap_queue_ahead
 
     @property
     def use_cuda_graph(self) -> bool:

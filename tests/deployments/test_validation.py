@@ -192,15 +192,13 @@ def test_engine_config_from_app_config() -> None:
     assert engine.use_overlap  # the cuda config above
     cfg_off = AppConfig.model_validate({"engine": {"device": "cuda", "overlap_steps": False}})
     assert not EngineConfig(**engine_config_dict(cfg_off)).use_overlap
-    # Queue-ahead follows the same rule, and only ever with overlapped steps.
-    assert default.overlap_queue_ahead is None and not default.use_queue_ahead
-    assert engine.use_queue_ahead
-    assert not EngineConfig(**engine_config_dict(cfg_off)).use_queue_ahead
-    cfg_no_ahead = AppConfig.model_validate(
-        {"engine": {"device": "cuda", "overlap_queue_ahead": False}}
-    )
-    no_ahead = EngineConfig(**engine_config_dict(cfg_no_ahead))
-    assert no_ahead.use_overlap and not no_ahead.use_queue_ahead
+    # Queue-ahead: off unless asked for, and only ever with overlapped steps.
+    assert not default.use_queue_ahead and not engine.use_queue_ahead
+    ahead = {"device": "cuda", "overlap_queue_ahead": True}
+    cfg_ahead = AppConfig.model_validate({"engine": ahead})
+    assert EngineConfig(**engine_config_dict(cfg_ahead)).use_queue_ahead
+    cfg_ahead_sync = AppConfig.model_validate({"engine": {**ahead, "overlap_steps": False}})
+    assert not EngineConfig(**engine_config_dict(cfg_ahead_sync)).use_queue_ahead
     # Spare cache rows: off by default, passed through, never negative.
     assert default.spare_rows == 0
     spare = AppConfig.model_validate({"engine": {"spare_rows": 16}})
