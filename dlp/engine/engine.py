@@ -834,6 +834,24 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any | None) -> frozenset[int]:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def load_tokenizer(config: EngineConfig) -> Any | None:
+    """The tokenizer that ``config``'s model comes with (what :func:`load_model` returns
+    beside the model), without loading the model."""
+    from transformers import AutoTokenizer
+
+    if config.model_config is not None:
+        if not config.tokenizer_path:
+            return None
+        return AutoTokenizer.from_pretrained(config.tokenizer_path, local_files_only=True)
+    if config.model_path is None:
+        from dlp.base_model import ensure_base_model
+
+        return AutoTokenizer.from_pretrained(ensure_base_model(), local_files_only=True)
+    return AutoTokenizer.from_pretrained(
+        config.tokenizer_path or config.model_path, local_files_only=True
+    )
+
+
 def load_model(config: EngineConfig) -> tuple[torch.nn.Module, Any | None]:
     """The base model (+ tokenizer) that ``config`` names, on its device, in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
