@@ -334,7 +334,9 @@ class EngineProcess:
             asyncio.run_coroutine_threadsafe(self._reroute(msg[1], msg[2]), self._loop)
         else:  # chunk / result / error for one request
             _, rid, payload = msg
-            pending = self._pending.get(rid)
+            # A request's last message ends it here, so closing it sends no cancel.
+            final = kind != "chunk" or payload.finish_reason is not None
+            pending = self._pending.pop(rid, None) if final else self._pending.get(rid)
             if pending is not None:
                 pending.loop.call_soon_threadsafe(_deliver, pending, kind, payload)
 
