@@ -108,6 +108,7 @@ def build_app(args: AppConfig | dict[str, Any] | None = None) -> Application:
         router,
         registry,
         max(1, round(cfg.worker.num_cpus)),
+        cfg.worker.engine_process,
     )
     return Ingress.options(
         num_replicas=cfg.ingress.num_replicas,

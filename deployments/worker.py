@@ -91,6 +91,7 @@ class LoraWorker:
         router: DeploymentHandle | None = None,
         registry: DeploymentHandle | None = None,
         torch_threads: int | None = None,
+        engine_process: bool = False,
     ) -> None:
         # Async constructor (Serve awaits it): the model loads in a thread, then the engine
         # starts (CUDA graph capture / compile on GPUs) before the replica takes traffic, so
@@ -98,6 +99,7 @@ class LoraWorker:
         import torch
 
         from dlp.engine.engine import Engine
+        from dlp.engine.engine_process import EngineProcess
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -109,7 +111,12 @@ class LoraWorker:
         self.limits = ServingLimits.model_validate(limits)
         config = EngineConfig(**engine_config)
         reroute = self._reroute if router is not None else None
-        self.engine = await asyncio.to_thread(Engine.from_config, config, reroute)
+        if engine_process:
+            # The engine's loop in a child process: Serve's threads here no longer share
+            # its GIL. Same API and errors (dlp/engine/engine_process.py).
+            self.engine = await asyncio.to_thread(EngineProcess, config, reroute, torch_threads)
+        else:
+            self.engine = await asyncio.to_thread(Engine.from_config, config, reroute)
         self.pool = self.engine.pool
         self.tokenizer = self.engine.tokenizer
         self.router = router
@@ -141,6 +148,13 @@ class LoraWorker:
                     self.metrics.pool_stats(pool, len(pool.get("resident", ())))
             except Exception:  # metrics must never take the replica down
                 log.exception("worker metrics")
+
+    async def __del__(self) -> None:
+        # Serve's shutdown hook: stop the engine (with engine_process, its child too; a
+        # replica that dies without this leaves the child to exit on the closed socket).
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            await engine.stop()
 
     async def check_health(self) -> None:
         if not self.engine.running:

@@ -143,6 +143,11 @@ class WorkerSettings(_Strict):
         " this length; then the mix spreads to the least loaded replica below this length"
         " (when every replica is at it, the mix stays where its adapters are)",
     )
+    engine_process: bool = Field(
+        False,
+        description="run the engine and its batching loop in a child process of the replica,"
+        " so that Serve's threads do not share its GIL (not yet measured on a GPU)",
+    )
     request_router: Literal["adapter_affinity", "default"] = Field(
         "adapter_affinity",
         description="adapter_affinity: send a mix to the replica holding its adapters"
