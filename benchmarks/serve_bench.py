@@ -122,6 +122,7 @@ def _app_args(assets: dict[str, str], a: argparse.Namespace) -> dict[str, Any]:
             "num_gpus": 1 if on_gpu else 0,
             "num_cpus": 1,
             "max_ongoing_requests": 4 * a.batch,
+            "engine_process": a.engine_process,
         },
         "ingress": {"num_replicas": a.ingress_replicas},
     }
@@ -390,6 +391,12 @@ def main(argv: list[str] | None = None) -> int:
         "--queue-ahead",
         action="store_true",
         help="engine.overlap_queue_ahead: queue step N+1 before step N has finished",
+    )
+    p.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="worker.engine_process: the worker's engine in a child process (no GIL shared"
+        " with Serve's threads); the engine-alone phase stays in this process",
     )
     p.add_argument("--compile-scope", choices=("layer", "step"), default="layer")
     p.add_argument("--decode-attention", choices=("auto", "matmul", "triton"), default="auto")
