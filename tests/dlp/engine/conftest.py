@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_helpers import vocab_llama_spec
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from dlp.base_model import ensure_base_model
@@ -34,15 +35,5 @@ def default_model(default_model_dir):
 def vocab_model(default_tokenizer):
     """Tiny random Llama with the real tokenizer's vocabulary, so text features work."""
     torch.manual_seed(3)
-    config = LlamaConfig(
-        vocab_size=len(default_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        eos_token_id=default_tokenizer.eos_token_id,
-    )
+    config = LlamaConfig(**vocab_llama_spec(default_tokenizer))
     return AutoModelForCausalLM.from_config(config).eval()

@@ -47,6 +47,21 @@ def tiny_config(kind: str):
     return Qwen2Config(**common, tie_word_embeddings=True)
 
 
+def vocab_llama_spec(tokenizer) -> dict:
+    """A tiny Llama's config fields with ``tokenizer``'s vocabulary, so text features work."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
 def tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(tiny_config(kind)).eval()

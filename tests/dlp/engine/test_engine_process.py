@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from engine_helpers import request, write_adapters
+from engine_helpers import request, vocab_llama_spec, write_adapters
 
 from dlp.engine.config import EngineConfig
 from dlp.engine.engine import Engine, load_model
@@ -21,18 +21,7 @@ PROMPTS = ["The quick brown fox", "Hello there", "Once upon a time", "A short on
 
 def _config(default_tokenizer, default_model_dir, **kw) -> EngineConfig:
     # Random weights from a seed: the child builds the very model the parent's reference does.
-    spec = dict(
-        model_type="llama",
-        vocab_size=len(default_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        eos_token_id=default_tokenizer.eos_token_id,
-    )
+    spec = dict(model_type="llama", **vocab_llama_spec(default_tokenizer))
     kw.setdefault("max_batch", 4)
     kw.setdefault("max_seq_len", 128)
     return EngineConfig(model_config=spec, tokenizer_path=str(default_model_dir), seed=3, **kw)
