@@ -156,6 +156,15 @@ def engine_delta(before: dict[str, Any], after: dict[str, Any], wall_s: float) -
     }
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median throughput (the lower middle one of an even count), with
+    every run's throughput beside it."""
+    ranked = sorted(runs, key=lambda r: r["tokens_per_s"])
+    median = dict(ranked[(len(ranked) - 1) // 2])
+    median["runs_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
+    return median
+
+
 def _phase(records: list, wall: float, before: dict, after: dict) -> dict[str, Any]:
     from dlp.loadgen import summarize
 
@@ -231,14 +240,19 @@ def run_http(args_dict: dict[str, Any], prompts: list[str], a: argparse.Namespac
         out["mixes"] = [rec.mix for rec in result.records]
     if a.client_procs > 1:
         # The same requests from several client processes: one Python HTTP client is itself
-        # a bottleneck at a few hundred connections.
-        before = worker.stats.remote().result()
-        procs = run_load_processes(cfg.model_copy(update={"processes": a.client_procs}), items)
-        after = worker.stats.remote().result()
-        out["http_procs"] = _phase(procs.records, procs.wall_s, before, after)
-        out["http_procs"]["client_procs"] = a.client_procs
-        # The engine-alone run replays the mixes the router chose; any HTTP phase has them.
-        out.setdefault("mixes", [rec.mix for rec in procs.records])
+        # a bottleneck at a few hundred connections. Repeated: runs through a server spread
+        # by about +-6% (session 6), as much as the changes being measured.
+        runs = []
+        for _ in range(a.repeats):
+            before = worker.stats.remote().result()
+            procs_cfg = cfg.model_copy(update={"processes": a.client_procs})
+            procs = run_load_processes(procs_cfg, items)
+            after = worker.stats.remote().result()
+            runs.append(_phase(procs.records, procs.wall_s, before, after))
+            runs[-1]["client_procs"] = a.client_procs
+            # The engine-alone run replays the mixes the router chose; any HTTP phase has them.
+            out.setdefault("mixes", [rec.mix for rec in procs.records])
+        out["http_procs"] = _median_run(runs)
     if a.handle_phase:
         app = serve.get_app_handle("dlp")
         before = worker.stats.remote().result()
@@ -312,7 +326,7 @@ def run_engine(args_dict: dict, prompts: list[str], mixes: list, a: argparse.Nam
             }
 
         await asyncio.gather(*(one(i, t, 8) for i, t in enumerate(prompts[: a.batch])))
-        out = {"engine": await phase(0.0)}
+        out = {"engine": _median_run([await phase(0.0) for _ in range(a.repeats)])}
         if a.jitter_ms:
             out["engine_jitter"] = await phase(a.jitter_ms)
             econf.admit_min_rows, econf.admit_max_wait_steps = 1, 0
@@ -414,6 +428,13 @@ def main(argv: list[str] | None = None) -> int:
         help="engine-alone phases with 0..this ms between a client's requests (0: skip)",
     )
     p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run the HTTP (client processes) and engine-alone phases this many times each;"
+        " the report keeps the median run and lists every run's tokens/s",
+    )
+    p.add_argument(
         "--no-single-client-phase",
         dest="single_client_phase",
         action="store_false",
@@ -427,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
+    if a.repeats < 1:
+        p.error("--repeats must be 1 or more")
     if not a.single_client_phase and a.client_procs < 2:
         p.error("--no-single-client-phase needs --client-procs of 2 or more: no HTTP phase left")
     prompts = _prompts(a.requests, a.prompt_words, seed=0)
@@ -460,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
         report["ratio_http_procs_to_engine_throughput"] = (
             report["http_procs"]["tokens_per_s"] / engine["tokens_per_s"]
         )
+        # Each HTTP run against the median engine-alone run (with --repeats > 1).
+        report["ratio_http_procs_to_engine_per_run"] = [
+            t / engine["tokens_per_s"] for t in report["http_procs"]["runs_tokens_per_s"]
+        ]
     if "app_handle" in http:
         report["app_handle"] = http.pop("app_handle")
         report["ratio_handle_to_engine_throughput"] = (
@@ -471,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = (
         "ratio_http_to_engine_throughput",
         "ratio_http_procs_to_engine_throughput",
+        "ratio_http_procs_to_engine_per_run",
         "ratio_handle_to_engine_throughput",
     )
     print(json.dumps({k: report[k] for k in keys if k in report}, indent=2))
