@@ -32,7 +32,13 @@ import torch
 from dlp.engine.triton_support import INTERPRET as _INTERPRET
 from dlp.engine.triton_support import tl, triton, triton_available
 
-__all__ = ["decode_attention", "decode_attention_reference", "pick_splits", "triton_available"]
+__all__ = [
+    "decode_attention",
+    "decode_attention_reference",
+    "decode_attention_rope",
+    "pick_splits",
+    "triton_available",
+]
 
 BLOCK_N = 64  # keys per loop step: 64 x head_dim bf16 tiles keep registers low at d=128
 MIN_DOT_ROWS = 16  # tl.dot needs M >= 16, so the query-head group is padded up to this
@@ -80,19 +86,13 @@ def decode_attention_reference(
 if triton is not None:
 
     @triton.jit
-    def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        return tl.dot(a, b, input_precision=PRECISION)
-
-    @triton.jit
     def _decode_attn_kernel(
-        Q, K, V, Lengths, Slots, Out, PartAcc, PartM, PartL,
+        Q, K, V, Lengths, Slots, Out, PartAcc, PartM, PartL, KNew, VNew, Cos, Sin,
         stride_qb, stride_qh,
         stride_kb, stride_kh, stride_ks,
         stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh,
+        stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cb,
         scale,
         GROUP: tl.constexpr,
         GROUP_PAD: tl.constexpr,
@@ -102,7 +102,10 @@ if triton is not None:
         PRECISION: tl.constexpr,
         UPCAST: tl.constexpr,
         HAS_SLOTS: tl.constexpr,
+        ROPE: tl.constexpr,
     ):  # fmt: skip
+        # No nested @triton.jit helpers here: with one, Inductor cannot tell which arguments
+        # a user kernel stores to and clones them all (the KV caches, with ROPE).
         # int64 row index: row * stride_kb overflows int32 for large caches.
         row = tl.program_id(0).to(tl.int64)
         # The row's cache row: its own index, or its entry in the slot table.
@@ -125,7 +128,20 @@ if triton is not None:
         g_ok = g < GROUP
         # The group's query heads are consecutive: head = kv_head * GROUP + g.
         q_ptrs = Q + row * stride_qb + (kv_head * GROUP + g)[:, None] * stride_qh + dims[None, :]
-        q = tl.load(q_ptrs, mask=g_ok[:, None], other=0.0).to(K.dtype.element_ty)
+        if ROPE:
+            # Rotary embedding here (HF's rotate-half: x * cos + [-x2, x1] * sin), in fp32 and
+            # rounded once to the model dtype, as the compiled step's fused pointwise does.
+            rot_dims = (dims + HEAD_DIM // 2) % HEAD_DIM
+            sign = tl.where(dims < HEAD_DIM // 2, -1.0, 1.0)
+            cos = tl.load(Cos + row * stride_cb + dims).to(tl.float32)
+            sin = tl.load(Sin + row * stride_cb + dims).to(tl.float32)
+            q_raw = tl.load(q_ptrs, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            q_rot_ptrs = q_ptrs + (rot_dims - dims)[None, :]
+            q_rot = tl.load(q_rot_ptrs, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            q = q_raw * cos[None, :] + sign[None, :] * q_rot * sin[None, :]
+            q = q.to(Q.dtype.element_ty).to(K.dtype.element_ty)
+        else:
+            q = tl.load(q_ptrs, mask=g_ok[:, None], other=0.0).to(K.dtype.element_ty)
 
         # torch.compile (inductor) passes a Python float as fp64; keep the scores fp32.
         qk_scale = tl.cast(scale, tl.float32)
@@ -134,13 +150,22 @@ if triton is not None:
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_sum = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
+        # With ROPE this token's key is not in the cache yet: the loop stops before it and
+        # it is added (and written) below, so no program reads what another one writes.
+        stop = end
+        if ROPE:
+            stop = tl.minimum(end, length - 1)
+        for n0 in range(start, stop, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = n < end
+            n_ok = n < stop
             # K is loaded transposed ([d, BLOCK_N]) so q @ k^T is a plain dot.
             k_ptrs = k_base + n[None, :] * stride_ks + dims[:, None]
             k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
-            s = _dot(q, k, PRECISION, UPCAST) * qk_scale
+            if UPCAST:  # the interpreter's dot wants fp32
+                s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision=PRECISION)
+            else:
+                s = tl.dot(q, k, input_precision=PRECISION)
+            s = s * qk_scale
             s = tl.where(n_ok[None, :], s, float("-inf"))
             # Online softmax: every block holds >= 1 valid key, so m_new is finite (no NaN).
             m_new = tl.maximum(m, tl.max(s, 1))
@@ -151,8 +176,33 @@ if triton is not None:
             v_ptrs = v_base + n[:, None] * stride_vs + dims[None, :]
             v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
             # p is rounded to V's dtype for the dot, as the eager path's softmax(...).to(v).
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+            pv = p.to(v.dtype)
+            if UPCAST:
+                pv_dot = tl.dot(pv.to(tl.float32), v.to(tl.float32), input_precision=PRECISION)
+            else:
+                pv_dot = tl.dot(pv, v, input_precision=PRECISION)
+            acc = acc * alpha[:, None] + pv_dot
             m = m_new
+
+        if ROPE:
+            last = length - 1
+            if (last >= start) & (last < end):  # this split holds the new key: one writer
+                k_ptr = KNew + row * stride_knb + kv_head * stride_knh
+                k_raw = tl.load(k_ptr + dims).to(tl.float32)
+                k_rot = tl.load(k_ptr + rot_dims).to(tl.float32)
+                k_new = (k_raw * cos + sign * k_rot * sin).to(K.dtype.element_ty)
+                v_ptr = VNew + row * stride_vnb + kv_head * stride_vnh
+                v_new = tl.load(v_ptr + dims).to(V.dtype.element_ty)
+                tl.store(k_base + last * stride_ks + dims, k_new)
+                tl.store(v_base + last * stride_vs + dims, v_new)
+                s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale
+                m_new = tl.maximum(m, s_new)
+                alpha = tl.exp(m - m_new)
+                p_new = tl.exp(s_new - m_new)
+                l_sum = l_sum * alpha + p_new
+                p_v = p_new.to(V.dtype.element_ty).to(tl.float32)
+                acc = acc * alpha[:, None] + p_v[:, None] * v_new.to(tl.float32)[None, :]
+                m = m_new
 
         if SPLITS == 1:
             # Split 0 always holds key 0 (lengths >= 1), so l_sum > 0 for real heads.
@@ -212,6 +262,51 @@ def decode_attention(
     contiguous); lengths [b] int (valid keys per row, 1..S); ``slots`` [b] int: row r's
     cache row (default: r, then B >= b). Returns [b, n_heads, d] in q.dtype. Lengths and
     slots are not checked on the host (that would sync): out of range is undefined."""
+    return _launch(q, k_cache, v_cache, lengths, scale, splits, slots, None)
+
+
+def decode_attention_rope(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    splits: int = 1,
+    slots: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The decode step's rotary embedding, cache write and attention in one kernel (three
+    fewer launches per layer than rope + cache write + :func:`decode_attention`).
+
+    q [b, n_heads, d] and this token's k_new / v_new [b, kvh, d] come before the rotary
+    embedding; cos / sin [b, d] are each row's at its position ``lengths - 1``. The rotated
+    key and the value are written into the row's cache row at that position, and the rotated
+    q attends over positions ``0 .. lengths - 1``. Same contract as :func:`decode_attention`
+    otherwise (last dims contiguous; lengths and slots not checked on the host)."""
+    b, kvh, d = k_new.shape
+    if tuple(v_new.shape) != (b, kvh, d) or tuple(cos.shape) != (b, d) or cos.shape != sin.shape:
+        shapes = [tuple(t.shape) for t in (q, k_new, v_new, cos, sin)]
+        raise ValueError(f"q/k_new/v_new/cos/sin shapes do not fit: {shapes}")
+    if k_new.stride(-1) != 1 or v_new.stride(-1) != 1 or cos.stride() != sin.stride():
+        raise ValueError("k_new and v_new need a contiguous last dim, cos and sin one layout")
+    if cos.stride(-1) != 1:
+        raise ValueError("cos and sin need a contiguous last dim")
+    return _launch(q, k_cache, v_cache, lengths, scale, splits, slots, (k_new, v_new, cos, sin))
+
+
+def _launch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    splits: int,
+    slots: torch.Tensor | None,
+    rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
     if triton is None:
         raise RuntimeError(
             "decode_attention needs triton, which is not installed "
@@ -232,6 +327,8 @@ def decode_attention(
         raise ValueError(f"lengths must be [b]={b} and splits >= 1 (got {splits})")
     if slots is not None and tuple(slots.shape) != (b,):
         raise ValueError(f"slots must be [b]={b}, got {tuple(slots.shape)}")
+    if rope is not None and rope[0].shape[:2] != (b, kvh):
+        raise ValueError(f"k_new must be [b, kvh, d] = [{b}, {kvh}, {d}]")
 
     group = n_heads // kvh
     out = torch.empty((b, n_heads, d), dtype=q.dtype, device=q.device)
@@ -245,6 +342,7 @@ def decode_attention(
         "PRECISION": "ieee" if k_cache.dtype == torch.float32 else "tf32",
         "UPCAST": _INTERPRET,
         "HAS_SLOTS": slots is not None,
+        "ROPE": rope is not None,
     }
     if splits == 1:
         part_acc = part_m = part_l = out  # unused: the kernel writes `out` directly
@@ -252,13 +350,16 @@ def decode_attention(
         part_acc = torch.empty((b, kvh, splits, group, d), dtype=torch.float32, device=q.device)
         part_m = torch.empty((b, kvh, splits, group), dtype=torch.float32, device=q.device)
         part_l = torch.empty((b, kvh, splits, group), dtype=torch.float32, device=q.device)
+    # Without rope its inputs are never read: q stands in for them.
+    k_new, v_new, cos, sin = rope if rope is not None else (q, q, q, q)
     _decode_attn_kernel[(b, kvh, splits)](
         q, k_cache, v_cache, lengths, slots if slots is not None else lengths,
-        out, part_acc, part_m, part_l,
+        out, part_acc, part_m, part_l, k_new, v_new, cos, sin,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos.stride(0),
         scale,
         **common,
     )  # fmt: skip

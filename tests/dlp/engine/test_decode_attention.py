@@ -93,6 +93,84 @@ def test_kernel_matches_reference(interpreted, name):
     assert res["err"] < TOL[dtype], res
 
 
+# Rope fused in (decode_attention_rope): name -> (dtype, b, B, n_heads, kvh, d, S, lengths,
+# splits, slots or None). q/k/v are slices of one wider qkv tensor, as the engine's GEMM gives.
+ROPE_CASES = {
+    "rope_f32": ("float32", 4, 6, 4, 4, 32, 200, [1, 200, 65, 130], 1, None),
+    # The new key lands in different splits; some splits lie wholly past the row's length.
+    "rope_f32_split3": ("float32", 4, 6, 4, 4, 32, 200, [1, 200, 65, 130], 3, None),
+    "rope_gqa6_bf16_split2": ("bfloat16", 3, 5, 12, 2, 64, 200, [200, 2, 129], 2, None),
+    "rope_slots_f32": ("float32", 3, 4, 8, 2, 32, 100, [100, 1, 64], 1, [3, 0, 2]),
+    "rope_slots_bf16_split4": ("bfloat16", 3, 4, 8, 2, 32, 160, [97, 160, 1], 4, [1, 3, 0]),
+}
+
+_ROPE_CHILD = """
+    import torch
+
+    from dlp.engine.decode_attention import decode_attention_reference, decode_attention_rope
+    from dlp.engine.model import apply_rope
+
+    results = {}
+    for name, (dtype, b, B, h, kvh, d, S, lengths, splits, slots) in json.loads(
+        sys.argv[1]
+    ).items():
+        torch.manual_seed(0)
+        dt = getattr(torch, dtype)
+        qkv = torch.randn(b, (h + 2 * kvh) * d).to(dt)
+        q = qkv[:, : h * d].view(b, h, d)
+        k_new = qkv[:, h * d : (h + kvh) * d].view(b, kvh, d)
+        v_new = qkv[:, (h + kvh) * d :].view(b, kvh, d)
+        angles = torch.rand(b, d // 2) * 6.0
+        cos = torch.cat([angles.cos()] * 2, -1).to(dt)
+        sin = torch.cat([angles.sin()] * 2, -1).to(dt)
+        k_cache = torch.randn(B, kvh, S, d).to(dt)
+        v_cache = torch.randn(B, kvh, S, d).to(dt)
+        lens = torch.tensor(lengths)
+        table = torch.tensor(slots) if slots else torch.arange(b)
+        # The reference: rope in fp32 rounded once (the compiled step's pointwise), the cache
+        # written by indexing, then the plain-torch attention over the gathered rows.
+        c, s_ = cos.float()[:, None, None, :], sin.float()[:, None, None, :]
+        q_ref = apply_rope(q.float()[:, :, None], c, s_)[:, :, 0].to(dt)
+        k_ref = apply_rope(k_new.float()[:, :, None], c, s_)[:, :, 0].to(dt)
+        k_exp, v_exp = k_cache.clone(), v_cache.clone()
+        k_exp[table, :, lens - 1] = k_ref
+        v_exp[table, :, lens - 1] = v_new
+        ref = decode_attention_reference(q_ref, k_exp[table], v_exp[table], lens, d**-0.5)
+        out = decode_attention_rope(
+            q, k_new, v_new, cos, sin, k_cache, v_cache, lens, d**-0.5, splits=splits,
+            slots=torch.tensor(slots) if slots else None,
+        )
+        results[name] = {
+            "shape": list(out.shape),
+            "nan": bool(out.isnan().any()),
+            "err": (out.float() - ref.float()).abs().max().item(),
+            "k_cache_err": (k_cache.float() - k_exp.float()).abs().max().item(),
+            "v_cache_err": (v_cache.float() - v_exp.float()).abs().max().item(),
+        }
+    print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted_rope():
+    pytest.importorskip("triton")
+    return run_interpreted(_ROPE_CHILD, ROPE_CASES)
+
+
+@pytest.mark.parametrize("name", list(ROPE_CASES))
+def test_rope_kernel_writes_the_cache_and_matches_reference(interpreted_rope, name):
+    """Rope on q and k, this token's k/v written into the row's cache row at its position
+    (and nothing else written), attention over the row's keys up to it."""
+    dtype, b, _, h, _, d, *_ = ROPE_CASES[name]
+    res = interpreted_rope[name]
+    assert res["shape"] == [b, h, d] and not res["nan"]
+    assert res["err"] < TOL[dtype], res
+    # The rotated key is rounded to the cache dtype once, as the reference's: exact in fp32;
+    # in bf16 within one rounding step (the interpreter's fp32 -> bf16 cast may truncate).
+    assert res["v_cache_err"] == 0.0, res
+    assert res["k_cache_err"] <= (0.0 if dtype == "float32" else TOL[dtype]), res
+
+
 def _eager_attention(q, k_cache, v_cache, lengths, scale):
     """The engine's eager decode attention (model.decode_layer), with its additive mask."""
     b, n_heads, d = q.shape
