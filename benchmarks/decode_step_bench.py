@@ -9,7 +9,8 @@ not bytes, so this compares, in one process on one model:
 
 - ``compile_scope``: one compiled block for every layer, or the whole step as one graph;
 - ``attention``: two GEMMs + softmax over the whole static cache, or the length-aware
-  Triton kernel (``dlp.engine.decode_attention``);
+  Triton kernel (``dlp.engine.decode_attention``), also with the rotary embedding and the
+  KV-cache write inside it (``triton_rope``: three launches a layer fewer);
 - ``compile_mode``: Inductor's default, or ``max-autotune-no-cudagraphs``;
 - ``gemm``: cuBLAS (``F.linear``), or the weight-streaming Triton GEMMs
   (``dlp.engine.skinny_gemm``, silu * up fused into gate/up).
@@ -39,6 +40,10 @@ VARIANTS: dict[str, tuple[str, str | None, str, str]] = {
     "step+kernel+gemm": ("step", None, "triton", "triton"),
     "layer+kernel": ("layer", None, "triton", "cublas"),
     "step+kernel": ("step", None, "triton", "cublas"),
+    # Rotary embedding and the KV-cache write inside the attention kernel (decode_attention_rope).
+    "layer+rope": ("layer", None, "triton_rope", "cublas"),
+    "step+rope": ("step", None, "triton_rope", "cublas"),
+    "step+rope+gemm": ("step", None, "triton_rope", "triton"),
     "step": ("step", None, "matmul", "cublas"),
     "layer+kernel+autotune": ("layer", "max-autotune-no-cudagraphs", "triton", "cublas"),
     "step+kernel+autotune": ("step", "max-autotune-no-cudagraphs", "triton", "cublas"),

@@ -413,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
         " with Serve's threads); the engine-alone phase stays in this process",
     )
     p.add_argument("--compile-scope", choices=("layer", "step"), default="layer")
-    p.add_argument("--decode-attention", choices=("auto", "matmul", "triton"), default="auto")
+    p.add_argument(
+        "--decode-attention", choices=("auto", "matmul", "triton", "triton_rope"), default="auto"
+    )
     p.add_argument("--decode-gemm", choices=("auto", "cublas", "triton"), default="auto")
     p.add_argument(
         "--client-procs",

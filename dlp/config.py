@@ -91,10 +91,11 @@ class EngineSettings(_Strict):
     compile_scope: Literal["layer", "step"] = Field(
         "layer", description="compile one block for every layer, or the whole decode step"
     )
-    decode_attention: Literal["auto", "matmul", "triton"] = Field(
+    decode_attention: Literal["auto", "matmul", "triton", "triton_rope"] = Field(
         "auto",
         description="triton: length-aware decode attention kernel (auto: on CUDA for"
-        " caches over 512 positions)",
+        " caches over 512 positions); triton_rope: the kernel also applies the rotary"
+        " embedding and writes the KV cache (not yet measured on a GPU)",
     )
     decode_gemm: Literal["auto", "cublas", "triton"] = Field(
         "auto",

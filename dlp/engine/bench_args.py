@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--decode-attention",
         default=None,
-        choices=["auto", "matmul", "triton"],
+        choices=["auto", "matmul", "triton", "triton_rope"],
         help="decode attention of the engine variants (default: auto)",
     )
     parser.add_argument(

@@ -11,7 +11,7 @@ from dlp.errors import DlpError
 DTYPES = ("float32", "bfloat16", "float16")
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 COMPILE_SCOPES = ("layer", "step")
-DECODE_ATTENTIONS = ("auto", "matmul", "triton")
+DECODE_ATTENTIONS = ("auto", "matmul", "triton", "triton_rope")
 DECODE_GEMMS = ("auto", "cublas", "triton")
 
 
@@ -115,8 +115,9 @@ class EngineConfig:
             if value not in allowed:
                 raise DlpError(f"engine config: {name} must be one of {allowed}, got {value!r}")
         for name in ("decode_attention", "decode_gemm"):  # Triton kernels: GPU code
-            if getattr(self, name) == "triton" and not self.on_cuda:
-                raise DlpError(f"engine config: {name} 'triton' needs a cuda device")
+            value = getattr(self, name)
+            if value.startswith("triton") and not self.on_cuda:
+                raise DlpError(f"engine config: {name} {value!r} needs a cuda device")
         if not self.device.startswith(("cpu", "cuda")):
             raise DlpError(f"engine config: device must be cpu or cuda[:N], got {self.device!r}")
 

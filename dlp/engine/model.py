@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlp.engine.decode_attention import decode_attention
+from dlp.engine.decode_attention import decode_attention, decode_attention_rope
 from dlp.engine.fused_weights import fuse_layer, slot_copies
 from dlp.engine.skinny_gemm import skinny_linear, skinny_silu_mul
 from dlp.errors import DlpError
@@ -136,6 +136,8 @@ class CompactLM(nn.Module):
         # Decode attention: 0 = matmuls over the whole static cache (any device); N >= 1 = the
         # length-aware Triton kernel with N splits of the sequence (set by the runner on CUDA).
         self.attn_splits = 0
+        # With the kernel: rotary embedding and the cache write inside it (set by the runner).
+        self.attn_rope = False
         # Decode GEMMs: False = F.linear (cuBLAS / CPU); True = the weight-streaming Triton
         # kernels of skinny_gemm (set by the runner on CUDA).
         self.decode_gemm = False
@@ -309,6 +311,7 @@ class CompactLM(nn.Module):
                 s.rms_eps,
                 self.attn_splits,
                 self.decode_gemm,
+                self.attn_rope,
             )
         return self.decode_head(x)
 
@@ -432,6 +435,7 @@ def decode_layer(
     eps: float,
     attn_splits: int = 0,
     skinny: bool = False,
+    attn_rope: bool = False,
 ) -> torch.Tensor:
     """One transformer block for one new token per row; a pure function of its tensors so
     one ``torch.compile`` of it serves every layer. Writes this token's K/V into the cache:
@@ -441,13 +445,53 @@ def decode_layer(
     ``w_in`` holds q/k/v and (with ``bt``) every slot's LoRA A rows: one GEMM, then the
     row-scaled LoRA hidden states go through the block-diagonal ``bt`` onto q/k/v.
     ``attn_splits`` > 0 runs attention as the Triton kernel that reads each row's valid
-    prefix only (``bias`` is then unused). ``skinny`` runs the GEMMs as the weight-streaming
-    Triton kernels (gate/up with silu * up in their epilogue)."""
+    prefix only (``bias`` is then unused); with ``attn_rope`` that kernel also applies the
+    rotary embedding and writes the cache (one launch instead of three). ``skinny`` runs the
+    GEMMs as the weight-streaming Triton kernels (gate/up with silu * up in their epilogue)."""
     b = x.shape[0]
     lo, lg, lu, ld = lora
     linear = skinny_linear if skinny else F.linear
     h = rms_norm(x, in_norm, eps)
     q, k, v = _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes, linear)
+    slotted = k_cache.shape[0] != b  # cache rows through the slot table batch_idx
+    if attn_splits and attn_rope:
+        o = decode_attention_rope(
+            q.reshape(b, n_heads, head_dim),
+            k.reshape(b, n_kv_heads, head_dim),
+            v.reshape(b, n_kv_heads, head_dim),
+            cos.reshape(b, head_dim),
+            sin.reshape(b, head_dim),
+            k_cache,
+            v_cache,
+            positions + 1,
+            head_dim**-0.5,
+            attn_splits,
+            batch_idx if slotted else None,
+        ).reshape(b, 1, n_heads * head_dim)
+    else:
+        o = _attend(q, k, v, cos, sin, bias, batch_idx, positions, k_cache, v_cache, attn_splits)
+    x = x + _lin(o, w_o, b_o, lo, row_scales, linear)
+    mlp_lora = (lg, lu, ld)
+    return _mlp(x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny)
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    bias: torch.Tensor,
+    batch_idx: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    attn_splits: int,
+) -> torch.Tensor:
+    """Decode attention with the rotary embedding and the cache write as torch ops: q/k/v
+    [b, 1, heads * d] before rope; returns [b, 1, n_heads * d]."""
+    b, head_dim = q.shape[0], k_cache.shape[-1]
+    n_heads, n_kv_heads = q.shape[-1] // head_dim, k_cache.shape[1]
     q = q.reshape(b, 1, n_heads, head_dim).transpose(1, 2)
     k = k.reshape(b, 1, n_kv_heads, head_dim).transpose(1, 2)
     v = v.reshape(b, 1, n_kv_heads, head_dim).transpose(1, 2)
@@ -455,25 +499,20 @@ def decode_layer(
     k = apply_rope(k, cos, sin)
     k_cache[batch_idx, :, positions] = k[:, :, 0]
     v_cache[batch_idx, :, positions] = v[:, :, 0]
-    slotted = k_cache.shape[0] != b  # cache rows through the slot table batch_idx
     if attn_splits:
         lengths = positions + 1
-        slots = batch_idx if slotted else None
+        slots = batch_idx if k_cache.shape[0] != b else None
         o = decode_attention(
             q[:, :, 0], k_cache, v_cache, lengths, head_dim**-0.5, attn_splits, slots
         )
-        o = o.reshape(b, 1, n_heads * head_dim)
-    else:
-        if slotted:  # the rows' caches, gathered (the Triton kernel reads them in place)
-            k_cache, v_cache = k_cache[batch_idx], v_cache[batch_idx]
-        # GQA without repeating the cache: [b, kvh, g, d] x [b, kvh, d, S].
-        qg = q.reshape(b, n_kv_heads, n_heads // n_kv_heads, head_dim)
-        att = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * head_dim**-0.5 + bias
-        att = torch.softmax(att, dim=-1).to(v_cache.dtype)
-        o = torch.matmul(att, v_cache).reshape(b, 1, n_heads * head_dim)
-    x = x + _lin(o, w_o, b_o, lo, row_scales, linear)
-    mlp_lora = (lg, lu, ld)
-    return _mlp(x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny)
+        return o.reshape(b, 1, n_heads * head_dim)
+    if k_cache.shape[0] != b:  # the rows' caches, gathered (the Triton kernel reads them in place)
+        k_cache, v_cache = k_cache[batch_idx], v_cache[batch_idx]
+    # GQA without repeating the cache: [b, kvh, g, d] x [b, kvh, d, S].
+    qg = q.reshape(b, n_kv_heads, n_heads // n_kv_heads, head_dim)
+    att = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * head_dim**-0.5 + bias
+    att = torch.softmax(att, dim=-1).to(v_cache.dtype)
+    return torch.matmul(att, v_cache).reshape(b, 1, n_heads * head_dim)
 
 
 def prefill_layer(

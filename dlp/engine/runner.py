@@ -216,9 +216,12 @@ class DecodeRunner:
         # "auto" takes it for caches longer than AUTO_KERNEL_MIN_SEQ: at 256 positions the
         # two GEMMs over the whole cache were as fast (H200, Qwen2-1.5B, batch 64: 2.10 vs
         # 2.13 ms a step); at a serving context of 2048 they read ~10x the valid keys.
-        if attention == "triton" and not (device.type == "cuda" and triton_available()):
-            raise DlpError("decode_attention 'triton' needs a CUDA device and triton installed")
-        use_kernel = attention == "triton" or (
+        explicit = attention in ("triton", "triton_rope")
+        if explicit and not (device.type == "cuda" and triton_available()):
+            raise DlpError(
+                f"decode_attention {attention!r} needs a CUDA device and triton installed"
+            )
+        use_kernel = explicit or (
             attention == "auto"
             and device.type == "cuda"
             and triton_available()
@@ -226,6 +229,8 @@ class DecodeRunner:
         )
         splits = pick_splits(model.max_seq, model.max_batch, model.shape.n_kv_heads)
         model.attn_splits = splits if use_kernel else 0
+        # triton_rope: the kernel also applies the rotary embedding and writes the KV cache.
+        model.attn_rope = attention == "triton_rope"
         if gemm == "triton" and not (device.type == "cuda" and triton_available()):
             raise DlpError("decode_gemm 'triton' needs a CUDA device and triton installed")
         model.decode_gemm = gemm == "triton" or (

@@ -171,6 +171,66 @@ def test_rope_kernel_writes_the_cache_and_matches_reference(interpreted_rope, na
     assert res["k_cache_err"] <= (0.0 if dtype == "float32" else TOL[dtype]), res
 
 
+_STEP_CHILD = """
+    import torch
+
+    from dlp.engine.model import CompactLM
+    from engine_helpers import tiny_model
+
+    results = {}
+    for name, (kind, spare, slots) in json.loads(sys.argv[1]).items():
+        logits, caches = {}, {}
+        for mode in ("matmul", "kernel", "kernel_rope"):
+            # Same random weights and the same random (filled) caches for every mode.
+            model = CompactLM(tiny_model(kind), max_batch=3, max_seq=96, spare_rows=spare)
+            torch.manual_seed(1)
+            for kc, vc in zip(model.k_caches, model.v_caches):
+                kc.copy_(torch.randn_like(kc))
+                vc.copy_(torch.randn_like(vc))
+            model.attn_splits = 0 if mode == "matmul" else 2
+            model.attn_rope = mode == "kernel_rope"
+            tokens = torch.tensor([5, 17, 200])
+            positions = torch.tensor([0, 40, 95])
+            table = torch.tensor(slots) if slots else None
+            with torch.no_grad():
+                logits[mode] = model.decode(tokens, positions, None, slots=table)
+            pairs = zip(model.k_caches, model.v_caches)
+            caches[mode] = torch.stack([torch.stack([k, v]) for k, v in pairs])
+        base = logits["matmul"]
+        results[name] = {
+            mode: {
+                "err": (logits[mode] - base).abs().max().item(),
+                "argmax_same": bool((logits[mode].argmax(-1) == base.argmax(-1)).all()),
+                "cache_err": (caches[mode] - caches["matmul"]).abs().max().item(),
+            }
+            for mode in ("kernel", "kernel_rope")
+        }
+    print(json.dumps(results))
+"""
+# name -> (model kind, spare cache rows, slot table or None)
+STEP_CASES = {
+    "qwen2": ("qwen2", 0, None),
+    "llama": ("llama", 0, None),  # llama3 rope scaling: cos/sin from HF's own tables
+    "llama_slots": ("llama", 2, [4, 0, 2]),
+}
+
+
+@pytest.fixture(scope="module")
+def interpreted_step():
+    pytest.importorskip("triton")
+    return run_interpreted(_STEP_CHILD, STEP_CASES)
+
+
+@pytest.mark.parametrize("name", list(STEP_CASES))
+def test_decode_step_with_rope_in_the_kernel_matches_eager(interpreted_step, name):
+    """The model's decode step (fp32) with the attention kernel, and with rope and the cache
+    write in it, against the eager matmul attention: same logits, same caches after (up to
+    fp32 rounding: a layer's K/V follow from the layer before's attention)."""
+    for mode, res in interpreted_step[name].items():
+        assert res["err"] < 1e-4 and res["argmax_same"], (mode, res)
+        assert res["cache_err"] < 1e-4, (mode, res)
+
+
 def _eager_attention(q, k_cache, v_cache, lengths, scale):
     """The engine's eager decode attention (model.decode_layer), with its additive mask."""
     b, n_heads, d = q.shape
