@@ -10,7 +10,8 @@ not bytes, so this compares, in one process on one model:
 - ``compile_scope``: one compiled block for every layer, or the whole step as one graph;
 - ``attention``: two GEMMs + softmax over the whole static cache, or the length-aware
   Triton kernel (``dlp.engine.decode_attention``), also with the rotary embedding and the
-  KV-cache write inside it (``triton_rope``: three launches a layer fewer);
+  KV-cache write inside it (``triton_rope``: the compiled step's two rope and cache-write
+  kernels a layer, 80 us of a 1.9 ms step on the H200, are gone);
 - ``compile_mode``: Inductor's default, or ``max-autotune-no-cudagraphs``;
 - ``gemm``: cuBLAS (``F.linear``), or the weight-streaming Triton GEMMs
   (``dlp.engine.skinny_gemm``, silu * up fused into gate/up).

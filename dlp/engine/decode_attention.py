@@ -278,8 +278,8 @@ def decode_attention_rope(
     splits: int = 1,
     slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The decode step's rotary embedding, cache write and attention in one kernel (three
-    fewer launches per layer than rope + cache write + :func:`decode_attention`).
+    """The decode step's rotary embedding, cache write and attention in one kernel (in the
+    compiled step, two kernels a layer fewer than rope + cache write + :func:`decode_attention`).
 
     q [b, n_heads, d] and this token's k_new / v_new [b, kvh, d] come before the rotary
     embedding; cos / sin [b, d] are each row's at its position ``lengths - 1``. The rotated

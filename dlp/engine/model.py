@@ -446,8 +446,9 @@ def decode_layer(
     row-scaled LoRA hidden states go through the block-diagonal ``bt`` onto q/k/v.
     ``attn_splits`` > 0 runs attention as the Triton kernel that reads each row's valid
     prefix only (``bias`` is then unused); with ``attn_rope`` that kernel also applies the
-    rotary embedding and writes the cache (one launch instead of three). ``skinny`` runs the
-    GEMMs as the weight-streaming Triton kernels (gate/up with silu * up in their epilogue)."""
+    rotary embedding and writes the cache (no separate rope and cache-write kernels).
+    ``skinny`` runs the GEMMs as the weight-streaming Triton kernels (gate/up with silu * up
+    in their epilogue)."""
     b = x.shape[0]
     lo, lg, lu, ld = lora
     linear = skinny_linear if skinny else F.linear
