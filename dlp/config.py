@@ -202,6 +202,13 @@ class AppConfig(_Strict):
     def _replicas(self) -> AppConfig:
         if self.router.min_replicas > self.router.max_replicas:
             raise ValueError("router.min_replicas must be <= router.max_replicas")
+        # Otherwise a routed mix may not fit the pool, and the request fails with a 400 that
+        # blames a field the user never sent.
+        if self.limits.max_adapters_per_mix > self.engine.pool_slots:
+            raise ValueError(
+                f"limits.max_adapters_per_mix ({self.limits.max_adapters_per_mix}) must be <="
+                f" engine.pool_slots ({self.engine.pool_slots}): a mix must fit the pool"
+            )
         return self
 
     def resolved_cache_dir(self) -> Path:

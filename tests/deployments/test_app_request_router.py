@@ -35,6 +35,7 @@ def _args(tmp_path: Path, **worker: Any) -> dict[str, Any]:
         "adapters_dir": str(tmp_path),
         "adapter_root": str(tmp_path),
         "engine": {"pool_slots": 5},
+        "limits": {"max_adapters_per_mix": 5},
         "worker": {"spill_queue_len": 3, "routing_stats_period_s": 0.5, **worker},
     }
 

@@ -124,6 +124,11 @@ def test_limits_are_consistent() -> None:
         AppConfig.model_validate({"engine": {"model": "/m", "shape": "qwen2-1.5b"}})
     with pytest.raises(ValidationError):
         AppConfig.model_validate({"worker": {"no_such_field": 1}})
+    # A mix as large as the limit allows must fit the adapter pool.
+    with pytest.raises(ValidationError, match="max_adapters_per_mix"):
+        AppConfig.model_validate({"engine": {"pool_slots": 4}})
+    fits = {"engine": {"pool_slots": 4}, "limits": {"max_adapters_per_mix": 4}}
+    assert AppConfig.model_validate(fits).engine.pool_slots == 4
 
 
 def test_app_args_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
