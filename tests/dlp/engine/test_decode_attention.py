@@ -375,3 +375,45 @@ def test_cuda_compile_fullgraph_and_graph_capture():
     graph.replay()
     ref = decode_attention_reference(q, k, v, static_lengths, 128**-0.5) * 2
     torch.testing.assert_close(static_out, ref, atol=4e-2, rtol=2e-2)
+
+
+@cuda
+def test_cuda_rope_kernel_compiled_writes_the_cache():
+    """decode_attention_rope under torch.compile(fullgraph): the output, and the cache written
+    in place (what the compiled decode step relies on)."""
+    from dlp.engine.model import apply_rope
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, h, kvh, d, s, dt = 8, 12, 2, 128, 1024, torch.bfloat16
+    qkv = torch.randn(b, (h + 2 * kvh) * d, device="cuda", generator=g).to(dt)
+    q = qkv[:, : h * d].view(b, h, d)
+    k_new = qkv[:, h * d : (h + kvh) * d].view(b, kvh, d)
+    v_new = qkv[:, (h + kvh) * d :].view(b, kvh, d)
+    angles = torch.rand(b, d // 2, device="cuda", generator=g) * 6.0
+    cos = torch.cat([angles.cos()] * 2, -1).to(dt)
+    sin = torch.cat([angles.sin()] * 2, -1).to(dt)
+    k_cache = torch.randn(b + 2, kvh, s, d, device="cuda", generator=g).to(dt)
+    v_cache = torch.randn(b + 2, kvh, s, d, device="cuda", generator=g).to(dt)
+    lengths = torch.randint(1, s + 1, (b,), device="cuda", generator=g)
+    lengths[0], lengths[1] = 1, s
+    rows = torch.arange(b, device="cuda")
+    c, sn = cos.float()[:, None, None, :], sin.float()[:, None, None, :]
+    q_ref = apply_rope(q.float()[:, :, None], c, sn)[:, :, 0].to(dt)
+    k_ref = apply_rope(k_new.float()[:, :, None], c, sn)[:, :, 0].to(dt)
+    k_exp, v_exp = k_cache.clone(), v_cache.clone()
+    k_exp[rows, :, lengths - 1] = k_ref
+    v_exp[rows, :, lengths - 1] = v_new
+    ref = decode_attention_reference(q_ref, k_exp, v_exp, lengths, d**-0.5) * 2
+    splits = pick_splits(s, b, kvh)
+
+    @torch.compile(fullgraph=True)
+    def step(q, k_new, v_new, cos, sin, k_cache, v_cache, lengths):
+        out = da.decode_attention_rope(
+            q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, d**-0.5, splits=splits
+        )
+        return out * 2
+
+    out = step(q, k_new, v_new, cos, sin, k_cache, v_cache, lengths)
+    torch.testing.assert_close(out, ref, atol=4e-2, rtol=2e-2)
+    torch.testing.assert_close(v_cache, v_exp, atol=0, rtol=0)
+    torch.testing.assert_close(k_cache.float(), k_exp.float(), atol=2e-2, rtol=1e-2)

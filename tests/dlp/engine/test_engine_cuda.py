@@ -131,6 +131,11 @@ def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
             overlap_steps=True,
             spare_rows=4,
         ),
+        # Rope and the cache write inside the attention kernel, also through the slot table.
+        "rope": dict(compile=True, cuda_graph=True, decode_attention="triton_rope"),
+        "rope_spare_rows": dict(
+            compile=True, cuda_graph=True, decode_attention="triton_rope", spare_rows=4
+        ),
     }.items():
         engine = make_engine(
             model, None, adapters, device="cuda", max_batch=8, max_seq_len=128, **cfg
@@ -150,3 +155,5 @@ def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
     assert outputs["gemm"] == outputs["eager"]
     assert outputs["queue_ahead"] == outputs["eager"]
     assert outputs["spare_rows"] == outputs["eager"]
+    assert outputs["rope"] == outputs["eager"]
+    assert outputs["rope_spare_rows"] == outputs["eager"]
