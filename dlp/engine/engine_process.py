@@ -204,7 +204,7 @@ class EngineProcess:
         if self._proc is None:
             return
         self._stopping = True
-        with contextlib.suppress(OSError, DlpError):
+        with contextlib.suppress(DlpError):
             self._send(("stop",))
         try:
             await asyncio.to_thread(self._proc.wait, 30)
@@ -274,14 +274,17 @@ class EngineProcess:
         # Still pending here = the caller gave up (cancelled, broke off a stream): tell the
         # child, which cancels the request and frees its row.
         if self._pending.pop(rid, None) is not None and self.running:
-            with contextlib.suppress(OSError, DlpError):
+            with contextlib.suppress(DlpError):
                 self._send(("cancel", rid))
 
     def _send(self, msg: tuple) -> None:
         if self._conn is None:
             raise DlpError("engine process is not running")
-        with self._send_lock:
-            self._conn.send(msg)
+        try:
+            with self._send_lock:
+                self._conn.send(msg)
+        except OSError as exc:  # the child died since the last check: answer as for that
+            raise DlpError(f"engine process is not running ({exc})") from None
 
     def _call(self, method: str, *args: Any) -> Any:
         if not self.running:
@@ -346,7 +349,7 @@ class EngineProcess:
             reply = ("reroute_reply", cid, True, mix.as_dict())
         except Exception as exc:
             reply = ("reroute_reply", cid, False, _error_info(exc))
-        with contextlib.suppress(OSError, DlpError):
+        with contextlib.suppress(DlpError):
             self._send(reply)
 
     def _fail_all(self, exc: DlpError) -> None:
