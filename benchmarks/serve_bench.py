@@ -286,12 +286,10 @@ def run_engine(args_dict: dict, prompts: list[str], mixes: list, a: argparse.Nam
     configured = (econf.admit_min_rows, econf.admit_max_wait_steps)
 
     async def go() -> dict[str, Any]:
-        engine = Engine.from_config(econf)
-        await engine.start()
         sampling = SamplingParams(max_tokens=a.max_tokens)
         ids = iter(range(10**9))
 
-        async def one(i: int, text: str, max_tokens: int | None = None) -> int:
+        async def one(engine: Any, i: int, text: str, max_tokens: int | None = None) -> int:
             mix = AdapterMix.from_weights(mixes[i % len(mixes)] or {})
             req = GenerationRequest(
                 request_id=f"e{next(ids)}",
@@ -302,7 +300,7 @@ def run_engine(args_dict: dict, prompts: list[str], mixes: list, a: argparse.Nam
             res = await engine.generate(req)
             return res.completion_tokens
 
-        async def phase(jitter_ms: float) -> dict[str, Any]:
+        async def phase(engine: Any, jitter_ms: float) -> dict[str, Any]:
             rng = random.Random(1)
             work = iter(enumerate(prompts))
             counts: list[int] = []
@@ -311,7 +309,7 @@ def run_engine(args_dict: dict, prompts: list[str], mixes: list, a: argparse.Nam
                 for i, text in work:
                     if jitter_ms:
                         await asyncio.sleep(rng.uniform(0, jitter_ms) / 1e3)
-                    counts.append(await one(i, text))
+                    counts.append(await one(engine, i, text))
 
             before = engine.stats()
             t0 = time.perf_counter()
@@ -325,14 +323,31 @@ def run_engine(args_dict: dict, prompts: list[str], mixes: list, a: argparse.Nam
                 "engine_stats": engine_delta(before, engine.stats(), wall),
             }
 
-        await asyncio.gather(*(one(i, t, 8) for i, t in enumerate(prompts[: a.batch])))
-        out = {"engine": _median_run([await phase(0.0) for _ in range(a.repeats)])}
+        async def warm(engine: Any) -> None:
+            await asyncio.gather(*(one(engine, i, t, 8) for i, t in enumerate(prompts[: a.batch])))
+
+        engine = Engine.from_config(econf)
+        await engine.start()
+        await warm(engine)
+        out = {"engine": _median_run([await phase(engine, 0.0) for _ in range(a.repeats)])}
         if a.jitter_ms:
-            out["engine_jitter"] = await phase(a.jitter_ms)
+            out["engine_jitter"] = await phase(engine, a.jitter_ms)
             econf.admit_min_rows, econf.admit_max_wait_steps = 1, 0
-            out["engine_jitter_admit_each"] = await phase(a.jitter_ms)
+            out["engine_jitter_admit_each"] = await phase(engine, a.jitter_ms)
             econf.admit_min_rows, econf.admit_max_wait_steps = configured
         await engine.stop()
+        del engine
+        if a.engine_process:
+            # The same engine in a child process, with no server around it: what the process
+            # boundary itself costs, apart from Serve.
+            from dlp.engine.engine_process import EngineProcess
+
+            child = EngineProcess(econf)
+            await child.start()
+            await warm(child)
+            runs = [await phase(child, 0.0) for _ in range(a.repeats)]
+            out["engine_in_child"] = _median_run(runs)
+            await child.stop()
         return out
 
     return asyncio.run(go())
@@ -349,11 +364,12 @@ def plot(report: dict[str, Any], png: Path) -> None:
         "HTTP, 1 proc": "http",
         "HTTP, N procs": "http_procs",
         "Python handle": "app_handle",
+        "engine, child proc": "engine_in_child",
     }
     shown = {label: key for label, key in phases.items() if key in report}
     vals = [report[key]["tokens_per_s"] for key in shown.values()]
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    ax.bar(list(shown), vals, color=["#888", "#9c9", "#3a7", "#38c"][: len(vals)])
+    fig, ax = plt.subplots(figsize=(7.5, 3.5))
+    ax.bar(list(shown), vals, color=["#888", "#9c9", "#3a7", "#38c", "#bbb"][: len(vals)])
     engine = report["engine"]["tokens_per_s"]
     for i, v in enumerate(vals):
         ax.text(i, v, f"{v / engine:.3f}", ha="center", va="bottom")
@@ -410,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         "--engine-process",
         action="store_true",
         help="worker.engine_process: the worker's engine in a child process (no GIL shared"
-        " with Serve's threads); the engine-alone phase stays in this process",
+        " with Serve's threads); the engine-alone phase stays in this process, and an"
+        " engine_in_child phase runs the same engine alone in a child process",
     )
     p.add_argument("--compile-scope", choices=("layer", "step"), default="layer")
     p.add_argument(
@@ -489,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
         report["ratio_http_procs_to_engine_per_run"] = [
             t / engine["tokens_per_s"] for t in report["http_procs"]["runs_tokens_per_s"]
         ]
+    if "engine_in_child" in report:
+        report["ratio_engine_in_child_to_engine_throughput"] = (
+            report["engine_in_child"]["tokens_per_s"] / engine["tokens_per_s"]
+        )
     if "app_handle" in http:
         report["app_handle"] = http.pop("app_handle")
         report["ratio_handle_to_engine_throughput"] = (
@@ -502,9 +523,10 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_http_procs_to_engine_throughput",
         "ratio_http_procs_to_engine_per_run",
         "ratio_handle_to_engine_throughput",
+        "ratio_engine_in_child_to_engine_throughput",
     )
     print(json.dumps({k: report[k] for k in keys if k in report}, indent=2))
-    phases = ("http", "http_procs", "app_handle", "engine", "engine_jitter")
+    phases = ("http", "http_procs", "app_handle", "engine", "engine_in_child", "engine_jitter")
     for name in (*phases, "engine_jitter_admit_each"):
         if name in report:
             st = report[name]["engine_stats"]
