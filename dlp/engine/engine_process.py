@@ -171,7 +171,7 @@ class EngineProcess:
             [sys.executable, "-m", "dlp.engine.engine_process", address], env=env
         )
         try:
-            self._conn = await self._accept(listener)
+            self._conn = await self._accept(listener, address, key)
         finally:
             listener.close()
             with contextlib.suppress(OSError):
@@ -183,7 +183,7 @@ class EngineProcess:
         await asyncio.wrap_future(self._ready)
         self._alive = True
 
-    async def _accept(self, listener: Listener) -> Connection:
+    async def _accept(self, listener: Listener, address: str, key: bytes) -> Connection:
         """The child's connection; a child that dies on start-up is noticed, not waited for."""
         accepting = asyncio.ensure_future(asyncio.to_thread(listener.accept))
         while True:
@@ -192,9 +192,12 @@ class EngineProcess:
                 return accepting.result()
             assert self._proc is not None
             if self._proc.poll() is not None:
-                listener.close()  # ends the accept in its thread
+                # Closing the socket does not wake a thread blocked in accept(); a connection
+                # of our own does, so no thread is left behind.
                 with contextlib.suppress(Exception):
-                    await accepting
+                    Client(address, family="AF_UNIX", authkey=key).close()
+                with contextlib.suppress(Exception):
+                    (await accepting).close()
                 raise DlpError(
                     f"engine process exited with code {self._proc.returncode} on start-up"
                 )

@@ -5,6 +5,8 @@ sentence routing through the parent's router, and a dead child answering every r
 from __future__ import annotations
 
 import asyncio
+import shutil
+import sys
 
 import pytest
 from engine_helpers import request, vocab_llama_spec, write_adapters
@@ -123,6 +125,27 @@ async def test_a_dead_engine_process_answers_every_request(default_tokenizer, de
         assert not child.running  # the worker's health check fails: Serve replaces it
     finally:
         await child.stop()
+
+
+async def test_an_engine_that_fails_to_start_says_why(default_tokenizer, default_model_dir):
+    """The child fails building its engine (no such adapter root): start() raises its error."""
+    config = _config(default_tokenizer, default_model_dir, adapter_root="/no/such/adapters")
+    child = EngineProcess(config, torch_threads=1)
+    with pytest.raises(DlpError, match="adapter_root"):
+        await asyncio.wait_for(child.start(), 120)
+    assert not child.running
+    await child.stop()
+
+
+async def test_a_child_that_dies_before_connecting_is_noticed(
+    default_tokenizer, default_model_dir, monkeypatch
+):
+    child = EngineProcess(_config(default_tokenizer, default_model_dir), torch_threads=1)
+    monkeypatch.setattr(sys, "executable", shutil.which("false"))  # exits at once, code 1
+    with pytest.raises(DlpError, match="exited with code 1 on start-up"):
+        await asyncio.wait_for(child.start(), 30)
+    assert not child.running
+    await child.stop()
 
 
 async def test_sentence_routing_asks_the_parents_router(default_model, default_model_dir, tmp_path):
