@@ -359,17 +359,18 @@ def plot(report: dict[str, Any], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    phases = {
-        "engine alone": "engine",
-        "HTTP, 1 proc": "http",
-        "HTTP, N procs": "http_procs",
-        "Python handle": "app_handle",
-        "engine, child proc": "engine_in_child",
-    }
-    shown = {label: key for label, key in phases.items() if key in report}
-    vals = [report[key]["tokens_per_s"] for key in shown.values()]
+    # label, report key, colour: each phase keeps its colour whichever phases ran.
+    phases = [
+        ("engine alone", "engine", "#888"),
+        ("HTTP, 1 proc", "http", "#9c9"),
+        ("HTTP, N procs", "http_procs", "#3a7"),
+        ("Python handle", "app_handle", "#38c"),
+        ("engine, child proc", "engine_in_child", "#bbb"),
+    ]
+    shown = [(label, key, colour) for label, key, colour in phases if key in report]
+    vals = [report[key]["tokens_per_s"] for _, key, _ in shown]
     fig, ax = plt.subplots(figsize=(7.5, 3.5))
-    ax.bar(list(shown), vals, color=["#888", "#9c9", "#3a7", "#38c", "#bbb"][: len(vals)])
+    ax.bar([label for label, *_ in shown], vals, color=[colour for *_, colour in shown])
     engine = report["engine"]["tokens_per_s"]
     for i, v in enumerate(vals):
         ax.text(i, v, f"{v / engine:.3f}", ha="center", va="bottom")
