@@ -439,8 +439,7 @@ class _Child:
         kind = msg[0]
         if kind == "submit":
             _, rid, request, stream = msg
-            run = self._stream(rid, request) if stream else self._generate(rid, request)
-            self.tasks[rid] = asyncio.ensure_future(run)
+            self.tasks[rid] = asyncio.ensure_future(self._serve(rid, request, stream))
         elif kind == "cancel":
             task = self.tasks.pop(msg[1], None)
             if task is not None:
@@ -458,28 +457,22 @@ class _Child:
                 else:
                     waiter.set_exception(_rebuild_error(value))
 
-    async def _generate(self, rid: int, request: GenerationRequest) -> None:
+    async def _serve(self, rid: int, request: GenerationRequest, stream: bool) -> None:
+        """One request: its chunks as they come (stream) or its result, or its error."""
+        chunks = self.engine.generate_stream(request) if stream else None
         try:
-            result = await self.engine.generate(request)
-            self.send(("result", rid, result))
-        except asyncio.CancelledError:
+            if chunks is not None:
+                async for chunk in chunks:
+                    self.send(("chunk", rid, chunk))
+            else:
+                self.send(("result", rid, await self.engine.generate(request)))
+        except asyncio.CancelledError:  # the parent gave up: the engine frees the row
             pass
         except Exception as exc:
             self.send(("error", rid, _error_info(exc)))
         finally:
-            self.tasks.pop(rid, None)
-
-    async def _stream(self, rid: int, request: GenerationRequest) -> None:
-        stream = self.engine.generate_stream(request)
-        try:
-            async for chunk in stream:
-                self.send(("chunk", rid, chunk))
-        except asyncio.CancelledError:
-            pass
-        except Exception as exc:
-            self.send(("error", rid, _error_info(exc)))
-        finally:
-            await stream.aclose()
+            if chunks is not None:
+                await chunks.aclose()
             self.tasks.pop(rid, None)
 
     async def _answer(self, cid: int, method: str, args: tuple) -> None:

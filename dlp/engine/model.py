@@ -454,7 +454,8 @@ def decode_layer(
     linear = skinny_linear if skinny else F.linear
     h = rms_norm(x, in_norm, eps)
     q, k, v = _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes, linear)
-    slotted = k_cache.shape[0] != b  # cache rows through the slot table batch_idx
+    # The slot table, when rows read their cache row through it (more cache rows than rows).
+    slots = batch_idx if k_cache.shape[0] != b else None
     if attn_splits and attn_rope:
         o = decode_attention_rope(
             q.reshape(b, n_heads, head_dim),
@@ -467,10 +468,12 @@ def decode_layer(
             positions + 1,
             head_dim**-0.5,
             attn_splits,
-            batch_idx if slotted else None,
+            slots,
         ).reshape(b, 1, n_heads * head_dim)
     else:
-        o = _attend(q, k, v, cos, sin, bias, batch_idx, positions, k_cache, v_cache, attn_splits)
+        o = _attend(
+            q, k, v, cos, sin, bias, batch_idx, slots, positions, k_cache, v_cache, attn_splits
+        )
     x = x + _lin(o, w_o, b_o, lo, row_scales, linear)
     mlp_lora = (lg, lu, ld)
     return _mlp(x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny)
@@ -484,13 +487,15 @@ def _attend(
     sin: torch.Tensor,
     bias: torch.Tensor,
     batch_idx: torch.Tensor,
+    slots: torch.Tensor | None,
     positions: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     attn_splits: int,
 ) -> torch.Tensor:
     """Decode attention with the rotary embedding and the cache write as torch ops: q/k/v
-    [b, 1, heads * d] before rope; returns [b, 1, n_heads * d]."""
+    [b, 1, heads * d] before rope; returns [b, 1, n_heads * d]. ``slots``: ``batch_idx``
+    when rows read their cache row through it, else None."""
     b, head_dim = q.shape[0], k_cache.shape[-1]
     n_heads, n_kv_heads = q.shape[-1] // head_dim, k_cache.shape[1]
     q = q.reshape(b, 1, n_heads, head_dim).transpose(1, 2)
@@ -502,13 +507,12 @@ def _attend(
     v_cache[batch_idx, :, positions] = v[:, :, 0]
     if attn_splits:
         lengths = positions + 1
-        slots = batch_idx if k_cache.shape[0] != b else None
         o = decode_attention(
             q[:, :, 0], k_cache, v_cache, lengths, head_dim**-0.5, attn_splits, slots
         )
         return o.reshape(b, 1, n_heads * head_dim)
-    if k_cache.shape[0] != b:  # the rows' caches, gathered (the Triton kernel reads them in place)
-        k_cache, v_cache = k_cache[batch_idx], v_cache[batch_idx]
+    if slots is not None:  # the rows' caches, gathered (the Triton kernel reads them in place)
+        k_cache, v_cache = k_cache[slots], v_cache[slots]
     # GQA without repeating the cache: [b, kvh, g, d] x [b, kvh, d, S].
     qg = q.reshape(b, n_kv_heads, n_heads // n_kv_heads, head_dim)
     att = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * head_dim**-0.5 + bias
