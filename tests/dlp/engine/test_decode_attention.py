@@ -43,50 +43,51 @@ _CHILD = """
 
     from dlp.engine.decode_attention import decode_attention, decode_attention_reference
 
-    results = {}
-    for name, (dtype, b, B, h, kvh, d, S, lengths, splits, strided, *slots) in json.loads(
-        sys.argv[1]
-    ).items():
-        torch.manual_seed(0)
-        dt = getattr(torch, dtype)
-        if strided:
-            k = torch.randn(B, S, kvh, d).to(dt).transpose(1, 2)
-            v = torch.randn(B, S, kvh, d).to(dt).transpose(1, 2)
-            q = torch.randn(b, h, 2 * d).to(dt)[:, :, d:]
-        else:
-            k = torch.randn(B, kvh, S, d).to(dt)
-            v = torch.randn(B, kvh, S, d).to(dt)
-            q = torch.randn(b, h, d).to(dt)
-        lens = torch.tensor(lengths, dtype=torch.int32 if strided else torch.int64)
-        if slots:
-            table = torch.tensor(slots[0])
-            out = decode_attention(q, k, v, lens, d**-0.5, splits=splits, slots=table)
-            # Independent of the slot code paths: the cache rows gathered by hand.
-            ref = decode_attention_reference(q, k[table], v[table], lens, d**-0.5)
-        else:
-            out = decode_attention(q, k, v, lens, d**-0.5, splits=splits)
-            ref = decode_attention_reference(q, k, v, lens, d**-0.5)
-        results[name] = {
-            "shape": list(out.shape),
-            "dtype": str(out.dtype),
-            "nan": bool(out.isnan().any()),
-            "err": (out.float() - ref.float()).abs().max().item(),
-        }
-    print(json.dumps(results))
+    def kernel_results(cases):
+        results = {}
+        for name, (dtype, b, B, h, kvh, d, S, lengths, splits, strided, *slots) in cases.items():
+            torch.manual_seed(0)
+            dt = getattr(torch, dtype)
+            if strided:
+                k = torch.randn(B, S, kvh, d).to(dt).transpose(1, 2)
+                v = torch.randn(B, S, kvh, d).to(dt).transpose(1, 2)
+                q = torch.randn(b, h, 2 * d).to(dt)[:, :, d:]
+            else:
+                k = torch.randn(B, kvh, S, d).to(dt)
+                v = torch.randn(B, kvh, S, d).to(dt)
+                q = torch.randn(b, h, d).to(dt)
+            lens = torch.tensor(lengths, dtype=torch.int32 if strided else torch.int64)
+            if slots:
+                table = torch.tensor(slots[0])
+                out = decode_attention(q, k, v, lens, d**-0.5, splits=splits, slots=table)
+                # Independent of the slot code paths: the cache rows gathered by hand.
+                ref = decode_attention_reference(q, k[table], v[table], lens, d**-0.5)
+            else:
+                out = decode_attention(q, k, v, lens, d**-0.5, splits=splits)
+                ref = decode_attention_reference(q, k, v, lens, d**-0.5)
+            results[name] = {
+                "shape": list(out.shape),
+                "dtype": str(out.dtype),
+                "nan": bool(out.isnan().any()),
+                "err": (out.float() - ref.float()).abs().max().item(),
+            }
+        return results
 """
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    """Run every kernel case once in a TRITON_INTERPRET=1 child; name -> its numbers."""
+    """Every kernel case of this module in one TRITON_INTERPRET=1 child (one interpreter
+    start): part ("kernel", "rope", "step") -> case name -> its numbers."""
     pytest.importorskip("triton")
-    return run_interpreted(_CHILD, CASES)
+    script = _CHILD + _ROPE_CHILD + _STEP_CHILD + _CHILD_MAIN
+    return run_interpreted(script, {"kernel": CASES, "rope": ROPE_CASES, "step": STEP_CASES})
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_matches_reference(interpreted, name):
     dtype, b, _, h, _, d, *_ = CASES[name]
-    res = interpreted[name]
+    res = interpreted["kernel"][name]
     assert res["shape"] == [b, h, d]
     assert res["dtype"] == f"torch.{dtype}"
     assert not res["nan"]
@@ -110,59 +111,52 @@ _ROPE_CHILD = """
     from dlp.engine.decode_attention import decode_attention_reference, decode_attention_rope
     from dlp.engine.model import apply_rope
 
-    results = {}
-    for name, (dtype, b, B, h, kvh, d, S, lengths, splits, slots) in json.loads(
-        sys.argv[1]
-    ).items():
-        torch.manual_seed(0)
-        dt = getattr(torch, dtype)
-        qkv = torch.randn(b, (h + 2 * kvh) * d).to(dt)
-        q = qkv[:, : h * d].view(b, h, d)
-        k_new = qkv[:, h * d : (h + kvh) * d].view(b, kvh, d)
-        v_new = qkv[:, (h + kvh) * d :].view(b, kvh, d)
-        angles = torch.rand(b, d // 2) * 6.0
-        cos = torch.cat([angles.cos()] * 2, -1).to(dt)
-        sin = torch.cat([angles.sin()] * 2, -1).to(dt)
-        k_cache = torch.randn(B, kvh, S, d).to(dt)
-        v_cache = torch.randn(B, kvh, S, d).to(dt)
-        lens = torch.tensor(lengths)
-        table = torch.tensor(slots) if slots else torch.arange(b)
-        # The reference: rope in fp32 rounded once (the compiled step's pointwise), the cache
-        # written by indexing, then the plain-torch attention over the gathered rows.
-        c, s_ = cos.float()[:, None, None, :], sin.float()[:, None, None, :]
-        q_ref = apply_rope(q.float()[:, :, None], c, s_)[:, :, 0].to(dt)
-        k_ref = apply_rope(k_new.float()[:, :, None], c, s_)[:, :, 0].to(dt)
-        k_exp, v_exp = k_cache.clone(), v_cache.clone()
-        k_exp[table, :, lens - 1] = k_ref
-        v_exp[table, :, lens - 1] = v_new
-        ref = decode_attention_reference(q_ref, k_exp[table], v_exp[table], lens, d**-0.5)
-        out = decode_attention_rope(
-            q, k_new, v_new, cos, sin, k_cache, v_cache, lens, d**-0.5, splits=splits,
-            slots=torch.tensor(slots) if slots else None,
-        )
-        results[name] = {
-            "shape": list(out.shape),
-            "nan": bool(out.isnan().any()),
-            "err": (out.float() - ref.float()).abs().max().item(),
-            "k_cache_err": (k_cache.float() - k_exp.float()).abs().max().item(),
-            "v_cache_err": (v_cache.float() - v_exp.float()).abs().max().item(),
-        }
-    print(json.dumps(results))
+    def rope_results(cases):
+        results = {}
+        for name, (dtype, b, B, h, kvh, d, S, lengths, splits, slots) in cases.items():
+            torch.manual_seed(0)
+            dt = getattr(torch, dtype)
+            qkv = torch.randn(b, (h + 2 * kvh) * d).to(dt)
+            q = qkv[:, : h * d].view(b, h, d)
+            k_new = qkv[:, h * d : (h + kvh) * d].view(b, kvh, d)
+            v_new = qkv[:, (h + kvh) * d :].view(b, kvh, d)
+            angles = torch.rand(b, d // 2) * 6.0
+            cos = torch.cat([angles.cos()] * 2, -1).to(dt)
+            sin = torch.cat([angles.sin()] * 2, -1).to(dt)
+            k_cache = torch.randn(B, kvh, S, d).to(dt)
+            v_cache = torch.randn(B, kvh, S, d).to(dt)
+            lens = torch.tensor(lengths)
+            table = torch.tensor(slots) if slots else torch.arange(b)
+            # The reference: rope in fp32 rounded once (the compiled step's pointwise), the cache
+            # written by indexing, then the plain-torch attention over the gathered rows.
+            c, s_ = cos.float()[:, None, None, :], sin.float()[:, None, None, :]
+            q_ref = apply_rope(q.float()[:, :, None], c, s_)[:, :, 0].to(dt)
+            k_ref = apply_rope(k_new.float()[:, :, None], c, s_)[:, :, 0].to(dt)
+            k_exp, v_exp = k_cache.clone(), v_cache.clone()
+            k_exp[table, :, lens - 1] = k_ref
+            v_exp[table, :, lens - 1] = v_new
+            ref = decode_attention_reference(q_ref, k_exp[table], v_exp[table], lens, d**-0.5)
+            out = decode_attention_rope(
+                q, k_new, v_new, cos, sin, k_cache, v_cache, lens, d**-0.5, splits=splits,
+                slots=torch.tensor(slots) if slots else None,
+            )
+            results[name] = {
+                "shape": list(out.shape),
+                "nan": bool(out.isnan().any()),
+                "err": (out.float() - ref.float()).abs().max().item(),
+                "k_cache_err": (k_cache.float() - k_exp.float()).abs().max().item(),
+                "v_cache_err": (v_cache.float() - v_exp.float()).abs().max().item(),
+            }
+        return results
 """
 
 
-@pytest.fixture(scope="module")
-def interpreted_rope():
-    pytest.importorskip("triton")
-    return run_interpreted(_ROPE_CHILD, ROPE_CASES)
-
-
 @pytest.mark.parametrize("name", list(ROPE_CASES))
-def test_rope_kernel_writes_the_cache_and_matches_reference(interpreted_rope, name):
+def test_rope_kernel_writes_the_cache_and_matches_reference(interpreted, name):
     """Rope on q and k, this token's k/v written into the row's cache row at its position
     (and nothing else written), attention over the row's keys up to it."""
     dtype, b, _, h, _, d, *_ = ROPE_CASES[name]
-    res = interpreted_rope[name]
+    res = interpreted["rope"][name]
     assert res["shape"] == [b, h, d] and not res["nan"]
     assert res["err"] < TOL[dtype], res
     # The rotated key is rounded to the cache dtype once, as the reference's: exact in fp32;
@@ -177,35 +171,40 @@ _STEP_CHILD = """
     from dlp.engine.model import CompactLM
     from engine_helpers import tiny_model
 
-    results = {}
-    for name, (kind, spare, slots) in json.loads(sys.argv[1]).items():
-        logits, caches = {}, {}
-        for mode in ("matmul", "kernel", "kernel_rope"):
-            # Same random weights and the same random (filled) caches for every mode.
-            model = CompactLM(tiny_model(kind), max_batch=3, max_seq=96, spare_rows=spare)
-            torch.manual_seed(1)
-            for kc, vc in zip(model.k_caches, model.v_caches):
-                kc.copy_(torch.randn_like(kc))
-                vc.copy_(torch.randn_like(vc))
-            model.attn_splits = 0 if mode == "matmul" else 2
-            model.attn_rope = mode == "kernel_rope"
-            tokens = torch.tensor([5, 17, 200])
-            positions = torch.tensor([0, 40, 95])
-            table = torch.tensor(slots) if slots else None
-            with torch.no_grad():
-                logits[mode] = model.decode(tokens, positions, None, slots=table)
-            pairs = zip(model.k_caches, model.v_caches)
-            caches[mode] = torch.stack([torch.stack([k, v]) for k, v in pairs])
-        base = logits["matmul"]
-        results[name] = {
-            mode: {
-                "err": (logits[mode] - base).abs().max().item(),
-                "argmax_same": bool((logits[mode].argmax(-1) == base.argmax(-1)).all()),
-                "cache_err": (caches[mode] - caches["matmul"]).abs().max().item(),
+    def step_results(cases):
+        results = {}
+        for name, (kind, spare, slots) in cases.items():
+            logits, caches = {}, {}
+            for mode in ("matmul", "kernel", "kernel_rope"):
+                # Same random weights and the same random (filled) caches for every mode.
+                model = CompactLM(tiny_model(kind), max_batch=3, max_seq=96, spare_rows=spare)
+                torch.manual_seed(1)
+                for kc, vc in zip(model.k_caches, model.v_caches):
+                    kc.copy_(torch.randn_like(kc))
+                    vc.copy_(torch.randn_like(vc))
+                model.attn_splits = 0 if mode == "matmul" else 2
+                model.attn_rope = mode == "kernel_rope"
+                tokens = torch.tensor([5, 17, 200])
+                positions = torch.tensor([0, 40, 95])
+                table = torch.tensor(slots) if slots else None
+                with torch.no_grad():
+                    logits[mode] = model.decode(tokens, positions, None, slots=table)
+                pairs = zip(model.k_caches, model.v_caches)
+                caches[mode] = torch.stack([torch.stack([k, v]) for k, v in pairs])
+            base = logits["matmul"]
+            results[name] = {
+                mode: {
+                    "err": (logits[mode] - base).abs().max().item(),
+                    "argmax_same": bool((logits[mode].argmax(-1) == base.argmax(-1)).all()),
+                    "cache_err": (caches[mode] - caches["matmul"]).abs().max().item(),
+                }
+                for mode in ("kernel", "kernel_rope")
             }
-            for mode in ("kernel", "kernel_rope")
-        }
-    print(json.dumps(results))
+        return results
+"""
+_CHILD_MAIN = """
+    parts = {"kernel": kernel_results, "rope": rope_results, "step": step_results}
+    print(json.dumps({part: parts[part](cases) for part, cases in json.loads(sys.argv[1]).items()}))
 """
 # name -> (model kind, spare cache rows, slot table or None)
 STEP_CASES = {
@@ -215,18 +214,12 @@ STEP_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def interpreted_step():
-    pytest.importorskip("triton")
-    return run_interpreted(_STEP_CHILD, STEP_CASES)
-
-
 @pytest.mark.parametrize("name", list(STEP_CASES))
-def test_decode_step_with_rope_in_the_kernel_matches_eager(interpreted_step, name):
+def test_decode_step_with_rope_in_the_kernel_matches_eager(interpreted, name):
     """The model's decode step (fp32) with the attention kernel, and with rope and the cache
     write in it, against the eager matmul attention: same logits, same caches after (up to
     fp32 rounding: a layer's K/V follow from the layer before's attention)."""
-    for mode, res in interpreted_step[name].items():
+    for mode, res in interpreted["step"][name].items():
         assert res["err"] < 1e-4 and res["argmax_same"], (mode, res)
         assert res["cache_err"] < 1e-4, (mode, res)
 
