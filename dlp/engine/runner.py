@@ -131,6 +131,23 @@ _ROW_ARGS = tuple(_PARAMS.index(n) for n in ("x", "rows", "in_scales", "row_scal
 _TOKEN_DIMS = ((_PARAMS.index("x"), 1), (_PARAMS.index("cos"), 2), (_PARAMS.index("sin"), 2))
 
 
+# Dynamo keeps one cache per code object, so every engine of a process shares the entries of
+# decode_layer / prefill_layer / _eager_step, and each engine adds its own (LoRA on and off,
+# slot table, kernel flags). Dynamo's default limit (8) let a process hold only ~4 engines
+# (tests, benchmarks, a replica that rebuilds its engine); past it a fullgraph compile fails
+# and the engine falls back to slower eager graphs.
+MIN_RECOMPILE_LIMIT = 64
+
+
+def allow_engine_recompiles() -> None:
+    """Raise dynamo's per-function recompile limit to MIN_RECOMPILE_LIMIT (never lower it)."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, MIN_RECOMPILE_LIMIT)
+    config.accumulated_recompile_limit = max(
+        config.accumulated_recompile_limit, 4 * MIN_RECOMPILE_LIMIT
+    )
+
+
 def compiled_prefill_layer() -> Callable[..., torch.Tensor]:
     """``prefill_layer`` compiled once for every layer, dynamic in rows and tokens."""
     compiled = torch.compile(prefill_layer, fullgraph=True, dynamic=False)
@@ -240,6 +257,7 @@ class DecodeRunner:
         self.prefill_fn = prefill_layer
         self.compiled_step: Callable[[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
         if compile:
+            allow_engine_recompiles()
             if compile_scope == "step":
                 # The whole step (28 blocks, embedding, head, argmax) as one graph: Inductor
                 # can then fuse across blocks (residual add + next norm), at a longer compile.

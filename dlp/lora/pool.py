@@ -218,6 +218,9 @@ class AdapterPool:
         self._slot_ranks: list[dict[str, int]] = [{} for _ in range(self.n_slots)]
         self._slot_scaling: list[float] = [0.0] * self.n_slots
         self._slot_rank: list[int] = [0] * self.n_slots
+        # Bumped whenever a slot's tensors change (load, zeroing), so that a consumer holding
+        # a copy of the slots (the engine's merged decode weights) re-copies only those.
+        self._slot_versions: list[int] = [0] * self.n_slots
         self._pins: Counter[str] = Counter()
         self._leases: dict[int, PoolLease] = {}
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
@@ -438,6 +441,7 @@ class AdapterPool:
         if views:
             torch._foreach_zero_(views)
         self._slot_ranks[slot] = {}
+        self._slot_versions[slot] += 1
 
     def _copy_into_slot(self, slot: int, host: HostAdapter) -> None:
         """Write ``host`` into ``slot``: its rank rows are copied, rows a previous occupant
@@ -473,6 +477,7 @@ class AdapterPool:
                 sources = host.view_list(self._staging[:numel])
                 self._staging_views[host.layout] = sources
         torch._foreach_copy_(self._slot_views(slot, host.layout), sources)
+        self._slot_versions[slot] += 1
         self._slot_ranks[slot] = ranks
         self._slot_scaling[slot] = host.scaling
         self._slot_rank[slot] = host.rank
@@ -733,6 +738,11 @@ class AdapterPool:
             return slots, scalings
 
     # ------------------------------------------------------------------------ reporting
+    def slot_version(self, slot: int) -> int:
+        """How many times ``slot``'s tensors have been written: equal versions mean equal
+        contents (a copy of the slot made at that version is still current)."""
+        return self._slot_versions[slot]
+
     def resident(self) -> list[str]:
         """Device-resident adapters, least recently used first."""
         with self._lock:

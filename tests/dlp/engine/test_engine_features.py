@@ -170,6 +170,50 @@ async def test_requests_wait_for_pool_slots(vocab_model, default_tokenizer, adap
     peft.unload()
 
 
+async def test_merged_weights_copy_only_slots_written_since(
+    vocab_model, default_tokenizer, adapters, tmp_path
+):
+    """The engine copies a pool slot into its merged decode weights only when the slot was
+    written since its last copy: a resident adapter costs no copy, a load copies its own
+    slot, and an adapter replaced under its name is used with its new weights at once."""
+    engine = make_engine(vocab_model, default_tokenizer, adapters, slots=2, max_batch=2)
+    copies: list[list[int]] = []
+    refresh = engine.model.refresh_slots
+
+    def recorded(slots):
+        copies.append(list(slots))
+        refresh(slots)
+
+    engine.model.refresh_slots = recorded
+    new_a1 = write_adapters(vocab_model, tmp_path / "v2", ["a1"], b_std=0.5)["a1"]
+
+    async def run(*mixes: AdapterMix) -> list[int]:
+        """Slots copied per admission while ``mixes`` run (submitted together)."""
+        before = len(copies)
+        reqs = [request(i, m, prompt=PROMPT, max_tokens=4) for i, m in enumerate(mixes)]
+        await asyncio.gather(*(engine.generate(r) for r in reqs))
+        return [len(c) for c in copies[before:]]
+
+    single = AdapterMix.single
+    async with engine:
+        assert await run(single("a0")) == [1]  # loaded: its slot
+        assert await run(single("a0")) == []  # resident, unchanged
+        assert await run(single("a1")) == [1]
+        assert await run(AdapterMix.from_weights({"a0": 1, "a1": 1})) == []
+        # One admission: a0 resident, a2 loaded over a1: only a2's slot is copied.
+        assert await run(single("a0"), single("a2")) == [1]
+        engine.pool.register("a1", new_a1, replace=True)
+        assert await run(single("a1")) == [1]
+        replaced = await engine.generate(
+            request(1, AdapterMix.single("a1"), prompt=PROMPT, max_tokens=8)
+        )
+    peft = PeftModel.from_pretrained(vocab_model, new_a1, adapter_name="a1")
+    ids = default_tokenizer(PROMPT, return_tensors="pt").input_ids
+    ref = peft_reference(peft, ids, AdapterMix.single("a1"), 8)
+    peft.unload()
+    assert list(replaced.token_ids) == strip_eos(ref, set(engine.eos_ids))
+
+
 async def test_sentence_routing_switches_mix(default_model, default_tokenizer, tmp_path):
     paths = write_adapters(default_model, tmp_path, ["a0", "a1"], b_std=0.05)
     calls: list[str] = []

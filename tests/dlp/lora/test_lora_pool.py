@@ -287,6 +287,31 @@ def test_catalogue_register_unregister_replace(tiny_shapes, tmp_path):
     assert pool.unregister("v1") is True
 
 
+def test_slot_version_counts_writes_only(tiny_shapes, tmp_path):
+    """A slot's version moves when its tensors are written (a load, a replaced adapter's
+    zeroing) and not on a hit, so a copy made at a version is current while it matches."""
+    pool = make_pool(tiny_shapes, n_slots=1, max_rank=8)
+    for seed, name in enumerate(["a", "b"]):
+        pool.add(random_adapter(name, tiny_shapes, seed=seed))
+    with pool.acquire_sync(["a"]) as lease:
+        slot = lease.slot_of("a")
+    loaded = pool.slot_version(slot)
+    assert loaded > 0
+    with pool.acquire_sync(["a"]):  # resident: no write
+        pass
+    assert pool.slot_version(slot) == loaded
+    with pool.acquire_sync(["b"]) as lease:  # evicts a into the same slot
+        assert lease.slot_of("b") == slot
+    assert pool.slot_version(slot) == loaded + 1
+    pool.register("b", save_adapter(random_adapter("b", tiny_shapes, seed=9), tmp_path / "b2"),
+                  replace=True)  # fmt: skip
+    zeroed = pool.slot_version(slot)
+    assert zeroed > loaded + 1
+    with pool.acquire_sync(["b"]) as lease:
+        assert_slot_holds(pool, lease.slot_of("b"), random_adapter("b", tiny_shapes, seed=9))
+    assert pool.slot_version(slot) == zeroed + 1
+
+
 def test_register_refuses_bad_adapters(tiny_shapes, tmp_path):
     pool = make_pool(tiny_shapes, n_slots=2, max_rank=8)
     with pytest.raises(AdapterValidationError, match="not a directory"):
