@@ -337,7 +337,7 @@ def run_engine(args_dict: dict, prompts: list[str], mixes: list, a: argparse.Nam
             econf.admit_min_rows, econf.admit_max_wait_steps = configured
         await engine.stop()
         del engine
-        if a.engine_process:
+        if cfg.worker.uses_engine_process(econf.device):
             # The same engine in a child process, with no server around it: what the process
             # boundary itself costs, apart from Serve.
             from dlp.engine.engine_process import EngineProcess
@@ -425,10 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--engine-process",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="worker.engine_process: the worker's engine in a child process (no GIL shared"
-        " with Serve's threads); the engine-alone phase stays in this process, and an"
-        " engine_in_child phase runs the same engine alone in a child process",
+        " with Serve's threads; the app's default, null, turns it on with a CUDA engine); the"
+        " engine-alone phase stays in this process, and with the child an engine_in_child"
+        " phase runs the same engine alone in a child process",
     )
     p.add_argument("--compile-scope", choices=("layer", "step"), default="layer")
     p.add_argument(

@@ -108,7 +108,7 @@ def build_app(args: AppConfig | dict[str, Any] | None = None) -> Application:
         router,
         registry,
         max(1, round(cfg.worker.num_cpus)),
-        cfg.worker.engine_process,
+        cfg.worker.uses_engine_process(cfg.engine.device),
     )
     return Ingress.options(
         num_replicas=cfg.ingress.num_replicas,

@@ -131,6 +131,19 @@ def test_limits_are_consistent() -> None:
     assert AppConfig.model_validate(fits).engine.pool_slots == 4
 
 
+def test_engine_process_defaults_to_the_device() -> None:
+    """worker.engine_process null: the engine runs in a child process with CUDA only (where
+    Serve's threads would share its GIL); an explicit value wins either way."""
+    worker = AppConfig.model_validate({}).worker
+    assert worker.engine_process is None
+    assert worker.uses_engine_process("cuda") and worker.uses_engine_process("cuda:1")
+    assert not worker.uses_engine_process("cpu")
+    for value in (True, False):
+        worker = AppConfig.model_validate({"worker": {"engine_process": value}}).worker
+        assert worker.uses_engine_process("cpu") is value
+        assert worker.uses_engine_process("cuda") is value
+
+
 def test_app_args_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DLP_APP_ARGS", json.dumps({"worker": {"num_gpus": 1}}))
     cfg = load_app_config({"worker": {"num_cpus": 2}, "engine": {"device": "cpu"}})
