@@ -22,6 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant")
     parser.add_argument("--no-scale", action="store_true", help="skip the 1000-adapter run")
     parser.add_argument(
+        "--scale-only",
+        action="store_true",
+        help="only the 1000-adapter run and the cold loads (item 6), none of the variants",
+    )
+    parser.add_argument(
         "--scale-catalogue",
         type=int,
         default=None,

@@ -87,6 +87,7 @@ class BenchConfig:
     g_new: int = 32  # (g) is one eager generate per mix: measured on fewer tokens
     g_time_s: float = 25.0  # ... and on as many groups as fit in this time
     scale: bool = True
+    scale_only: bool = False  # only item 6 (the scale engine), no variants
     scale_shape: str = "qwen2-1.5b"
     scale_catalogue: int = 1000
     scale_requests: int = 256
@@ -408,6 +409,10 @@ async def run_shape(shape: str, cfg: BenchConfig, deadline: Deadline) -> dict[st
         overlap_steps=cfg.overlap_steps,
         max_prefill_tokens=cfg.batch * cfg.prompt,
     )
+    if cfg.scale_only:
+        if shape == cfg.scale_shape:
+            report["scale"] = await scale_engine_run(model, econf, cfg, dtype)
+        return report
     engine = Engine(model, None, pool, econf)
     t0 = time.perf_counter()
     await engine.start()
@@ -450,22 +455,9 @@ async def run_shape(shape: str, cfg: BenchConfig, deadline: Deadline) -> dict[st
 
     await engine.stop()
     if cfg.scale and shape == cfg.scale_shape and deadline.left() > 150:
-        # Its own engine: a pool of scale_slots (the working set of 64 Zipf rows), the
-        # catalogue much larger than the pool.
         del engine
         gc.collect()
-        scale_pool = AdapterPool.for_model(
-            model,
-            target_modules=("q_proj", "v_proj"),
-            max_rank=cfg.rank,
-            n_slots=cfg.scale_slots,
-            host_budget_bytes=6 << 30,
-        )
-        scale_engine = Engine(model, None, scale_pool, replace(econf, pool_slots=cfg.scale_slots))
-        await scale_engine.start()
-        report["scale"] = await run_scale(scale_engine, scale_pool, model, cfg, dtype)
-        await scale_engine.stop()
-        del scale_engine, scale_pool
+        report["scale"] = await scale_engine_run(model, econf, cfg, dtype)
         engine = None
 
     # transformers / PEFT on the same weights (engine buffers freed first).
@@ -498,6 +490,26 @@ async def run_shape(shape: str, cfg: BenchConfig, deadline: Deadline) -> dict[st
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return report
+
+
+async def scale_engine_run(model, econf: EngineConfig, cfg: BenchConfig, dtype) -> dict[str, Any]:
+    """Item 6 on its own engine: a pool of scale_slots (the working set of 64 Zipf rows), the
+    catalogue much larger than the pool."""
+    from dlp.lora.pool import AdapterPool
+
+    scale_pool = AdapterPool.for_model(
+        model,
+        target_modules=("q_proj", "v_proj"),
+        max_rank=cfg.rank,
+        n_slots=cfg.scale_slots,
+        host_budget_bytes=6 << 30,
+    )
+    scale_engine = Engine(model, None, scale_pool, replace(econf, pool_slots=cfg.scale_slots))
+    await scale_engine.start()
+    try:
+        return await run_scale(scale_engine, scale_pool, model, cfg, dtype)
+    finally:
+        await scale_engine.stop()
 
 
 async def run_scale(engine: Engine, pool, model, cfg: BenchConfig, dtype) -> dict[str, Any]:
@@ -635,7 +647,7 @@ def _report(cfg: BenchConfig, command: str, shapes: dict[str, Any]) -> dict[str,
         "command": command,
         "machine": machine(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        **headline({s: r for s, r in shapes.items() if "variants" in r}),
+        **headline({s: r for s, r in shapes.items() if "variants" in r or "scale" in r}),
         "targets": {
             "ratio_dlp_to_base_time": {"llama3-8b": 1.10, "qwen2-1.5b": 1.20},
             "ratio_dlp_to_peft_mixed_throughput": 10.0,
@@ -670,6 +682,8 @@ def plot(report: dict[str, Any], png: Path) -> Path:
     import matplotlib.pyplot as plt
 
     shapes = {s: r for s, r in report["shapes"].items() if "variants" in r}
+    if not shapes:
+        return _plot_scale(report, png, plt)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     labels = {
         "a": "(a) engine base",
@@ -728,6 +742,29 @@ def plot(report: dict[str, Any], png: Path) -> Path:
     return png
 
 
+def _plot_scale(report: dict[str, Any], png: Path, plt: Any) -> Path:
+    """A --scale-only report: tokens/s with 8 adapters vs the large catalogue, per shape."""
+    scaled = {s: r["scale"] for s, r in report["shapes"].items() if "scale" in r}
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ticks: list[float] = []
+    tick_labels: list[str] = []
+    for j, (shape, sc) in enumerate(scaled.items()):
+        big = str(sc["catalogue"])
+        ys = [sc["8"]["tokens_per_s"], sc[big]["tokens_per_s"]]
+        ax.bar([3 * j, 3 * j + 1], ys, color=["tab:blue", "tab:orange"])
+        ax.text(3 * j + 0.5, max(ys), f"{shape}: {ys[1] / ys[0]:.3f}x", ha="center", va="bottom")
+        ticks += [3 * j, 3 * j + 1]
+        tick_labels += ["8 adapters", f"{big} adapters"]
+    ax.set_xticks(ticks, tick_labels)
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title("Throughput with a large Zipf catalogue (pool smaller than it)", fontsize=9)
+    fig.suptitle(f"dlp fusion benchmark, scale only — {report['machine']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
+
+
 def main(cfg: BenchConfig, command: str | None = None) -> dict[str, Any]:
     command = command or " ".join(sys.argv)
     report = asyncio.run(run(cfg, command))
@@ -743,27 +780,28 @@ def main(cfg: BenchConfig, command: str | None = None) -> dict[str, Any]:
 def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     for shape, r in report["shapes"].items():
-        if "variants" not in r:
+        if "variants" not in r and "scale" not in r:
             lines.append(f"{shape}: {r}")
             continue
-        v = r["variants"]
-        cells = " ".join(
-            f"{k}={v[k]['tokens_per_s']:.0f}"
-            for k in "abcdefg"
-            if k in v and v[k].get("tokens_per_s")
-        )
-        lines.append(f"{shape}: tok/s {cells}")
-        lines.append(
-            f"  c/a time {r['ratio_c_to_a_time']:.3f}  c/f thr "
-            f"{r.get('ratio_c_to_f_throughput', math.nan):.1f}  step/floor "
-            f"{r['decode_step_to_floor'] or math.nan:.2f} (step {r['decode_step_ms']}, floor "
-            f"{r['floor_ms']:.3f} ms)"
-        )
+        if "variants" in r:
+            v = r["variants"]
+            cells = " ".join(
+                f"{k}={v[k]['tokens_per_s']:.0f}"
+                for k in "abcdefg"
+                if k in v and v[k].get("tokens_per_s")
+            )
+            lines.append(f"{shape}: tok/s {cells}")
+            lines.append(
+                f"  c/a time {r['ratio_c_to_a_time']:.3f}  c/f thr "
+                f"{r.get('ratio_c_to_f_throughput', math.nan):.1f}  step/floor "
+                f"{r['decode_step_to_floor'] or math.nan:.2f} (step {r['decode_step_ms']}, floor "
+                f"{r['floor_ms']:.3f} ms)"
+            )
         if "scale" in r:
             s = r["scale"]
             lines.append(
-                f"  scale {s['catalogue']}/8 {s['ratio_1000_to_8_adapters_throughput']:.3f} "
-                f"cold load {s['cold_load_ms']}"
+                f"  {shape} scale {s['catalogue']}/8 "
+                f"{s['ratio_1000_to_8_adapters_throughput']:.3f} cold load {s['cold_load_ms']}"
             )
     return lines
 
@@ -812,6 +850,10 @@ def config_from_args(args) -> BenchConfig:
             setattr(cfg, name, value)
     if cfg.adapters > cfg.pool_slots:
         cfg.pool_slots = cfg.adapters
+    if args.scale_only and args.no_scale:
+        raise DlpError("--scale-only and --no-scale exclude each other")
+    if args.scale_only:
+        cfg.scale = cfg.scale_only = True
     if args.no_scale:
         cfg.scale = False
     elif device == "cpu" and args.scale_catalogue:

@@ -3,11 +3,14 @@ on tiny versions of its GPU architectures, on the CPU."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
-from dlp.engine.bench_fusion import BenchConfig, main
+from dlp.engine.bench_args import add_arguments
+from dlp.engine.bench_fusion import BenchConfig, config_from_args, main, summary_lines
+from dlp.errors import DlpError
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap_steps"])
@@ -58,3 +61,44 @@ def test_fusion_bench_runs_all_variants(tmp_path, overlap):
     scale = report["shapes"]["tiny-qwen2"]["scale"]
     assert scale["40"]["distinct_adapters"] > scale["pool_slots"] or scale["40"]["pool_loads"]
     assert saved["cold_load_ms"] > 0
+
+
+def test_scale_only_runs_item_6_alone(tmp_path):
+    """--scale-only: the scale engine and the cold loads, no variant engine or baselines."""
+    out = tmp_path / "scale.json"
+    cfg = BenchConfig(
+        device="cpu",
+        shapes=("tiny-qwen2", "tiny-llama3"),
+        batch=6,
+        prompt=8,
+        new=6,
+        adapters=5,
+        pool_slots=6,
+        scale=True,
+        scale_only=True,
+        scale_shape="tiny-qwen2",
+        scale_catalogue=40,
+        scale_requests=12,
+        scale_slots=24,
+        out=str(out),
+    )
+    report = main(cfg, command="test")
+    saved = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert all("variants" not in r for r in report["shapes"].values())
+    assert "scale" not in report["shapes"]["tiny-llama3"]
+    scale = report["shapes"]["tiny-qwen2"]["scale"]
+    assert scale["40"]["tokens"] == scale["8"]["tokens"] > 0
+    assert (
+        saved["ratio_1000_to_8_adapters_throughput"] == scale["ratio_1000_to_8_adapters_throughput"]
+    )
+    assert saved["cold_load_ms"] > 0
+    assert any("scale 40/8" in line for line in summary_lines(report))
+
+
+def test_scale_only_and_no_scale_exclude_each_other():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", "--scale-only", "--no-scale"])
+    with pytest.raises(DlpError, match="--scale-only and --no-scale"):
+        config_from_args(args)
