@@ -56,7 +56,11 @@ def fuse_layer(
     modules: Mapping[str, nn.Linear],
     prefix_attn: str,
     lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    bt: torch.Tensor | None = None,
 ) -> FusedLayer:
+    """The layer's merged weights. ``bt``: a zeroed buffer of the bt shape to use (a layer's
+    slice of one tensor for every layer, so that a slot's B blocks of all layers are one
+    strided view: see :func:`slot_b_blocks`); allocated here when None."""
     q, k, v = (modules[n] for n in ATTN_INPUTS)
     sizes = (q.out_features, k.out_features, v.out_features)
     qkv = sum(sizes)
@@ -92,10 +96,26 @@ def fuse_layer(
         for module, part in ((gate, b_gu[: gate.out_features]), (up, b_gu[gate.out_features :])):
             if module.bias is not None:
                 _rebind(module, "bias", part)
-    bt = None
-    if targets:
+    if not targets:
+        bt = None
+    elif bt is None:
         bt = torch.zeros(len(targets) * slot_rows, qkv, dtype=weight.dtype, device=weight.device)
+    elif tuple(bt.shape) != (len(targets) * slot_rows, qkv):
+        raise ValueError(f"bt buffer {tuple(bt.shape)} != {(len(targets) * slot_rows, qkv)}")
     return FusedLayer(w_in, b_in, w_gu, b_gu, bt, sizes, targets)
+
+
+def bt_shape(
+    modules: Mapping[str, nn.Linear],
+    prefix_attn: str,
+    lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[int, int] | None:
+    """The shape :func:`fuse_layer` gives this layer's ``bt`` (None: no LoRA on q/k/v)."""
+    names = [n for n in ATTN_INPUTS if f"{prefix_attn}.{n}" in lora]
+    if not names:
+        return None
+    a0 = lora[f"{prefix_attn}.{names[0]}"][0]
+    return len(names) * a0.shape[0] * a0.shape[1], sum(modules[n].out_features for n in ATTN_INPUTS)
 
 
 def slot_copies(
@@ -103,8 +123,10 @@ def slot_copies(
     prefix_attn: str,
     lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     slots: Iterable[int] | None,
+    b_blocks: bool = True,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(destinations, sources) that bring ``slots`` (None: all) of the pool into ``layer``."""
+    """(destinations, sources) that bring ``slots`` (None: all) of the pool into ``layer``:
+    the A rows, and with ``b_blocks`` the B blocks too."""
     dst: list[torch.Tensor] = []
     src: list[torch.Tensor] = []
     if layer.bt is None:
@@ -120,10 +142,37 @@ def slot_copies(
         block = block[:, offsets[index] : offsets[index] + out].unflatten(0, (n_slots, rank))
         b_t = b.transpose(1, 2)  # [S, R, out]
         if slots is None:
-            dst += [rows, block]
-            src += [a, b_t]
+            dst += [rows, block] if b_blocks else [rows]
+            src += [a, b_t] if b_blocks else [a]
         else:
             for s in slots:
-                dst += [rows[s], block[s]]
-                src += [a[s], b_t[s]]
+                dst += [rows[s], block[s]] if b_blocks else [rows[s]]
+                src += [a[s], b_t[s]] if b_blocks else [a[s]]
     return dst, src
+
+
+def slot_b_blocks(
+    bt_all: torch.Tensor,
+    layers: list[FusedLayer],
+    prefixes_attn: list[str],
+    lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    slot: int,
+) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """A slot's B blocks of every layer, for ``bt_all`` [L, T*S*R, q+k+v] whose slices are the
+    layers' ``bt``: per target one strided view [L, R, out] and its L sources [R, out]. One
+    stack and one copy per target then replace a strided copy per layer and target (the
+    multi-tensor copy cannot batch strided views: each is its own kernel on CUDA)."""
+    first = layers[0]
+    offsets = [0, first.qkv_sizes[0], first.qkv_sizes[0] + first.qkv_sizes[1]]
+    out = []
+    for t, index in enumerate(first.targets):
+        name = ATTN_INPUTS[index]
+        sources = []
+        for prefix in prefixes_attn:
+            b = lora[f"{prefix}.{name}"][1]  # [S, out, R]
+            sources.append(b[slot].t())  # [R, out]
+        n_slots, size, rank = lora[f"{prefixes_attn[0]}.{name}"][1].shape
+        start = (t * n_slots + slot) * rank
+        cols = slice(offsets[index], offsets[index] + size)
+        out.append((bt_all[:, start : start + rank, cols], sources))
+    return out

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlp.engine.decode_attention import decode_attention, decode_attention_rope
-from dlp.engine.fused_weights import fuse_layer, slot_copies
+from dlp.engine.fused_weights import bt_shape, fuse_layer, slot_b_blocks, slot_copies
 from dlp.engine.skinny_gemm import skinny_linear, skinny_silu_mul
 from dlp.errors import DlpError
 from dlp.lora.fused_ops import lora_delta
@@ -84,6 +84,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+@dataclass
+class _SlotCopies:
+    """What brings one pool slot into the merged decode weights: the A rows of every layer
+    (``dst`` <- ``src``, dense, one multi-tensor copy) and the B blocks (``b_blocks``: a
+    strided destination over all layers and its per-layer sources; per layer in ``dst`` /
+    ``src`` instead when the layers' bt are not one tensor)."""
+
+    dst: list[torch.Tensor]
+    src: list[torch.Tensor]
+    b_blocks: list[tuple[torch.Tensor, list[torch.Tensor]]]
 
 
 class CompactLM(nn.Module):
@@ -182,33 +194,59 @@ class CompactLM(nn.Module):
     # --- decode: one token for each of the first ``rows`` rows -----------------------
 
     def _build_fused(self) -> None:
-        self.fused = [fuse_layer(w, w["attn_prefix"], self.lora) for w in self.layers]
+        # Every layer's bt as a slice of one tensor when their shapes agree (they do for the
+        # HF decoders we serve), so refresh_slots copies a slot's B blocks of all layers at once.
+        shapes = {bt_shape(w, w["attn_prefix"], self.lora) for w in self.layers}
+        self._bt_all: torch.Tensor | None = None
+        if len(shapes) == 1 and None not in shapes and self.layers:
+            weight = self.layers[0]["q_proj"].weight
+            self._bt_all = torch.zeros(
+                len(self.layers), *shapes.pop(), dtype=weight.dtype, device=weight.device
+            )
+        bts = list(self._bt_all) if self._bt_all is not None else [None] * len(self.layers)
+        self.fused = [
+            fuse_layer(w, w["attn_prefix"], self.lora, bt)
+            for w, bt in zip(self.layers, bts, strict=True)
+        ]
         self.lora_targets = self.fused[0].targets if self.fused else ()
-        self._slot_views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._slot_views: dict[int, _SlotCopies] = {}
         if self.lora_targets:
             self.refresh_slots(None)
 
     @torch.no_grad()
     def refresh_slots(self, slots: Iterable[int] | None) -> None:
         """Copy pool ``slots`` (None: all) into the merged decode weights. The engine calls
-        this after pinning adapters; one multi-tensor copy for every layer."""
+        this for the slots written since it last copied them: one multi-tensor copy of the A
+        rows of every layer, and per slot and target one stack + copy of the B blocks."""
         if slots is None:
             slots = range(self._n_slots())
         dst: list[torch.Tensor] = []
         src: list[torch.Tensor] = []
         for slot in slots:
-            views = self._slot_views.get(slot)
-            if views is None:  # built once per slot: slicing ~100 views costs ~1 ms
-                views = ([], [])
-                for w, fused in zip(self.layers, self.fused, strict=True):
-                    d, s_ = slot_copies(fused, w["attn_prefix"], self.lora, [slot])
-                    views[0].extend(d)
-                    views[1].extend(s_)
-                self._slot_views[slot] = views
-            dst += views[0]
-            src += views[1]
+            copies = self._slot_views.get(slot)
+            if copies is None:  # built once per slot: slicing ~100 views costs ~1 ms
+                copies = self._slot_copies(slot)
+                self._slot_views[slot] = copies
+            dst += copies.dst
+            src += copies.src
+            for block, sources in copies.b_blocks:
+                block.copy_(torch.stack(sources))
         if dst:
             torch._foreach_copy_(dst, src)
+
+    def _slot_copies(self, slot: int) -> _SlotCopies:
+        stacked = self._bt_all is not None
+        copies = _SlotCopies([], [], [])
+        for w, fused in zip(self.layers, self.fused, strict=True):
+            d, s_ = slot_copies(fused, w["attn_prefix"], self.lora, [slot], b_blocks=not stacked)
+            copies.dst.extend(d)
+            copies.src.extend(s_)
+        if stacked:
+            prefixes = [w["attn_prefix"] for w in self.layers]
+            copies.b_blocks.extend(
+                slot_b_blocks(self._bt_all, self.fused, prefixes, self.lora, slot)
+            )
+        return copies
 
     def _in_scales(self, row_scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """Row scales [b, S] expanded once per forward to the merged LoRA rows: [b, 1, T*S*R]."""

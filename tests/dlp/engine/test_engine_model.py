@@ -86,3 +86,47 @@ def test_unsupported_model_is_refused():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(DlpError, match="model_type 'gpt2'"):
         CompactLM(model, max_batch=1, max_seq=8)
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["bt_all", "per_layer"])
+def test_refresh_slots_copies_the_slot_and_nothing_else(tmp_path, stacked):
+    """After a load into a slot, refresh_slots([slot]) makes every layer's merged A rows and
+    B block of that slot the pool's, and leaves the other slots' as they were; through the
+    one-tensor bt of all layers (stack + one copy per target) and through per-layer copies."""
+    model = tiny_model("qwen2")
+    paths = write_adapters(model, tmp_path, ["a", "b"])
+    pool = AdapterPool.for_model(model, n_slots=3, max_rank=8)
+    for name, path in paths.items():
+        pool.register(name, path)
+    lora = {m: (pool.a_stack(m), pool.b_stack(m)) for m in pool.modules}
+    lm = CompactLM(model, max_batch=2, max_seq=16, lora=lora)
+    assert lm._bt_all is not None and lm.fused[1].bt.data_ptr() != lm.fused[0].bt.data_ptr()
+    if not stacked:
+        lm._bt_all = None  # the fallback for layers whose bt shapes differ
+    with pool.acquire_sync(["a"]) as first:
+        lm.refresh_slots([first.slot_of("a")])
+    before = [(f.w_in.clone(), f.bt.clone()) for f in lm.fused]
+    with pool.acquire_sync(["b"]) as lease:
+        slot = lease.slot_of("b")
+        lm.refresh_slots([slot])
+    n_slots, rank = 3, 8
+    for i, (fused, w) in enumerate(zip(lm.fused, lm.layers, strict=True)):
+        prefix = w["attn_prefix"]
+        for t, index in enumerate(fused.targets):
+            name = ("q_proj", "k_proj", "v_proj")[index]
+            a, b = lora[f"{prefix}.{name}"]  # [S, R, in], [S, out, R]
+            start = fused.qkv + (t * n_slots + slot) * rank
+            torch.testing.assert_close(fused.w_in[start : start + rank], a[slot], rtol=0, atol=0)
+            col = sum(fused.qkv_sizes[:index])
+            rows = slice((t * n_slots + slot) * rank, (t * n_slots + slot + 1) * rank)
+            block = fused.bt[rows, col : col + fused.qkv_sizes[index]]
+            torch.testing.assert_close(block, b[slot].t(), rtol=0, atol=0)
+        # Everything outside this slot's rows is as it was.
+        w_in, bt = before[i]
+        changed_w = (fused.w_in != w_in).any(dim=1).nonzero().flatten().tolist()
+        changed_b = (fused.bt != bt).any(dim=1).nonzero().flatten().tolist()
+        allowed = {
+            (t * n_slots + slot) * rank + r for t in range(len(fused.targets)) for r in range(rank)
+        }
+        assert set(changed_b) <= allowed and changed_b
+        assert {r - fused.qkv for r in changed_w} <= allowed and changed_w
