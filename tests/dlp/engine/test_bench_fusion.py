@@ -13,11 +13,9 @@ from dlp.engine.bench_fusion import BenchConfig, config_from_args, main, summary
 from dlp.errors import DlpError
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap_steps"])
-def test_fusion_bench_runs_all_variants(tmp_path, overlap):
-    out = tmp_path / "fusion.json"
-    cfg = BenchConfig(
-        overlap_steps=overlap,
+def tiny_bench(out, **overrides) -> BenchConfig:
+    """Every variant and the scale run on two tiny shapes, sized for the CPU."""
+    fields = dict(
         device="cpu",
         shapes=("tiny-qwen2", "tiny-llama3"),
         batch=6,
@@ -36,6 +34,13 @@ def test_fusion_bench_runs_all_variants(tmp_path, overlap):
         scale_slots=24,
         out=str(out),
     )
+    return BenchConfig(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap_steps"])
+def test_fusion_bench_runs_all_variants(tmp_path, overlap):
+    out = tmp_path / "fusion.json"
+    cfg = tiny_bench(out, overlap_steps=overlap)
     report = main(cfg, command="test")
     saved = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 0
@@ -66,22 +71,7 @@ def test_fusion_bench_runs_all_variants(tmp_path, overlap):
 def test_scale_only_runs_item_6_alone(tmp_path):
     """--scale-only: the scale engine and the cold loads, no variant engine or baselines."""
     out = tmp_path / "scale.json"
-    cfg = BenchConfig(
-        device="cpu",
-        shapes=("tiny-qwen2", "tiny-llama3"),
-        batch=6,
-        prompt=8,
-        new=6,
-        adapters=5,
-        pool_slots=6,
-        scale=True,
-        scale_only=True,
-        scale_shape="tiny-qwen2",
-        scale_catalogue=40,
-        scale_requests=12,
-        scale_slots=24,
-        out=str(out),
-    )
+    cfg = tiny_bench(out, scale_only=True)
     report = main(cfg, command="test")
     saved = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 0
