@@ -521,8 +521,8 @@ class Engine:
         """Bring newly pinned adapters into the merged decode weights (one multi-tensor
         copy): a slot is copied when its pool version differs from the one last copied,
         i.e. only slots written since (a load, also of a replaced adapter into its old slot).
-        Copying every slot of the admitted leases after any load cost ~3 ms a load on the
-        H200 (each slot is 4 small copies a layer), 0.81x throughput with 1000 adapters."""
+        The rule before (every slot of the admitted leases after any load) made 2.4x the
+        copies: 0.35 s of a 1.6 s run on the H200 with 1000 adapters (0.81x of 8's)."""
         if not leases or not self.model.lora_targets:
             return
         slots = set()
