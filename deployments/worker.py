@@ -111,6 +111,9 @@ class LoraWorker:
         self.limits = ServingLimits.model_validate(limits)
         config = EngineConfig(**engine_config)
         reroute = self._reroute if router is not None else None
+        # With the engine in a child, stats() is a round trip that waits for the child's loop
+        # (up to a prefill): the metrics loop then asks from a thread, not from this loop.
+        self._stats_off_loop = engine_process
         if engine_process:
             # The engine's loop in a child process: Serve's threads here no longer share
             # its GIL. Same API and errors (dlp/engine/engine_process.py).
@@ -140,7 +143,10 @@ class LoraWorker:
         while True:
             await asyncio.sleep(METRICS_PERIOD_S)
             try:
-                stats = self.engine.stats()
+                if self._stats_off_loop:
+                    stats = await asyncio.to_thread(self.engine.stats)
+                else:
+                    stats = self.engine.stats()
                 if stats.get("running"):
                     self.metrics.step(stats["running"], len(set(self._inflight.values())))
                 if self.pool is not None:
@@ -152,6 +158,9 @@ class LoraWorker:
     async def __del__(self) -> None:
         # Serve's shutdown hook: stop the engine (with engine_process, its child too; a
         # replica that dies without this leaves the child to exit on the closed socket).
+        task = getattr(self, "_metrics_task", None)
+        if task is not None:  # first: it would ask a stopping engine for its stats
+            task.cancel()
         engine = getattr(self, "engine", None)
         if engine is not None:
             await engine.stop()
