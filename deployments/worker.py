@@ -17,7 +17,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +111,7 @@ class LoraWorker:
         self.limits = ServingLimits.model_validate(limits)
         config = EngineConfig(**engine_config)
         reroute = self._reroute if router is not None else None
-        # With the engine in a child, stats() is a round trip that waits for the child's loop
-        # (up to a prefill): the metrics loop then asks from a thread, not from this loop.
+        # With the engine in a child, stats calls are round trips (see _ask).
         self._stats_off_loop = engine_process
         if engine_process:
             # The engine's loop in a child process: Serve's threads here no longer share
@@ -143,10 +142,7 @@ class LoraWorker:
         while True:
             await asyncio.sleep(METRICS_PERIOD_S)
             try:
-                if self._stats_off_loop:
-                    stats = await asyncio.to_thread(self.engine.stats)
-                else:
-                    stats = self.engine.stats()
+                stats = await self._ask(self.engine.stats)
                 if stats.get("running"):
                     self.metrics.step(stats["running"], len(set(self._inflight.values())))
                 if self.pool is not None:
@@ -169,19 +165,26 @@ class LoraWorker:
         if not self.engine.running:
             raise RuntimeError("engine loop is not running")
 
-    def record_routing_stats(self) -> dict[str, Any]:
+    async def _ask(self, stats: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """A stats call: from a thread when it is a round trip to the engine's child process
+        (answered between its steps, up to a prefill later), else directly."""
+        if self._stats_off_loop:
+            return await asyncio.to_thread(stats)
+        return stats()
+
+    async def record_routing_stats(self) -> dict[str, Any]:
         """What the adapter-aware request router reads: adapters this replica holds."""
         if self.pool is None:
             return {"adapters": []}
-        stats = self.pool.stats()
+        stats = await self._ask(self.pool.stats)
         held = sorted(set(stats["resident"]) | set(stats["host_resident"]))
         # Only what routing needs: every change of this dict is broadcast to all routers.
         # `resident`: the device slots, least recently used first (what a request can use
         # without a load); `adapters`: also the host tier (no disk read).
         return {"adapters": held, "resident": list(stats["resident"])}
 
-    def stats(self) -> dict[str, Any]:
-        out = self.engine.stats()
+    async def stats(self) -> dict[str, Any]:
+        out = await self._ask(self.engine.stats)
         out["replica"] = self.replica
         return out
 
