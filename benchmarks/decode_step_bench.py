@@ -205,21 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from dlp.engine.bench_fusion import HBM_BYTES_PER_S, build_model
-    from dlp.lora.pool import AdapterPool
+    from dlp.engine.bench_fusion import HBM_BYTES_PER_S, bench_pool, build_model
 
     if not torch.cuda.is_available() or not a.device.startswith("cuda"):
         p.error("the decode step is timed as a CUDA graph: needs --device cuda and a GPU")
     t0 = time.perf_counter()
     device = torch.device(a.device)
     hf_model, _ = build_model(a.shape, device, torch.bfloat16, a.seed)
-    pool = AdapterPool.for_model(
-        hf_model,
-        target_modules=("q_proj", "v_proj"),
-        max_rank=a.rank,
-        n_slots=a.slots,
-        host_budget_bytes=1 << 30,
-    )
+    pool = bench_pool(hf_model, a.rank, a.slots, host_budget_bytes=1 << 30)
     lora = {m: (pool.a_stack(m), pool.b_stack(m)) for m in pool.modules}
     weight_bytes = sum(q.numel() * q.element_size() for q in hf_model.parameters())
     cfg = hf_model.config

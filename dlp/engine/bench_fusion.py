@@ -373,9 +373,21 @@ def memory_floor_ms(
     }
 
 
+def bench_pool(model, rank: int, slots: int, host_budget_bytes: int = 6 << 30):
+    """The benchmarks' adapter pool: r=``rank`` LoRA on q/v (the issue's setting)."""
+    from dlp.lora.pool import AdapterPool
+
+    return AdapterPool.for_model(
+        model,
+        target_modules=("q_proj", "v_proj"),
+        max_rank=rank,
+        n_slots=slots,
+        host_budget_bytes=host_budget_bytes,
+    )
+
+
 async def run_shape(shape: str, cfg: BenchConfig, deadline: Deadline) -> dict[str, Any]:
     from dlp.lora.adapter import save_adapter
-    from dlp.lora.pool import AdapterPool
 
     device = torch.device(cfg.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -385,13 +397,7 @@ async def run_shape(shape: str, cfg: BenchConfig, deadline: Deadline) -> dict[st
     adapters = _random_adapters(model, cfg.adapters, cfg.rank, dtype, cfg.seed)
     labels = [a.name for a in adapters]
     slots = cfg.pool_slots
-    pool = AdapterPool.for_model(
-        model,
-        target_modules=("q_proj", "v_proj"),
-        max_rank=cfg.rank,
-        n_slots=slots,
-        host_budget_bytes=6 << 30,
-    )
+    pool = bench_pool(model, cfg.rank, slots)
     for a in adapters:
         pool.add(a)
     econf = EngineConfig(
@@ -495,15 +501,7 @@ async def run_shape(shape: str, cfg: BenchConfig, deadline: Deadline) -> dict[st
 async def scale_engine_run(model, econf: EngineConfig, cfg: BenchConfig, dtype) -> dict[str, Any]:
     """Item 6 on its own engine: a pool of scale_slots (the working set of 64 Zipf rows), the
     catalogue much larger than the pool."""
-    from dlp.lora.pool import AdapterPool
-
-    scale_pool = AdapterPool.for_model(
-        model,
-        target_modules=("q_proj", "v_proj"),
-        max_rank=cfg.rank,
-        n_slots=cfg.scale_slots,
-        host_budget_bytes=6 << 30,
-    )
+    scale_pool = bench_pool(model, cfg.rank, cfg.scale_slots)
     scale_engine = Engine(model, None, scale_pool, replace(econf, pool_slots=cfg.scale_slots))
     await scale_engine.start()
     try:

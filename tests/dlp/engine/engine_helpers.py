@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -144,3 +144,24 @@ def strip_eos(tokens: list[int], eos: set[int]) -> list[int]:
         if t in eos:
             return tokens[:i]
     return tokens
+
+
+def sentence_routing_case() -> tuple[
+    Callable[[str], Awaitable[AdapterMix]], list[str], GenerationRequest
+]:
+    """A request routed per sentence that starts on a0, and a router stub that records the
+    texts it is asked about and always answers a1: (reroute, calls, request)."""
+    calls: list[str] = []
+
+    async def reroute(text: str) -> AdapterMix:
+        calls.append(text)
+        return AdapterMix.single("a1")
+
+    req = GenerationRequest(
+        request_id="s",
+        mix=AdapterMix.single("a0"),
+        prompt="The capital of France is",
+        sampling=SamplingParams(max_tokens=12),
+        routing="sentence",
+    )
+    return reroute, calls, req

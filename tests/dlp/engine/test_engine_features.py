@@ -11,12 +11,13 @@ from engine_helpers import (
     peft_reference,
     request,
     run_all,
+    sentence_routing_case,
     strip_eos,
     write_adapters,
 )
 from peft import PeftModel
 
-from dlp.engine.types import GenerationRequest, InvalidRequestError, SamplingParams
+from dlp.engine.types import GenerationRequest, InvalidRequestError
 from dlp.errors import DlpError, InvalidMixError
 from dlp.routing.mix import AdapterMix
 
@@ -216,20 +217,8 @@ async def test_merged_weights_copy_only_slots_written_since(
 
 async def test_sentence_routing_switches_mix(default_model, default_tokenizer, tmp_path):
     paths = write_adapters(default_model, tmp_path, ["a0", "a1"], b_std=0.05)
-    calls: list[str] = []
-
-    async def reroute(text: str) -> AdapterMix:
-        calls.append(text)
-        return AdapterMix.single("a1")
-
+    reroute, calls, req = sentence_routing_case()
     engine = make_engine(default_model, default_tokenizer, paths, reroute=reroute)
-    req = GenerationRequest(
-        request_id="s",
-        mix=AdapterMix.single("a0"),
-        prompt="The capital of France is",
-        sampling=SamplingParams(max_tokens=12),
-        routing="sentence",
-    )
     async with engine:
         routed = await engine.generate(req)
         fixed = await engine.generate(

@@ -9,12 +9,12 @@ import shutil
 import sys
 
 import pytest
-from engine_helpers import request, vocab_llama_spec, write_adapters
+from engine_helpers import request, sentence_routing_case, vocab_llama_spec, write_adapters
 
 from dlp.engine.config import EngineConfig
 from dlp.engine.engine import Engine, load_model
 from dlp.engine.engine_process import EngineProcess
-from dlp.engine.types import GenerationRequest, InvalidRequestError, SamplingParams
+from dlp.engine.types import GenerationRequest, InvalidRequestError
 from dlp.errors import DlpError, InvalidMixError
 from dlp.routing.mix import AdapterMix
 
@@ -153,21 +153,9 @@ async def test_sentence_routing_asks_the_parents_router(default_model, default_m
     the router in the parent process and switches the mix."""
     root = tmp_path / "adapters"
     write_adapters(default_model, root, ["a0", "a1"], b_std=0.05)
-    calls: list[str] = []
-
-    async def reroute(text: str) -> AdapterMix:
-        calls.append(text)
-        return AdapterMix.single("a1")
-
+    reroute, calls, req = sentence_routing_case()
     config = EngineConfig(adapter_root=str(root), max_batch=2, max_seq_len=128)
     child = EngineProcess(config, reroute=reroute, torch_threads=1)
-    req = GenerationRequest(
-        request_id="s",
-        mix=AdapterMix.single("a0"),
-        prompt="The capital of France is",
-        sampling=SamplingParams(max_tokens=12),
-        routing="sentence",
-    )
     async with child:
         routed = await child.generate(req)
     assert routed.mix_switches and routed.mix == AdapterMix.single("a1")
