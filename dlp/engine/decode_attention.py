@@ -26,6 +26,7 @@ works inside ``torch.compile(fullgraph=True)`` and CUDA-graph capture.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +34,7 @@ from dlp.engine.triton_support import INTERPRET as _INTERPRET
 from dlp.engine.triton_support import tl, triton, triton_available
 
 __all__ = [
+    "LaunchConfig",
     "decode_attention",
     "decode_attention_reference",
     "decode_attention_rope",
@@ -45,6 +47,20 @@ MIN_DOT_ROWS = 16  # tl.dot needs M >= 16, so the query-head group is padded up 
 MAX_SPLITS = 16
 SPLIT_TARGET = 256  # positions per split once the cache is long enough to split
 TARGET_PROGRAMS = 128  # about one program per SM of an H100/H200 (132) is enough to split for
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile and launch settings of the attention kernel (``None``: Triton's defaults, 4 warps
+    and 3 stages). ``benchmarks/decode_ops_bench.py`` sweeps them on the GPU."""
+
+    block_n: int = BLOCK_N
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def kernel_options(self) -> dict[str, int]:
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        return {k: v for k, v in opts.items() if v is not None}
 
 
 def pick_splits(max_seq: int, rows: int = 1, kv_heads: int = 1) -> int:
@@ -257,12 +273,13 @@ def decode_attention(
     scale: float,
     splits: int = 1,
     slots: torch.Tensor | None = None,
+    launch: LaunchConfig | None = None,
 ) -> torch.Tensor:
     """q [b, n_heads, d]; k_cache/v_cache [B, kvh, S, d] (any strides with last dim
     contiguous); lengths [b] int (valid keys per row, 1..S); ``slots`` [b] int: row r's
     cache row (default: r, then B >= b). Returns [b, n_heads, d] in q.dtype. Lengths and
     slots are not checked on the host (that would sync): out of range is undefined."""
-    return _launch(q, k_cache, v_cache, lengths, scale, splits, slots, None)
+    return _launch(q, k_cache, v_cache, lengths, scale, splits, slots, None, launch)
 
 
 def decode_attention_rope(
@@ -277,6 +294,7 @@ def decode_attention_rope(
     scale: float,
     splits: int = 1,
     slots: torch.Tensor | None = None,
+    launch: LaunchConfig | None = None,
 ) -> torch.Tensor:
     """The decode step's rotary embedding, cache write and attention in one kernel (in the
     compiled step, two kernels a layer fewer than rope + cache write + :func:`decode_attention`).
@@ -294,7 +312,8 @@ def decode_attention_rope(
         raise ValueError("k_new and v_new need a contiguous last dim, cos and sin one layout")
     if cos.stride(-1) != 1:
         raise ValueError("cos and sin need a contiguous last dim")
-    return _launch(q, k_cache, v_cache, lengths, scale, splits, slots, (k_new, v_new, cos, sin))
+    rope = (k_new, v_new, cos, sin)
+    return _launch(q, k_cache, v_cache, lengths, scale, splits, slots, rope, launch)
 
 
 def _launch(
@@ -306,6 +325,7 @@ def _launch(
     splits: int,
     slots: torch.Tensor | None,
     rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    launch: LaunchConfig | None = None,
 ) -> torch.Tensor:
     if triton is None:
         raise RuntimeError(
@@ -331,12 +351,13 @@ def _launch(
         raise ValueError(f"k_new must be [b, kvh, d] = [{b}, {kvh}, {d}]")
 
     group = n_heads // kvh
+    launch = launch or LaunchConfig()
     out = torch.empty((b, n_heads, d), dtype=q.dtype, device=q.device)
     common = {
         "GROUP": group,
         "GROUP_PAD": max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
         "HEAD_DIM": d,
-        "BLOCK_N": BLOCK_N,
+        "BLOCK_N": launch.block_n,
         "SPLITS": splits,
         # fp32 caches get exact fp32 dots (not tf32); bf16/fp16 ignore the setting.
         "PRECISION": "ieee" if k_cache.dtype == torch.float32 else "tf32",
@@ -362,6 +383,7 @@ def _launch(
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos.stride(0),
         scale,
         **common,
+        **launch.kernel_options(),
     )  # fmt: skip
     if splits > 1:
         _combine_kernel[(b, n_heads)](

@@ -171,9 +171,17 @@ def launch_partials(
     k: int,
     cfg: GemmConfig,
     silu: bool,
+    pdl: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The kernel alone: ``[m, n]`` in x's dtype when K is not split, else fp32 partials
-    ``[split, m, n]`` (``[split, m, 2n]``, gate then up, for ``silu``)."""
+    ``[split, m, n]`` (``[split, m, 2n]``, gate then up, for ``silu``).
+
+    ``pdl`` launches it as a programmatic dependent launch (Hopper and later): it may start
+    while the kernel before it finishes, waits for that kernel only where it first touches
+    data (``griddepcontrol.wait``), and lets the next PDL kernel start once its K loop is done.
+    (An L2 prefetch of the program's weight slice before the wait was tried: slower,
+    ``benchmarks/results/pdl_h200.json``.) ``out`` is written in place when given."""
     block_m = block_m_for(m)
     # Each pipeline stage holds an x tile and one (gate/up: two) weight tiles in shared
     # memory; fewer stages where they would not fit (fp32 tiles, gate/up at 64 x 128).
@@ -186,9 +194,9 @@ def launch_partials(
     # Every piece but the last covers the same whole number of BLOCK_K steps.
     k_per_split = math.ceil(k_steps / split) * cfg.block_k
     split = math.ceil(k / k_per_split)
-    if split == 1:
+    if out is None and split == 1:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    else:
+    elif out is None:
         width = 2 * n if silu else n
         out = torch.empty((split, m, width), dtype=torch.float32, device=x.device)
     grid = (math.ceil(n / cfg.block_n), split, math.ceil(m / block_m))
@@ -210,8 +218,10 @@ def launch_partials(
         # fp32 weights get exact fp32 dots (not tf32): the engine's fp32 path must match
         # F.linear token for token; bf16/fp16 ignore the setting.
         PRECISION="ieee" if w.dtype == torch.float32 else "tf32",
+        USE_GDC=pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out
 
@@ -247,6 +257,7 @@ if triton is not None:
         EVEN_N: tl.constexpr,
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
     ):  # fmt: skip
         # One loop, no nested jit function: Inductor reads a user kernel's stores to learn
         # which inputs it mutates, and clones every input (the weights!) where it cannot.
@@ -267,6 +278,9 @@ if triton is not None:
         # runs the kernel's Python with plain ints, fails on it and then clones every input.)
         up_rows = cols + UP_OFFSET
         up_ptrs = W + up_rows[None, :].to(tl.int64) * stride_wn + kk[:, None]
+        if USE_GDC:
+            # x (and, for the store, Out) belong to earlier kernels: wait for them from here.
+            tl.extra.cuda.gdc_wait()
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -295,6 +309,8 @@ if triton is not None:
                 if UPCAST:
                     ut = ut.to(tl.float32)
                 acc_up = tl.dot(xt, ut, acc_up, input_precision=PRECISION)
+        if USE_GDC:
+            tl.extra.cuda.gdc_launch_dependents()
         if HAS_BIAS:  # noqa: SIM102 - triton: `and` of a constexpr and a runtime value
             if pid_s == 0:  # the bias belongs to one piece of a split sum only
                 acc += tl.load(Bias + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
