@@ -45,21 +45,3 @@ def sample_row(
     probs = top_p_filter(probs, params.top_p)
     return int(torch.multinomial(probs, 1, generator=generator))
 
-
-def greedy_tokens(logits: torch.Tensor, max_chunks: int = 32) -> torch.Tensor:
-    """``logits.argmax(-1)`` for [rows, V] in two stages: the max of each of ``chunks`` equal
-    pieces of the vocabulary, then the best piece. One reduction per row reads 150k logits
-    with one program a row (64 programs for a 132-SM GPU: 34 us a step on the H200 at
-    Qwen2's vocabulary); cut into pieces it is ``rows * chunks`` programs. Ties resolve to
-    the first index, as ``argmax`` does: the first max within a piece, then the first piece
-    holding the overall max."""
-    rows, vocab = logits.shape
-    chunks = max_chunks
-    while chunks > 1 and vocab % chunks:
-        chunks //= 2
-    if chunks < 4:
-        return logits.argmax(dim=-1)
-    width = vocab // chunks
-    best_in_chunk, index_in_chunk = logits.view(rows, chunks, width).max(dim=-1)
-    chunk = best_in_chunk.argmax(dim=-1, keepdim=True)
-    return (index_in_chunk.gather(-1, chunk) + chunk * width).squeeze(-1)

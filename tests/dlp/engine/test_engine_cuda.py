@@ -68,6 +68,59 @@ def test_skinny_gemm_matches_f_linear(dtype, rows):
         torch.testing.assert_close(act.float(), ref_act, atol=2 * tol * scale, rtol=2 * tol)
 
 
+def test_skinny_gemm_pdl_chain_in_a_graph_gives_the_plain_bits():
+    """PDL lets each kernel start before the one it reads from ends: a chain of GEMMs, each
+    reading the previous output, captured in one CUDA graph, must give the plain launches'
+    bits (a missing or misplaced wait would read a stale input)."""
+    from dlp.engine.skinny_gemm import GemmConfig, launch_partials
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    m, h = 64, 1536
+    ws = [(torch.randn(h, h, generator=gen, device="cuda") * h**-0.5).bfloat16() for _ in range(8)]
+    x0 = torch.randn(m, h, generator=gen, device="cuda").bfloat16()
+    results = []
+    for pdl in (False, True):
+        bufs = [torch.zeros(m, h, device="cuda", dtype=torch.bfloat16) for _ in ws]
+
+        def chain(pdl=pdl, bufs=bufs):
+            x = x0
+            for w, out in zip(ws, bufs, strict=True):
+                x = launch_partials(x, w, None, m, h, h, GemmConfig(32, 64, 1), False, pdl, out)
+
+        chain()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            chain()
+        for b in bufs:
+            b.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        results.append(bufs[-1].clone())
+    assert results[0].abs().sum() > 0
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_decode_attention_launch_settings_keep_the_result(splits):
+    from dlp.engine.decode_attention import (
+        LaunchConfig,
+        decode_attention,
+        decode_attention_reference,
+    )
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    b, heads, kvh, seq, d = 5, 12, 2, 256, 128
+    q = torch.randn(b, heads, d, generator=gen, device="cuda").bfloat16()
+    k = torch.randn(b, kvh, seq, d, generator=gen, device="cuda").bfloat16()
+    v = torch.randn(b, kvh, seq, d, generator=gen, device="cuda").bfloat16()
+    lengths = torch.tensor([1, 32, 33, 193, 256], device="cuda")
+    ref = decode_attention_reference(q, k, v, lengths, d**-0.5).float()
+    for launch in (LaunchConfig(32, 8, 2), LaunchConfig(128, 4, 1), LaunchConfig(64, 2, 3)):
+        out = decode_attention(q, k, v, lengths, d**-0.5, splits, launch=launch)
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
 def test_snapshot_upload_survives_a_rewrite_before_the_copy_runs():
     """The copy of a snapshot upload runs after a long kernel; the host buffer is rewritten
     meanwhile; the device still gets what was staged."""
