@@ -14,7 +14,8 @@ not bytes, so this compares, in one process on one model:
   kernels a layer, 80 us of a 1.9 ms step on the H200, are gone);
 - ``compile_mode``: Inductor's default, or ``max-autotune-no-cudagraphs``;
 - ``gemm``: cuBLAS (``F.linear``), or the weight-streaming Triton GEMMs
-  (``dlp.engine.skinny_gemm``, silu * up fused into gate/up).
+  (``dlp.engine.skinny_gemm``, silu * up fused into gate/up), also with every kernel of the
+  step a programmatic dependent launch (``triton_pdl``).
 
 Each variant is captured as the engine's CUDA graph and timed by CUDA events (median of
 ``--iters`` replays) with and without the LoRA path, on the same random KV cache, its logits
@@ -45,6 +46,10 @@ VARIANTS: dict[str, tuple[str, str | None, str, str]] = {
     "layer+rope": ("layer", None, "triton_rope", "cublas"),
     "step+rope": ("step", None, "triton_rope", "cublas"),
     "step+rope+gemm": ("step", None, "triton_rope", "triton"),
+    # Every kernel a programmatic dependent launch: ours through their ops, Inductor's by its
+    # triton.enable_pdl option (benchmarks/pdl_bench.py measures the GEMM chain alone).
+    "step+rope+pdl": ("step", None, "triton_rope", "triton_pdl"),
+    "layer+rope+pdl": ("layer", None, "triton_rope", "triton_pdl"),
     "step": ("step", None, "matmul", "cublas"),
     "layer+kernel+autotune": ("layer", "max-autotune-no-cudagraphs", "triton", "cublas"),
     "step+kernel+autotune": ("step", "max-autotune-no-cudagraphs", "triton", "cublas"),
@@ -139,6 +144,7 @@ def _variant(
         "attn_splits": model.attn_splits,
         "gemm": gemm,
         "decode_gemm": model.decode_gemm,
+        "decode_pdl": model.decode_pdl,
         "compile_capture_s": time.perf_counter() - start,
         "compile_failed": runner.compile_failed,
     }

@@ -436,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--decode-attention", choices=("auto", "matmul", "triton", "triton_rope"), default="auto"
     )
-    p.add_argument("--decode-gemm", choices=("auto", "cublas", "triton"), default="auto")
+    p.add_argument(
+        "--decode-gemm", choices=("auto", "cublas", "triton", "triton_pdl"), default="auto"
+    )
     p.add_argument(
         "--client-procs",
         type=int,

@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--decode-gemm",
         default=None,
-        choices=["auto", "cublas", "triton"],
+        choices=["auto", "cublas", "triton", "triton_pdl"],
         help="decode GEMMs of the engine variants (default: auto)",
     )
     parser.add_argument(

@@ -12,7 +12,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 COMPILE_SCOPES = ("layer", "step")
 DECODE_ATTENTIONS = ("auto", "matmul", "triton", "triton_rope")
-DECODE_GEMMS = ("auto", "cublas", "triton")
+DECODE_GEMMS = ("auto", "cublas", "triton", "triton_pdl")
 
 
 @dataclass
@@ -51,7 +51,8 @@ class EngineConfig:
     # longer than 512 positions, if triton imports).
     decode_attention: str = "auto"
     # Decode GEMMs: "triton" (weight-streaming kernels of skinny_gemm, silu * up fused into
-    # gate/up), "cublas" (F.linear), "auto" (cuBLAS: see runner.AUTO_SKINNY_GEMM).
+    # gate/up), "triton_pdl" (the same, and every kernel of the step a programmatic dependent
+    # launch: Hopper or later), "cublas" (F.linear), "auto" (cuBLAS: runner.AUTO_SKINNY_GEMM).
     decode_gemm: str = "auto"
     cuda_graph: bool | None = None  # capture the decode step (default: on CUDA)
     # Queue decode step N+1 before handling step N's tokens (greedy rows feed their own token

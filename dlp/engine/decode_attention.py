@@ -119,11 +119,14 @@ if triton is not None:
         UPCAST: tl.constexpr,
         HAS_SLOTS: tl.constexpr,
         ROPE: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
     ):  # fmt: skip
         # No nested @triton.jit helpers here: with one, Inductor cannot tell which arguments
         # a user kernel stores to and clones them all (the KV caches, with ROPE).
         # int64 row index: row * stride_kb overflows int32 for large caches.
         row = tl.program_id(0).to(tl.int64)
+        if USE_GDC:  # a programmatic dependent launch: wait for the kernel before to finish
+            tl.extra.cuda.gdc_wait()
         # The row's cache row: its own index, or its entry in the slot table.
         cache_row = row
         if HAS_SLOTS:
@@ -199,6 +202,8 @@ if triton is not None:
                 pv_dot = tl.dot(pv, v, input_precision=PRECISION)
             acc = acc * alpha[:, None] + pv_dot
             m = m_new
+        if USE_GDC:
+            tl.extra.cuda.gdc_launch_dependents()
 
         if ROPE:
             last = length - 1
@@ -295,6 +300,7 @@ def decode_attention_rope(
     splits: int = 1,
     slots: torch.Tensor | None = None,
     launch: LaunchConfig | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """The decode step's rotary embedding, cache write and attention in one kernel (in the
     compiled step, two kernels a layer fewer than rope + cache write + :func:`decode_attention`).
@@ -312,8 +318,49 @@ def decode_attention_rope(
         raise ValueError("k_new and v_new need a contiguous last dim, cos and sin one layout")
     if cos.stride(-1) != 1:
         raise ValueError("cos and sin need a contiguous last dim")
+    if pdl:
+        if splits != 1:
+            raise ValueError("pdl launches the unsplit kernel only (splits=1)")
+        return torch.ops.dlp.decode_attention_rope_pdl(
+            q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, scale, slots
+        )
     rope = (k_new, v_new, cos, sin)
     return _launch(q, k_cache, v_cache, lengths, scale, splits, slots, rope, launch)
+
+
+# The PDL launch as an op Inductor does not look into (see skinny_gemm's ``dlp::skinny_pdl``):
+# it declares the two caches it writes, so Inductor clones nothing.
+@torch.library.custom_op("dlp::decode_attention_rope_pdl", mutates_args=("k_cache", "v_cache"))
+def _rope_pdl(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    slots: torch.Tensor | None,
+) -> torch.Tensor:
+    rope = (k_new, v_new, cos, sin)
+    return _launch(q, k_cache, v_cache, lengths, scale, 1, slots, rope, None, pdl=True)
+
+
+@_rope_pdl.register_fake
+def _rope_pdl_fake(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    slots: torch.Tensor | None,
+) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def _launch(
@@ -326,6 +373,7 @@ def _launch(
     slots: torch.Tensor | None,
     rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
     launch: LaunchConfig | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     if triton is None:
         raise RuntimeError(
@@ -384,6 +432,7 @@ def _launch(
         scale,
         **common,
         **launch.kernel_options(),
+        **({"USE_GDC": True, "launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     if splits > 1:
         _combine_kernel[(b, n_heads)](

@@ -15,6 +15,7 @@ max_seq, head_dim]``. Row ``b`` holds one request; its valid prefix is positions
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -153,6 +154,9 @@ class CompactLM(nn.Module):
         # Decode GEMMs: False = F.linear (cuBLAS / CPU); True = the weight-streaming Triton
         # kernels of skinny_gemm (set by the runner on CUDA).
         self.decode_gemm = False
+        # With both kernels: launch them (and, in the compiled step, Inductor's own kernels)
+        # as programmatic dependent launches (set by the runner for decode_gemm triton_pdl).
+        self.decode_pdl = False
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.set_lora(lora or {})
         self._build_fused()
@@ -350,6 +354,7 @@ class CompactLM(nn.Module):
                 self.attn_splits,
                 self.decode_gemm,
                 self.attn_rope,
+                self.decode_pdl,
             )
         return self.decode_head(x)
 
@@ -474,6 +479,7 @@ def decode_layer(
     attn_splits: int = 0,
     skinny: bool = False,
     attn_rope: bool = False,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """One transformer block for one new token per row; a pure function of its tensors so
     one ``torch.compile`` of it serves every layer. Writes this token's K/V into the cache:
@@ -486,10 +492,11 @@ def decode_layer(
     prefix only (``bias`` is then unused); with ``attn_rope`` that kernel also applies the
     rotary embedding and writes the cache (no separate rope and cache-write kernels).
     ``skinny`` runs the GEMMs as the weight-streaming Triton kernels (gate/up with silu * up
-    in their epilogue)."""
+    in their epilogue); with ``pdl`` they and the attention kernel are programmatic dependent
+    launches (each may start while the kernel before it drains)."""
     b = x.shape[0]
     lo, lg, lu, ld = lora
-    linear = skinny_linear if skinny else F.linear
+    linear = _decode_linear(skinny, pdl)
     h = rms_norm(x, in_norm, eps)
     q, k, v = _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes, linear)
     # The slot table, when rows read their cache row through it (more cache rows than rows).
@@ -507,6 +514,7 @@ def decode_layer(
             head_dim**-0.5,
             attn_splits,
             slots,
+            pdl=pdl and attn_splits == 1,
         ).reshape(b, 1, n_heads * head_dim)
     else:
         o = _attend(
@@ -514,7 +522,14 @@ def decode_layer(
         )
     x = x + _lin(o, w_o, b_o, lo, row_scales, linear)
     mlp_lora = (lg, lu, ld)
-    return _mlp(x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny)
+    return _mlp(x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny, pdl)
+
+
+def _decode_linear(skinny: bool, pdl: bool):
+    """The decode step's linear: cuBLAS, or the weight-streaming kernel (PDL-launched)."""
+    if not skinny:
+        return F.linear
+    return functools.partial(skinny_linear, pdl=True) if pdl else skinny_linear
 
 
 def _attend(
@@ -639,17 +654,18 @@ def _mlp(
     row_scales: torch.Tensor | None,
     eps: float,
     skinny: bool = False,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Residual MLP half of a block: gate and up in one GEMM, per-row LoRA on any of them.
     ``skinny``: the weight-streaming kernels; without LoRA on gate/up, silu(gate) * up is
     the gate/up kernel's epilogue."""
     lg, lu, ld = lora
     h = rms_norm(x, post_norm, eps)
-    linear = skinny_linear if skinny else F.linear
+    linear = _decode_linear(skinny, pdl)
     gate_lora = lg is not None and row_scales is not None
     up_lora = lu is not None and row_scales is not None
     if skinny and not (gate_lora or up_lora):
-        act = skinny_silu_mul(h, w_gu, b_gu)
+        act = skinny_silu_mul(h, w_gu, b_gu, pdl=pdl)
         return x + _lin(act, w_down, b_down, ld, row_scales, linear)
     gu = linear(h, w_gu, b_gu)
     inter = w_gu.shape[0] // 2

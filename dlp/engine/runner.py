@@ -248,11 +248,17 @@ class DecodeRunner:
         model.attn_splits = splits if use_kernel else 0
         # triton_rope: the kernel also applies the rotary embedding and writes the KV cache.
         model.attn_rope = attention == "triton_rope"
-        if gemm == "triton" and not (device.type == "cuda" and triton_available()):
-            raise DlpError("decode_gemm 'triton' needs a CUDA device and triton installed")
-        model.decode_gemm = gemm == "triton" or (
+        if gemm.startswith("triton") and not (device.type == "cuda" and triton_available()):
+            raise DlpError(f"decode_gemm {gemm!r} needs a CUDA device and triton installed")
+        model.decode_gemm = gemm.startswith("triton") or (
             gemm == "auto" and AUTO_SKINNY_GEMM and device.type == "cuda" and triton_available()
         )
+        # triton_pdl: every kernel of the step a programmatic dependent launch (Hopper+): ours
+        # through their ops, Inductor's through its own option (compiled steps only).
+        model.decode_pdl = gemm == "triton_pdl"
+        if model.decode_pdl and compile_mode is not None:
+            raise DlpError("decode_gemm 'triton_pdl' takes the default compile_mode")
+        compile_options = {"options": {"triton.enable_pdl": True}} if model.decode_pdl else {}
         self.layer_fn = decode_layer
         self.prefill_fn = prefill_layer
         self.compiled_step: Callable[[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -262,12 +268,20 @@ class DecodeRunner:
                 # The whole step (28 blocks, embedding, head, argmax) as one graph: Inductor
                 # can then fuse across blocks (residual add + next norm), at a longer compile.
                 self.compiled_step = torch.compile(
-                    self._eager_step, fullgraph=True, dynamic=False, mode=compile_mode
+                    self._eager_step,
+                    fullgraph=True,
+                    dynamic=False,
+                    mode=compile_mode,
+                    **compile_options,
                 )
             else:
                 # One compiled block serves all layers (same shapes, weights are arguments).
                 self.layer_fn = torch.compile(
-                    decode_layer, fullgraph=True, dynamic=False, mode=compile_mode
+                    decode_layer,
+                    fullgraph=True,
+                    dynamic=False,
+                    mode=compile_mode,
+                    **compile_options,
                 )
             self.prefill_fn = compiled_prefill_layer()
         self.use_graph = cuda_graph and device.type == "cuda"
@@ -498,6 +512,7 @@ class DecodeRunner:
             self.compiled_step = None
             self.model.attn_splits = 0
             self.model.decode_gemm = False
+            self.model.decode_pdl = False
             self._capture()
         if self.graph_tokens:
             try:

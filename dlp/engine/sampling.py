@@ -44,4 +44,3 @@ def sample_row(
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     probs = top_p_filter(probs, params.top_p)
     return int(torch.multinomial(probs, 1, generator=generator))
-

@@ -119,12 +119,15 @@ def skinny_linear(
     w: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: GemmConfig | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """``F.linear(x, w, bias)`` for x ``[..., K]`` with few rows; falls back to F.linear where
-    the kernel does not apply. Accumulates in fp32, rounds once to x's dtype."""
+    the kernel does not apply. Accumulates in fp32, rounds once to x's dtype. ``pdl``: a
+    programmatic dependent launch (:func:`launch_partials`), through the ``dlp::skinny_pdl``
+    op under torch.compile."""
     if not supported(x, w):
         return F.linear(x, w, bias)
-    return _run(x, w, bias, w.shape[0], False, config)
+    return _run(x, w, bias, w.shape[0], False, config, pdl)
 
 
 def skinny_silu_mul(
@@ -132,6 +135,7 @@ def skinny_silu_mul(
     w_gu: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: GemmConfig | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """``silu(gate) * up`` where ``[gate, up] = F.linear(x, w_gu, bias).chunk(2, -1)``: the
     MLP's merged gate/up weight ``[2 * inter, K]``. gate and up are rounded to x's dtype
@@ -140,7 +144,7 @@ def skinny_silu_mul(
     if not supported(x, w_gu):
         gu = F.linear(x, w_gu, bias)
         return F.silu(gu[..., :inter]) * gu[..., inter:]
-    return _run(x, w_gu, bias, inter, True, config)
+    return _run(x, w_gu, bias, inter, True, config, pdl)
 
 
 def _run(
@@ -150,6 +154,7 @@ def _run(
     n: int,
     silu: bool,
     config: GemmConfig | None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """x ``[..., K]`` as rows, the kernel, the split pieces summed: ``[..., n]``."""
     lead, k = x.shape[:-1], x.shape[-1]
@@ -158,7 +163,12 @@ def _run(
         x2 = x2.contiguous()
     m = x2.shape[0]
     cfg = config or pick_config(m, n, k, silu)
-    out = launch_partials(x2, w, bias, m, n, k, cfg, silu)
+    if pdl:
+        c = cfg
+        args = (c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages)
+        out = torch.ops.dlp.skinny_pdl(x2, w, bias, n, silu, *args)
+    else:
+        out = launch_partials(x2, w, bias, m, n, k, cfg, silu)
     return finish_partials(out, n, silu, x.dtype).reshape(*lead, n)
 
 
@@ -189,11 +199,7 @@ def launch_partials(
     stages = max(2, min(cfg.num_stages, SHARED_MEMORY_BYTES // stage_bytes))
     if stages != cfg.num_stages:
         cfg = dataclasses.replace(cfg, num_stages=stages)
-    k_steps = math.ceil(k / cfg.block_k)
-    split = max(1, min(cfg.split_k, k_steps))
-    # Every piece but the last covers the same whole number of BLOCK_K steps.
-    k_per_split = math.ceil(k_steps / split) * cfg.block_k
-    split = math.ceil(k / k_per_split)
+    split, k_per_split = split_pieces(k, cfg)
     if out is None and split == 1:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     elif out is None:
@@ -226,6 +232,23 @@ def launch_partials(
     return out
 
 
+def split_pieces(k: int, cfg: GemmConfig) -> tuple[int, int]:
+    """(pieces, K per piece) of a split-K launch: every piece but the last covers the same
+    whole number of BLOCK_K steps."""
+    k_steps = math.ceil(k / cfg.block_k)
+    split = max(1, min(cfg.split_k, k_steps))
+    k_per_split = math.ceil(k_steps / split) * cfg.block_k
+    return math.ceil(k / k_per_split), k_per_split
+
+
+def partials_shape(m: int, n: int, k: int, cfg: GemmConfig, silu: bool) -> tuple[int, ...]:
+    """Shape of :func:`launch_partials`' output (its dtype: x's unsplit, else fp32)."""
+    split, _ = split_pieces(k, cfg)
+    if split == 1:
+        return (m, n)
+    return (split, m, 2 * n if silu else n)
+
+
 def finish_partials(out: torch.Tensor, n: int, silu: bool, dtype: torch.dtype) -> torch.Tensor:
     """Sum the split pieces of :func:`launch_partials` (and apply silu * up): plain torch, so
     under torch.compile it fuses into the kernel that consumes the result."""
@@ -237,6 +260,45 @@ def finish_partials(out: torch.Tensor, n: int, silu: bool, dtype: torch.dtype) -
         up = total[:, n:].to(dtype)
         return F.silu(gate) * up
     return total.to(dtype)
+
+
+# A PDL launch as an op Inductor does not look into. Traced as a user Triton kernel, the
+# kernel's griddepcontrol instructions (inline asm) defeat Inductor's analysis of what it
+# writes, and it then clones every input, the weights included (torch 2.11: 2.1x slower,
+# benchmarks/results/pdl_h200.json). The op declares that it only returns a new tensor.
+@torch.library.custom_op("dlp::skinny_pdl", mutates_args=())
+def _skinny_pdl(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    silu: bool,
+    block_n: int,
+    block_k: int,
+    split_k: int,
+    num_warps: int,
+    num_stages: int,
+) -> torch.Tensor:
+    cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages)
+    return launch_partials(x, w, bias, x.shape[0], n, x.shape[1], cfg, silu, pdl=True)
+
+
+@_skinny_pdl.register_fake
+def _skinny_pdl_fake(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    silu: bool,
+    block_n: int,
+    block_k: int,
+    split_k: int,
+    num_warps: int,
+    num_stages: int,
+) -> torch.Tensor:
+    cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages)
+    shape = partials_shape(x.shape[0], n, x.shape[1], cfg, silu)
+    return x.new_empty(shape, dtype=x.dtype if len(shape) == 2 else torch.float32)
 
 
 if triton is not None:

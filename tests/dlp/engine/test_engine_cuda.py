@@ -189,6 +189,17 @@ def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
         "rope_spare_rows": dict(
             compile=True, cuda_graph=True, decode_attention="triton_rope", spare_rows=4
         ),
+        # Every kernel a programmatic dependent launch, per compiled layer and whole step.
+        "pdl": dict(
+            compile=True, cuda_graph=True, decode_attention="triton_rope", decode_gemm="triton_pdl"
+        ),
+        "pdl_step": dict(
+            compile=True,
+            cuda_graph=True,
+            compile_scope="step",
+            decode_attention="triton_rope",
+            decode_gemm="triton_pdl",
+        ),
     }.items():
         engine = make_engine(
             model, None, adapters, device="cuda", max_batch=8, max_seq_len=128, **cfg
@@ -203,6 +214,9 @@ def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
         if name != "eager":
             assert engine.runner.captured and engine.model.attn_splits >= 1
             assert engine.runner._prefill_graphs
+            assert not engine.runner.compile_failed  # no silent fallback to the eager step
+        if name.startswith("pdl"):
+            assert engine.model.decode_pdl
     assert outputs["graphs"] == outputs["eager"]
     assert outputs["overlap"] == outputs["eager"]
     assert outputs["gemm"] == outputs["eager"]
@@ -210,3 +224,5 @@ def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
     assert outputs["spare_rows"] == outputs["eager"]
     assert outputs["rope"] == outputs["eager"]
     assert outputs["rope_spare_rows"] == outputs["eager"]
+    assert outputs["pdl"] == outputs["eager"]
+    assert outputs["pdl_step"] == outputs["eager"]

@@ -103,5 +103,10 @@ def test_decode_gemm_choice_on_the_cpu():
     with pytest.raises(DlpError, match="decode_gemm"):
         EngineConfig(decode_gemm="triton").validate()
     with pytest.raises(DlpError, match="decode_gemm"):
+        DecodeRunner(CompactLM(model, max_batch=2, max_seq=64), n_slots=0, gemm="triton_pdl")
+    with pytest.raises(DlpError, match="decode_gemm"):
+        EngineConfig(decode_gemm="triton_pdl").validate()
+    with pytest.raises(DlpError, match="decode_gemm"):
         EngineConfig(decode_gemm="magma").validate()
     EngineConfig(decode_gemm="triton", device="cuda").validate()
+    EngineConfig(decode_gemm="triton_pdl", device="cuda").validate()
