@@ -108,7 +108,7 @@ if triton is not None:
         stride_kb, stride_kh, stride_ks,
         stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh,
-        stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cb,
+        stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cb, stride_piece,
         scale,
         GROUP: tl.constexpr,
         GROUP_PAD: tl.constexpr,
@@ -119,7 +119,8 @@ if triton is not None:
         UPCAST: tl.constexpr,
         HAS_SLOTS: tl.constexpr,
         ROPE: tl.constexpr,
-        USE_GDC: tl.constexpr = False,
+        PIECES: tl.constexpr,
+        USE_GDC: tl.constexpr,
     ):  # fmt: skip
         # No nested @triton.jit helpers here: with one, Inductor cannot tell which arguments
         # a user kernel stores to and clones them all (the KV caches, with ROPE).
@@ -154,11 +155,19 @@ if triton is not None:
             sign = tl.where(dims < HEAD_DIM // 2, -1.0, 1.0)
             cos = tl.load(Cos + row * stride_cb + dims).to(tl.float32)
             sin = tl.load(Sin + row * stride_cb + dims).to(tl.float32)
-            q_raw = tl.load(q_ptrs, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            # q (and k/v below) may come as the q/k/v GEMM's split-K pieces: their fp32 sum,
+            # rounded once to the model dtype, is the GEMM's output.
             q_rot_ptrs = q_ptrs + (rot_dims - dims)[None, :]
-            q_rot = tl.load(q_rot_ptrs, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            q_raw = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+            q_rot = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+            for piece in tl.static_range(PIECES):
+                at = piece * stride_piece
+                q_raw += tl.load(q_ptrs + at, mask=g_ok[:, None], other=0.0).to(tl.float32)
+                q_rot += tl.load(q_rot_ptrs + at, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            q_raw = q_raw.to(K.dtype.element_ty).to(tl.float32)
+            q_rot = q_rot.to(K.dtype.element_ty).to(tl.float32)
             q = q_raw * cos[None, :] + sign[None, :] * q_rot * sin[None, :]
-            q = q.to(Q.dtype.element_ty).to(K.dtype.element_ty)
+            q = q.to(K.dtype.element_ty)
         else:
             q = tl.load(q_ptrs, mask=g_ok[:, None], other=0.0).to(K.dtype.element_ty)
 
@@ -209,11 +218,19 @@ if triton is not None:
             last = length - 1
             if (last >= start) & (last < end):  # this split holds the new key: one writer
                 k_ptr = KNew + row * stride_knb + kv_head * stride_knh
-                k_raw = tl.load(k_ptr + dims).to(tl.float32)
-                k_rot = tl.load(k_ptr + rot_dims).to(tl.float32)
-                k_new = (k_raw * cos + sign * k_rot * sin).to(K.dtype.element_ty)
                 v_ptr = VNew + row * stride_vnb + kv_head * stride_vnh
-                v_new = tl.load(v_ptr + dims).to(V.dtype.element_ty)
+                k_raw = tl.zeros([HEAD_DIM], tl.float32)
+                k_rot = tl.zeros([HEAD_DIM], tl.float32)
+                v_sum = tl.zeros([HEAD_DIM], tl.float32)
+                for piece in tl.static_range(PIECES):
+                    at = piece * stride_piece
+                    k_raw += tl.load(k_ptr + at + dims).to(tl.float32)
+                    k_rot += tl.load(k_ptr + at + rot_dims).to(tl.float32)
+                    v_sum += tl.load(v_ptr + at + dims).to(tl.float32)
+                k_raw = k_raw.to(K.dtype.element_ty).to(tl.float32)
+                k_rot = k_rot.to(K.dtype.element_ty).to(tl.float32)
+                k_new = (k_raw * cos + sign * k_rot * sin).to(K.dtype.element_ty)
+                v_new = v_sum.to(V.dtype.element_ty)
                 tl.store(k_base + last * stride_ks + dims, k_new)
                 tl.store(v_base + last * stride_vs + dims, v_new)
                 s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale
@@ -309,9 +326,24 @@ def decode_attention_rope(
     embedding; cos / sin [b, d] are each row's at its position ``lengths - 1``. The rotated
     key and the value are written into the row's cache row at that position, and the rotated
     q attends over positions ``0 .. lengths - 1``. Same contract as :func:`decode_attention`
-    otherwise (last dims contiguous; lengths and slots not checked on the host)."""
-    b, kvh, d = k_new.shape
-    if tuple(v_new.shape) != (b, kvh, d) or tuple(cos.shape) != (b, d) or cos.shape != sin.shape:
+    otherwise (last dims contiguous; lengths and slots not checked on the host).
+
+    q / k_new / v_new may also come as split-K pieces ``[pieces, b, ...]`` (views of one
+    ``[pieces, b, width]`` tensor: one piece stride), which the kernel sums in fp32 and rounds
+    to the cache dtype: the q/k/v GEMM's sum then costs no kernel of its own. The output is
+    in the cache dtype. ``pdl``: a programmatic dependent launch (splits = 1 only)."""
+    if q.dim() == 4:
+        pieces = q.shape[0]
+        if k_new.dim() != 4 or v_new.dim() != 4 or {t.shape[0] for t in (k_new, v_new)} != {pieces}:
+            raise ValueError("q, k_new and v_new must all be pieces [pieces, b, ...] or none")
+        if pieces > 1 and len({t.stride(0) for t in (q, k_new, v_new)}) != 1:
+            raise ValueError("q, k_new and v_new pieces need one piece stride (one tensor)")
+    else:
+        pieces = 1
+    if pieces > 1 and splits != 1:
+        raise ValueError("pieces of q/k/v need the unsplit kernel (splits=1)")
+    b, kvh, d = k_new.shape[-3:]
+    if v_new.shape[-3:] != (b, kvh, d) or tuple(cos.shape) != (b, d) or cos.shape != sin.shape:
         shapes = [tuple(t.shape) for t in (q, k_new, v_new, cos, sin)]
         raise ValueError(f"q/k_new/v_new/cos/sin shapes do not fit: {shapes}")
     if k_new.stride(-1) != 1 or v_new.stride(-1) != 1 or cos.stride() != sin.stride():
@@ -324,8 +356,32 @@ def decode_attention_rope(
         return torch.ops.dlp.decode_attention_rope_pdl(
             q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, scale, slots
         )
+    return _launch_rope(
+        q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, scale, splits, slots, launch
+    )
+
+
+def _launch_rope(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    splits: int,
+    slots: torch.Tensor | None,
+    launch: LaunchConfig | None,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """Pieces (a leading dim on q/k/v) become piece 0's views plus the piece count and stride."""
+    pieces = (q.shape[0], q.stride(0)) if q.dim() == 4 else (1, 0)
+    if q.dim() == 4:
+        q, k_new, v_new = q[0], k_new[0], v_new[0]
     rope = (k_new, v_new, cos, sin)
-    return _launch(q, k_cache, v_cache, lengths, scale, splits, slots, rope, launch)
+    return _launch(q, k_cache, v_cache, lengths, scale, splits, slots, rope, launch, pdl, pieces)
 
 
 # The PDL launch as an op Inductor does not look into (see skinny_gemm's ``dlp::skinny_pdl``):
@@ -343,8 +399,9 @@ def _rope_pdl(
     scale: float,
     slots: torch.Tensor | None,
 ) -> torch.Tensor:
-    rope = (k_new, v_new, cos, sin)
-    return _launch(q, k_cache, v_cache, lengths, scale, 1, slots, rope, None, pdl=True)
+    return _launch_rope(
+        q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, scale, 1, slots, None, pdl=True
+    )
 
 
 @_rope_pdl.register_fake
@@ -360,7 +417,7 @@ def _rope_pdl_fake(
     scale: float,
     slots: torch.Tensor | None,
 ) -> torch.Tensor:
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return q.new_empty(q.shape[-3:], dtype=k_cache.dtype)
 
 
 def _launch(
@@ -374,6 +431,7 @@ def _launch(
     rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
     launch: LaunchConfig | None = None,
     pdl: bool = False,
+    pieces: tuple[int, int] = (1, 0),
 ) -> torch.Tensor:
     if triton is None:
         raise RuntimeError(
@@ -400,7 +458,9 @@ def _launch(
 
     group = n_heads // kvh
     launch = launch or LaunchConfig()
-    out = torch.empty((b, n_heads, d), dtype=q.dtype, device=q.device)
+    # Pieces are fp32 sums in the making: the output takes the cache (model) dtype then.
+    out_dtype = k_cache.dtype if pieces[0] > 1 else q.dtype
+    out = torch.empty((b, n_heads, d), dtype=out_dtype, device=q.device)
     common = {
         "GROUP": group,
         "GROUP_PAD": max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
@@ -412,6 +472,10 @@ def _launch(
         "UPCAST": _INTERPRET,
         "HAS_SLOTS": slots is not None,
         "ROPE": rope is not None,
+        # Always passed: Inductor's analysis of a user kernel wants every argument, defaulted
+        # constexprs included.
+        "PIECES": pieces[0],
+        "USE_GDC": pdl,
     }
     if splits == 1:
         part_acc = part_m = part_l = out  # unused: the kernel writes `out` directly
@@ -429,10 +493,11 @@ def _launch(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos.stride(0),
+        pieces[1],
         scale,
         **common,
         **launch.kernel_options(),
-        **({"USE_GDC": True, "launch_pdl": True} if pdl else {}),
+        **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     if splits > 1:
         _combine_kernel[(b, n_heads)](

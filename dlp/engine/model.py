@@ -25,7 +25,7 @@ from torch import nn
 
 from dlp.engine.decode_attention import decode_attention, decode_attention_rope
 from dlp.engine.fused_weights import bt_shape, fuse_layer, slot_b_blocks, slot_copies
-from dlp.engine.skinny_gemm import skinny_linear, skinny_silu_mul
+from dlp.engine.skinny_gemm import skinny_linear, skinny_pieces, skinny_silu_mul
 from dlp.errors import DlpError
 from dlp.lora.fused_ops import lora_delta
 
@@ -498,14 +498,21 @@ def decode_layer(
     lo, lg, lu, ld = lora
     linear = _decode_linear(skinny, pdl)
     h = rms_norm(x, in_norm, eps)
-    q, k, v = _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes, linear)
     # The slot table, when rows read their cache row through it (more cache rows than rows).
     slots = batch_idx if k_cache.shape[0] != b else None
     if attn_splits and attn_rope:
+        if skinny and bt is None and attn_splits == 1:
+            # The base step: the attention kernel sums the q/k/v GEMM's split-K pieces itself.
+            q, k, v = skinny_pieces(h, w_in, b_in, pdl=pdl).split(list(qkv_sizes), dim=-1)
+        else:
+            q, k, v = (
+                t.unsqueeze(0) for t in _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes, linear)
+            )
+        pieces = q.shape[0]
         o = decode_attention_rope(
-            q.reshape(b, n_heads, head_dim),
-            k.reshape(b, n_kv_heads, head_dim),
-            v.reshape(b, n_kv_heads, head_dim),
+            q.reshape(pieces, b, n_heads, head_dim),
+            k.reshape(pieces, b, n_kv_heads, head_dim),
+            v.reshape(pieces, b, n_kv_heads, head_dim),
             cos.reshape(b, head_dim),
             sin.reshape(b, head_dim),
             k_cache,
@@ -517,6 +524,7 @@ def decode_layer(
             pdl=pdl and attn_splits == 1,
         ).reshape(b, 1, n_heads * head_dim)
     else:
+        q, k, v = _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes, linear)
         o = _attend(
             q, k, v, cos, sin, bias, batch_idx, slots, positions, k_cache, v_cache, attn_splits
         )

@@ -147,6 +147,32 @@ def skinny_silu_mul(
     return _run(x, w_gu, bias, inter, True, config, pdl)
 
 
+def skinny_pieces(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: GemmConfig | None = None,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` for x ``[..., K]`` as split-K pieces ``[pieces, rows, N]``
+    whose sum is the product (fp32 pieces, or one piece in x's dtype), for a consumer that
+    sums them itself (the rope attention kernel). One piece where the kernel does not apply."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if not supported(x2, w):
+        return F.linear(x2, w, bias).unsqueeze(0)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m, n = x2.shape[0], w.shape[0]
+    cfg = config or pick_config(m, n, k, False)
+    if pdl:
+        args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
+        out = torch.ops.dlp.skinny_pdl(x2, w, bias, n, False, *args)
+    else:
+        out = launch_partials(x2, w, bias, m, n, k, cfg, False)
+    return out if out.dim() == 3 else out.unsqueeze(0)
+
+
 def _run(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -164,8 +190,7 @@ def _run(
     m = x2.shape[0]
     cfg = config or pick_config(m, n, k, silu)
     if pdl:
-        c = cfg
-        args = (c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages)
+        args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
         out = torch.ops.dlp.skinny_pdl(x2, w, bias, n, silu, *args)
     else:
         out = launch_partials(x2, w, bias, m, n, k, cfg, silu)
@@ -319,7 +344,7 @@ if triton is not None:
         EVEN_N: tl.constexpr,
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
-        USE_GDC: tl.constexpr = False,
+        USE_GDC: tl.constexpr,
     ):  # fmt: skip
         # One loop, no nested jit function: Inductor reads a user kernel's stores to learn
         # which inputs it mutates, and clones every input (the weights!) where it cannot.

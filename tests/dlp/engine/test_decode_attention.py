@@ -103,6 +103,9 @@ ROPE_CASES = {
     "rope_gqa6_bf16_split2": ("bfloat16", 3, 5, 12, 2, 64, 200, [200, 2, 129], 2, None),
     "rope_slots_f32": ("float32", 3, 4, 8, 2, 32, 100, [100, 1, 64], 1, [3, 0, 2]),
     "rope_slots_bf16_split4": ("bfloat16", 3, 4, 8, 2, 32, 160, [97, 160, 1], 4, [1, 3, 0]),
+    # q/k/v as the GEMM's split-K pieces (fp32), summed and rounded in the kernel.
+    "rope_pieces3_bf16": ("bfloat16", 3, 5, 12, 2, 64, 200, [200, 2, 129], 1, None, 3),
+    "rope_pieces4_slots_f32": ("float32", 3, 4, 8, 2, 32, 100, [100, 1, 64], 1, [3, 0, 2], 4),
 }
 
 _ROPE_CHILD = """
@@ -113,10 +116,20 @@ _ROPE_CHILD = """
 
     def rope_results(cases):
         results = {}
-        for name, (dtype, b, B, h, kvh, d, S, lengths, splits, slots) in cases.items():
+        for name, (dtype, b, B, h, kvh, d, S, lengths, splits, slots, *pieces) in cases.items():
             torch.manual_seed(0)
             dt = getattr(torch, dtype)
-            qkv = torch.randn(b, (h + 2 * kvh) * d).to(dt)
+            if pieces:  # the kernel's input: fp32 pieces; the reference's: their rounded sum
+                parts = torch.randn(pieces[0], b, (h + 2 * kvh) * d)
+                if dt != torch.float32:
+                    # Sums exact in the model dtype (sixteenths below 2): the interpreter's
+                    # fp32 -> bf16 cast truncates where the GPU rounds, so test the sum only.
+                    parts = torch.randint(-8, 9, parts.shape) / 16.0
+                qkv = parts.sum(0).to(dt)
+                q_in = parts[..., : h * d].view(-1, b, h, d)
+                k_in = parts[..., h * d : (h + kvh) * d].view(-1, b, kvh, d)
+                v_in = parts[..., (h + kvh) * d :].view(-1, b, kvh, d)
+            qkv = qkv if pieces else torch.randn(b, (h + 2 * kvh) * d).to(dt)
             q = qkv[:, : h * d].view(b, h, d)
             k_new = qkv[:, h * d : (h + kvh) * d].view(b, kvh, d)
             v_new = qkv[:, (h + kvh) * d :].view(b, kvh, d)
@@ -136,12 +149,14 @@ _ROPE_CHILD = """
             k_exp[table, :, lens - 1] = k_ref
             v_exp[table, :, lens - 1] = v_new
             ref = decode_attention_reference(q_ref, k_exp[table], v_exp[table], lens, d**-0.5)
+            inputs = (q_in, k_in, v_in) if pieces else (q, k_new, v_new)
             out = decode_attention_rope(
-                q, k_new, v_new, cos, sin, k_cache, v_cache, lens, d**-0.5, splits=splits,
+                *inputs, cos, sin, k_cache, v_cache, lens, d**-0.5, splits=splits,
                 slots=torch.tensor(slots) if slots else None,
             )
             results[name] = {
                 "shape": list(out.shape),
+                "dtype": str(out.dtype),
                 "nan": bool(out.isnan().any()),
                 "err": (out.float() - ref.float()).abs().max().item(),
                 "k_cache_err": (k_cache.float() - k_exp.float()).abs().max().item(),
@@ -158,6 +173,7 @@ def test_rope_kernel_writes_the_cache_and_matches_reference(interpreted, name):
     dtype, b, _, h, _, d, *_ = ROPE_CASES[name]
     res = interpreted["rope"][name]
     assert res["shape"] == [b, h, d] and not res["nan"]
+    assert res["dtype"] == f"torch.{dtype}"  # the cache dtype, also from fp32 pieces
     assert res["err"] < TOL[dtype], res
     # The rotated key is rounded to the cache dtype once, as the reference's: exact in fp32;
     # in bf16 within one rounding step (the interpreter's fp32 -> bf16 cast may truncate).
@@ -175,15 +191,17 @@ _STEP_CHILD = """
         results = {}
         for name, (kind, spare, slots) in cases.items():
             logits, caches = {}, {}
-            for mode in ("matmul", "kernel", "kernel_rope"):
+            for mode in ("matmul", "kernel", "kernel_rope", "kernel_rope_gemm"):
                 # Same random weights and the same random (filled) caches for every mode.
                 model = CompactLM(tiny_model(kind), max_batch=3, max_seq=96, spare_rows=spare)
                 torch.manual_seed(1)
                 for kc, vc in zip(model.k_caches, model.v_caches):
                     kc.copy_(torch.randn_like(kc))
                     vc.copy_(torch.randn_like(vc))
-                model.attn_splits = 0 if mode == "matmul" else 2
-                model.attn_rope = mode == "kernel_rope"
+                model.attn_splits = {"matmul": 0, "kernel_rope_gemm": 1}.get(mode, 2)
+                model.attn_rope = mode.startswith("kernel_rope")
+                # Weight-streaming GEMMs: q/k/v reach the kernel as their split-K pieces.
+                model.decode_gemm = mode == "kernel_rope_gemm"
                 tokens = torch.tensor([5, 17, 200])
                 positions = torch.tensor([0, 40, 95])
                 table = torch.tensor(slots) if slots else None
@@ -198,7 +216,7 @@ _STEP_CHILD = """
                     "argmax_same": bool((logits[mode].argmax(-1) == base.argmax(-1)).all()),
                     "cache_err": (caches[mode] - caches["matmul"]).abs().max().item(),
                 }
-                for mode in ("kernel", "kernel_rope")
+                for mode in ("kernel", "kernel_rope", "kernel_rope_gemm")
             }
         return results
 """
