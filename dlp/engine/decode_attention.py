@@ -168,6 +168,21 @@ if triton is not None:
             q_rot = q_rot.to(K.dtype.element_ty).to(tl.float32)
             q = q_raw * cos[None, :] + sign[None, :] * q_rot * sin[None, :]
             q = q.to(K.dtype.element_ty)
+            # This token's key and value, read here so their loads overlap the cache's.
+            k_ptr = KNew + row * stride_knb + kv_head * stride_knh
+            v_ptr = VNew + row * stride_vnb + kv_head * stride_vnh
+            k_raw = tl.zeros([HEAD_DIM], tl.float32)
+            k_rot = tl.zeros([HEAD_DIM], tl.float32)
+            v_sum = tl.zeros([HEAD_DIM], tl.float32)
+            for piece in tl.static_range(PIECES):
+                at = piece * stride_piece
+                k_raw += tl.load(k_ptr + at + dims).to(tl.float32)
+                k_rot += tl.load(k_ptr + at + rot_dims).to(tl.float32)
+                v_sum += tl.load(v_ptr + at + dims).to(tl.float32)
+            k_raw = k_raw.to(K.dtype.element_ty).to(tl.float32)
+            k_rot = k_rot.to(K.dtype.element_ty).to(tl.float32)
+            k_new = (k_raw * cos + sign * k_rot * sin).to(K.dtype.element_ty)
+            v_new = v_sum.to(V.dtype.element_ty)
         else:
             q = tl.load(q_ptrs, mask=g_ok[:, None], other=0.0).to(K.dtype.element_ty)
 
@@ -217,20 +232,6 @@ if triton is not None:
         if ROPE:
             last = length - 1
             if (last >= start) & (last < end):  # this split holds the new key: one writer
-                k_ptr = KNew + row * stride_knb + kv_head * stride_knh
-                v_ptr = VNew + row * stride_vnb + kv_head * stride_vnh
-                k_raw = tl.zeros([HEAD_DIM], tl.float32)
-                k_rot = tl.zeros([HEAD_DIM], tl.float32)
-                v_sum = tl.zeros([HEAD_DIM], tl.float32)
-                for piece in tl.static_range(PIECES):
-                    at = piece * stride_piece
-                    k_raw += tl.load(k_ptr + at + dims).to(tl.float32)
-                    k_rot += tl.load(k_ptr + at + rot_dims).to(tl.float32)
-                    v_sum += tl.load(v_ptr + at + dims).to(tl.float32)
-                k_raw = k_raw.to(K.dtype.element_ty).to(tl.float32)
-                k_rot = k_rot.to(K.dtype.element_ty).to(tl.float32)
-                k_new = (k_raw * cos + sign * k_rot * sin).to(K.dtype.element_ty)
-                v_new = v_sum.to(V.dtype.element_ty)
                 tl.store(k_base + last * stride_ks + dims, k_new)
                 tl.store(v_base + last * stride_vs + dims, v_new)
                 s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from dlp.engine.decode_attention import pick_splits, triton_available
+from dlp.engine.greedy_kernel import greedy_tokens
 from dlp.engine.model import CompactLM, decode_layer, prefill_layer
 from dlp.engine.staging import StagingBuffer
 from dlp.errors import DlpError
@@ -486,7 +487,10 @@ class DecodeRunner:
             tokens, positions = self.step_tokens[:rows], self.step_positions[:rows]
         slots = self.slots[:rows] if self.slots is not None else None
         logits = self.model.decode(tokens, positions, scales, layer_fn=self.layer_fn, slots=slots)
-        greedy = logits.argmax(dim=-1)
+        # triton_pdl: the argmax as two PDL kernels over pieces of the vocabulary (Inductor's
+        # own runs one program a row); elsewhere torch's.
+        pdl = self.model.decode_pdl
+        greedy = greedy_tokens(logits, pdl=True) if pdl else logits.argmax(dim=-1)
         if self.overlap:
             self.step_greedy[:rows].copy_(greedy)
         return logits, greedy
