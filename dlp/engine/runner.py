@@ -259,6 +259,8 @@ class DecodeRunner:
         model.decode_pdl = gemm == "triton_pdl"
         if model.decode_pdl and compile_mode is not None:
             raise DlpError("decode_gemm 'triton_pdl' takes the default compile_mode")
+        if model.decode_pdl and torch.cuda.get_device_capability(device)[0] < 9:
+            raise DlpError("decode_gemm 'triton_pdl' needs a Hopper or later GPU (sm_90+)")
         compile_options = {"options": {"triton.enable_pdl": True}} if model.decode_pdl else {}
         self.layer_fn = decode_layer
         self.prefill_fn = prefill_layer
