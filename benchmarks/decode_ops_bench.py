@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,36 +35,11 @@ STAGES = (1, 2, 3)
 SPLITS = (1, 2, 3)
 
 
-def _graph_us(fn: Any, iters: int) -> float:
-    """Median microseconds of one replay of a graph of ``fn``."""
-    import torch
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(iters + 3):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    del graph
-    return statistics.median(times[3:])
-
-
 def attention_sweep(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from tqdm.auto import tqdm
 
+    from dlp.engine.cuda_timing import graph_replay_us
     from dlp.engine.decode_attention import LaunchConfig, decode_attention_rope
 
     dev = torch.device("cuda")
@@ -100,7 +74,9 @@ def attention_sweep(args: argparse.Namespace) -> dict[str, Any]:
         row["splits"] = splits
         try:
             err = (step(cfg, splits).float() - ref).abs().max().item()
-            row["us_per_step"] = _graph_us(lambda c=cfg, s=splits: step(c, s), args.iters)
+            row["us_per_step"] = graph_replay_us(
+                lambda _, c=cfg, s=splits: step(c, s), iters=args.iters
+            )
             row["max_abs_diff_vs_default"] = err
         except Exception as exc:  # e.g. out of resources for this tile: skip it
             row["failed"] = f"{type(exc).__name__}: {str(exc)[:160]}"
@@ -141,6 +117,8 @@ def greedy_tokens(logits: Any, max_chunks: int = 32) -> Any:
 def argmax_compare(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from dlp.engine.cuda_timing import graph_replay_us
+
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(1)
     out: dict[str, Any] = {}
@@ -159,7 +137,7 @@ def argmax_compare(args: argparse.Namespace) -> dict[str, Any]:
         equal = equal and torch.equal(fns["compiled_greedy_tokens"](logits), logits.argmax(-1))
         row: dict[str, Any] = {"equal_to_argmax": bool(equal)}
         for name, fn in fns.items():
-            row[f"{name}_us"] = _graph_us(lambda f=fn, x=logits: f(x), args.iters)
+            row[f"{name}_us"] = graph_replay_us(lambda _, f=fn, x=logits: f(x), iters=args.iters)
         out[str(vocab)] = row
         print(vocab, json.dumps(out[str(vocab)]), flush=True)
     return out

@@ -25,7 +25,6 @@ import argparse
 import itertools
 import json
 import math
-import statistics
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,35 +61,6 @@ def layer_gemms(shape: str, lora_a_rows: int = 512) -> list[dict[str, Any]]:
     ]
 
 
-def _graph_time(fn, calls: int, iters: int) -> float:
-    """Median microseconds per call of ``fn(i)`` for i in range(calls), as one CUDA graph."""
-    import torch
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(min(calls, 3)):  # warm-up: compiles, allocator pools
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    del graph
-    return statistics.median(times)
-
-
 def _configs(silu: bool) -> list[Any]:
     from dlp.engine.skinny_gemm import GemmConfig
 
@@ -108,6 +78,7 @@ def bench_shape(spec: dict[str, Any], device: Any, iters: int, full: bool) -> di
     import torch.nn.functional as F
 
     from dlp.engine import skinny_gemm as sg
+    from dlp.engine.cuda_timing import graph_replay_us
 
     n, k, silu = spec["n"], spec["k"], spec["silu"]
     rows_w = 2 * n if silu else n
@@ -130,7 +101,7 @@ def bench_shape(spec: dict[str, Any], device: Any, iters: int, full: bool) -> di
         return F.silu(y[:, :n]) * y[:, n:] if silu else y
 
     ref = cublas(0).float()
-    cublas_us = _graph_time(cublas, copies, iters)
+    cublas_us = graph_replay_us(cublas, copies, iters)
 
     def run_config(cfg: Any) -> dict[str, Any] | None:
         def kernel(i: int) -> torch.Tensor:
@@ -141,8 +112,8 @@ def bench_shape(spec: dict[str, Any], device: Any, iters: int, full: bool) -> di
 
         try:
             err = (call(0).float() - ref).abs().max().item()
-            kernel_us = _graph_time(kernel, copies, iters)
-            call_us = _graph_time(call, copies, iters) if cfg.split_k > 1 else kernel_us
+            kernel_us = graph_replay_us(kernel, copies, iters)
+            call_us = graph_replay_us(call, copies, iters) if cfg.split_k > 1 else kernel_us
         except Exception as exc:  # e.g. out of shared memory: skip this config
             return {"config": cfg.as_dict(), "failed": f"{type(exc).__name__}: {str(exc)[:120]}"}
         return {

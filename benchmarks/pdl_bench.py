@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,37 +37,11 @@ VARIANTS = ("graph", "pdl", "graph+pointwise", "pdl+pointwise", "compiled", "com
 HBM_TBPS = 4.3
 
 
-def _graph_ms(fn: Any, iters: int) -> float:
-    import torch
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # compile / warm up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters + 3):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del graph
-    return statistics.median(times[3:])
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from dlp.engine import skinny_gemm as sg
+    from dlp.engine.cuda_timing import graph_replay_us
     from dlp.engine.shapes import PUBLISHED_SHAPES
 
     shape = PUBLISHED_SHAPES[args.shape]
@@ -134,7 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     for name in args.variants.split(","):
         fn = compiled(name.endswith("+pdl")) if name.startswith("compiled") else runs[name]
-        ms = _graph_ms(fn, args.iters)
+        ms = graph_replay_us(lambda _, f=fn: f(), iters=args.iters) / 1e3
         report["variants"][name] = {"ms": ms, "to_floor": ms / report["floor_ms"]}
         print(f"{name:24s} {ms:.3f} ms  {ms / report['floor_ms']:.2f}x floor", flush=True)
     base = report["variants"].get("graph", {}).get("ms")
@@ -149,6 +122,8 @@ def _dependent_chain_equal(sg: Any, dev: Any, hidden: int, m: int) -> bool:
     """28 o-shaped GEMMs, each reading the one before's output, in one graph: the PDL
     graph must give the plain graph's bits (a missing wait would read stale inputs)."""
     import torch
+
+    from dlp.engine.cuda_timing import graph_replay_us
 
     gen = torch.Generator(device=dev).manual_seed(1)
     ws = [
@@ -169,7 +144,7 @@ def _dependent_chain_equal(sg: Any, dev: Any, hidden: int, m: int) -> bool:
     for pdl in (False, True):
         for b in bufs:
             b.zero_()
-        _graph_ms(lambda p=pdl: chain(p), 5)
+        graph_replay_us(lambda _, p=pdl: chain(p), iters=5)
         results.append(bufs[-1].clone())
     return bool(torch.equal(results[0], results[1]))
 
