@@ -459,6 +459,7 @@ def _launch(
 
     group = n_heads // kvh
     launch = launch or LaunchConfig()
+    pdl = pdl and not _INTERPRET  # the CPU interpreter has no griddepcontrol (inline asm)
     # Pieces are fp32 sums in the making: the output takes the cache (model) dtype then.
     out_dtype = k_cache.dtype if pieces[0] > 1 else q.dtype
     out = torch.empty((b, n_heads, d), dtype=out_dtype, device=q.device)

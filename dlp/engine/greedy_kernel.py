@@ -49,6 +49,7 @@ def _launch(logits: torch.Tensor, pdl: bool) -> torch.Tensor:
     part_val = torch.empty((rows, CHUNKS), dtype=torch.float32, device=logits.device)
     part_idx = torch.empty((rows, CHUNKS), dtype=torch.int64, device=logits.device)
     out = torch.empty((rows,), dtype=torch.int64, device=logits.device)
+    pdl = pdl and not INTERPRET  # the CPU interpreter has no griddepcontrol (inline asm)
     launch = {"launch_pdl": True} if pdl else {}
     _chunk_max_kernel[(rows, CHUNKS)](
         logits, part_val, part_idx, vocab, width, logits.stride(0),

@@ -217,6 +217,8 @@ def launch_partials(
     data (``griddepcontrol.wait``), and lets the next PDL kernel start once its K loop is done.
     (An L2 prefetch of the program's weight slice before the wait was tried: slower,
     ``benchmarks/results/pdl_h200.json``.) ``out`` is written in place when given."""
+    # Triton's CPU interpreter has no griddepcontrol (inline asm): a plain launch there.
+    pdl = pdl and not INTERPRET
     block_m = block_m_for(m)
     # Each pipeline stage holds an x tile and one (gate/up: two) weight tiles in shared
     # memory; fewer stages where they would not fit (fp32 tiles, gate/up at 64 x 128).

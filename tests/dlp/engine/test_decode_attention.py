@@ -184,6 +184,8 @@ def test_rope_kernel_writes_the_cache_and_matches_reference(interpreted, name):
 _STEP_CHILD = """
     import torch
 
+    MODES = ("matmul", "kernel", "kernel_rope", "kernel_rope_gemm", "kernel_rope_gemm_pdl")
+
     from dlp.engine.model import CompactLM
     from engine_helpers import tiny_model
 
@@ -191,17 +193,19 @@ _STEP_CHILD = """
         results = {}
         for name, (kind, spare, slots) in cases.items():
             logits, caches = {}, {}
-            for mode in ("matmul", "kernel", "kernel_rope", "kernel_rope_gemm"):
+            for mode in MODES:
                 # Same random weights and the same random (filled) caches for every mode.
                 model = CompactLM(tiny_model(kind), max_batch=3, max_seq=96, spare_rows=spare)
                 torch.manual_seed(1)
                 for kc, vc in zip(model.k_caches, model.v_caches):
                     kc.copy_(torch.randn_like(kc))
                     vc.copy_(torch.randn_like(vc))
-                model.attn_splits = {"matmul": 0, "kernel_rope_gemm": 1}.get(mode, 2)
+                model.attn_splits = 0 if mode == "matmul" else 1 if "gemm" in mode else 2
                 model.attn_rope = mode.startswith("kernel_rope")
-                # Weight-streaming GEMMs: q/k/v reach the kernel as their split-K pieces.
-                model.decode_gemm = mode == "kernel_rope_gemm"
+                # Weight-streaming GEMMs: q/k/v reach the kernel as their split-K pieces;
+                # with pdl through the ops the compiled step uses (plain launches here).
+                model.decode_gemm = "gemm" in mode
+                model.decode_pdl = mode == "kernel_rope_gemm_pdl"
                 tokens = torch.tensor([5, 17, 200])
                 positions = torch.tensor([0, 40, 95])
                 table = torch.tensor(slots) if slots else None
@@ -216,7 +220,7 @@ _STEP_CHILD = """
                     "argmax_same": bool((logits[mode].argmax(-1) == base.argmax(-1)).all()),
                     "cache_err": (caches[mode] - caches["matmul"]).abs().max().item(),
                 }
-                for mode in ("kernel", "kernel_rope", "kernel_rope_gemm")
+                for mode in MODES[1:]
             }
         return results
 """
