@@ -16,7 +16,7 @@ max_seq, head_dim]``. Row ``b`` holds one request; its valid prefix is positions
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -533,7 +533,7 @@ def decode_layer(
     return _mlp(x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny, pdl)
 
 
-def _decode_linear(skinny: bool, pdl: bool):
+def _decode_linear(skinny: bool, pdl: bool) -> Callable[..., torch.Tensor]:
     """The decode step's linear: cuBLAS, or the weight-streaming kernel (PDL-launched)."""
     if not skinny:
         return F.linear

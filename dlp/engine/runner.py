@@ -261,6 +261,12 @@ class DecodeRunner:
             raise DlpError("decode_gemm 'triton_pdl' takes the default compile_mode")
         if model.decode_pdl and torch.cuda.get_device_capability(device)[0] < 9:
             raise DlpError("decode_gemm 'triton_pdl' needs a Hopper or later GPU (sm_90+)")
+        if model.decode_pdl and not (model.attn_rope and model.attn_splits == 1):
+            # A plain kernel between PDL ones costs more than PDL gains (pdl_bench.py).
+            log.warning(
+                "decode_gemm 'triton_pdl' without decode_attention 'triton_rope' (unsplit): "
+                "the attention kernels are plain launches between PDL ones, measured slower"
+            )
         compile_options = {"options": {"triton.enable_pdl": True}} if model.decode_pdl else {}
         self.layer_fn = decode_layer
         self.prefill_fn = prefill_layer
