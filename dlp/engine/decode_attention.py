@@ -418,7 +418,9 @@ def _rope_pdl_fake(
     scale: float,
     slots: torch.Tensor | None,
 ) -> torch.Tensor:
-    return q.new_empty(q.shape[-3:], dtype=k_cache.dtype)
+    # The dtype rule of _launch: the cache dtype for pieces (fp32 sums), else q's.
+    pieces = q.shape[0] if q.dim() == 4 else 1
+    return q.new_empty(q.shape[-3:], dtype=k_cache.dtype if pieces > 1 else q.dtype)
 
 
 def _launch(
