@@ -157,19 +157,10 @@ def skinny_pieces(
     """``F.linear(x, w, bias)`` for x ``[..., K]`` as split-K pieces ``[pieces, rows, N]``
     whose sum is the product (fp32 pieces, or one piece in x's dtype), for a consumer that
     sums them itself (the rope attention kernel). One piece where the kernel does not apply."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, x.shape[-1])
     if not supported(x2, w):
         return F.linear(x2, w, bias).unsqueeze(0)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    m, n = x2.shape[0], w.shape[0]
-    cfg = config or pick_config(m, n, k, False)
-    if pdl:
-        args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
-        out = torch.ops.dlp.skinny_pdl(x2, w, bias, n, False, *args)
-    else:
-        out = launch_partials(x2, w, bias, m, n, k, cfg, False)
+    out = _partials(x2, w, bias, w.shape[0], False, config, pdl)
     return out if out.dim() == 3 else out.unsqueeze(0)
 
 
@@ -183,18 +174,30 @@ def _run(
     pdl: bool = False,
 ) -> torch.Tensor:
     """x ``[..., K]`` as rows, the kernel, the split pieces summed: ``[..., n]``."""
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)
+    lead = x.shape[:-1]
+    out = _partials(x.reshape(-1, x.shape[-1]), w, bias, n, silu, config, pdl)
+    return finish_partials(out, n, silu, x.dtype).reshape(*lead, n)
+
+
+def _partials(
+    x2: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    silu: bool,
+    config: GemmConfig | None,
+    pdl: bool,
+) -> torch.Tensor:
+    """Rows x2 ``[M, K]`` through the kernel (its config picked unless given): the output of
+    :func:`launch_partials`, through the ``dlp::skinny_pdl`` op for a PDL launch."""
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    m = x2.shape[0]
+    m, k = x2.shape
     cfg = config or pick_config(m, n, k, silu)
     if pdl:
         args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
-        out = torch.ops.dlp.skinny_pdl(x2, w, bias, n, silu, *args)
-    else:
-        out = launch_partials(x2, w, bias, m, n, k, cfg, silu)
-    return finish_partials(out, n, silu, x.dtype).reshape(*lead, n)
+        return torch.ops.dlp.skinny_pdl(x2, w, bias, n, silu, *args)
+    return launch_partials(x2, w, bias, m, n, k, cfg, silu)
 
 
 def launch_partials(
