@@ -26,6 +26,7 @@ per step. JSON + PNG.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -50,10 +51,25 @@ VARIANTS: dict[str, tuple[str, str | None, str, str]] = {
     # triton.enable_pdl option (benchmarks/pdl_bench.py measures the GEMM chain alone).
     "step+rope+pdl": ("step", None, "triton_rope", "triton_pdl"),
     "layer+rope+pdl": ("layer", None, "triton_rope", "triton_pdl"),
+    # PDL kernels that let the next one launch at once (+ prefetch N tiles of weights / KV
+    # blocks to L2 before they wait): dlp.engine.triton_support.PdlOverlap.
+    "step+rope+pdl+early": ("step", None, "triton_rope", "triton_pdl"),
+    "step+rope+pdl+pf2": ("step", None, "triton_rope", "triton_pdl"),
+    "step+rope+pdl+pf1": ("step", None, "triton_rope", "triton_pdl"),
+    "step+rope+pdl+early+pf2": ("step", None, "triton_rope", "triton_pdl"),
     "step": ("step", None, "matmul", "cublas"),
     "layer+kernel+autotune": ("layer", "max-autotune-no-cudagraphs", "triton", "cublas"),
     "step+kernel+autotune": ("step", "max-autotune-no-cudagraphs", "triton", "cublas"),
 }
+
+
+def _overlap(name: str) -> Any:
+    """The PdlOverlap a variant's name asks for (``+early``, ``+pfN``)."""
+    from dlp.engine.triton_support import PdlOverlap
+
+    parts = name.split("+")
+    prefetch = next((int(p[2:]) for p in parts if p.startswith("pf")), 0)
+    return PdlOverlap(early_trigger="early" in parts, prefetch=prefetch)
 
 
 def _fill_cache(model: Any, seed: int) -> None:
@@ -118,11 +134,14 @@ def _variant(
 ) -> tuple[dict[str, Any], Any, Any]:
     import torch
 
+    from dlp.engine import triton_support
     from dlp.engine.model import CompactLM
     from dlp.engine.runner import DecodeRunner
 
     scope, mode, attention, gemm = VARIANTS[name]
     torch._dynamo.reset()  # each variant compiles from scratch, no cache-limit recompiles
+    # The PDL ops read the overlap when they are traced: set it for this variant's compile.
+    triton_support.PDL_OVERLAP = _overlap(name)
     model = CompactLM(hf_model, a.batch, a.max_seq_len, lora)
     runner = DecodeRunner(
         model,
@@ -145,6 +164,7 @@ def _variant(
         "gemm": gemm,
         "decode_gemm": model.decode_gemm,
         "decode_pdl": model.decode_pdl,
+        "pdl_overlap": dataclasses.asdict(triton_support.PDL_OVERLAP),
         "compile_capture_s": time.perf_counter() - start,
         "compile_failed": runner.compile_failed,
     }
@@ -158,6 +178,19 @@ def _variant(
     runner.positions.fill_(a.position)
     logits, _ = runner.step(a.batch, lora=False)
     return out, logits.float().clone(), runner
+
+
+def _use_gemm_configs(path: Path) -> dict[str, Any]:
+    """Put the GEMM configs of a pdl_bench.py sweep (``sweep.best``: per role its (n, k,
+    silu) and config) into skinny_gemm's table of measured configs, for this process."""
+    from dlp.engine import skinny_gemm as sg
+
+    best = json.loads(path.read_text())["sweep"]["best"]
+    for entry in best.values():
+        n, k, silu = entry["nk_silu"]
+        config = {key: v for key, v in entry.items() if key != "nk_silu"}
+        sg.MEASURED[(n, k, bool(silu))] = sg.GemmConfig(**config)
+    return {"source": str(path), **best}
 
 
 def plot(report: dict[str, Any], png: Path) -> None:
@@ -205,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="layer", help="comma-separated variants to profile")
     p.add_argument("--time-limit", type=float, default=480.0, help="skip variants after this")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--gemm-configs",
+        type=Path,
+        help="a pdl_bench.py report: its sweep's GEMM configs replace skinny_gemm.MEASURED's",
+    )
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
 
@@ -215,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available() or not a.device.startswith("cuda"):
         p.error("the decode step is timed as a CUDA graph: needs --device cuda and a GPU")
+    gemm_configs = _use_gemm_configs(a.gemm_configs) if a.gemm_configs else None
     t0 = time.perf_counter()
     device = torch.device(a.device)
     hf_model, _ = build_model(a.shape, device, torch.bfloat16, a.seed)
@@ -237,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "weight_bytes": weight_bytes,
         "kv_bytes_per_step": kv_bytes,
         "floor_ms": 1e3 * (weight_bytes + kv_bytes) / HBM_BYTES_PER_S,
+        "gemm_configs": gemm_configs,
         "variants": {},
         "profiles": {},
         "skipped": [],

@@ -24,6 +24,7 @@ the previous output, bitwise equal with and without PDL. JSON + PNG.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from datetime import UTC, datetime
@@ -34,6 +35,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 VARIANTS = ("graph", "pdl", "graph+pointwise", "pdl+pointwise", "compiled", "compiled+pdl")
+# PDL with an overlap (dlp.engine.triton_support.PdlOverlap): name -> (early_trigger, prefetch)
+OVERLAPS = {
+    "pdl": (False, 0),
+    "pdl+early": (True, 0),
+    "pdl+pf1": (False, 1),
+    "pdl+pf2": (False, 2),
+    "pdl+early+pf1": (True, 1),
+    "pdl+early+pf2": (True, 2),
+    "pdl+early+pf4": (True, 4),
+}
 HBM_TBPS = 4.3
 
 
@@ -43,6 +54,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from dlp.engine import skinny_gemm as sg
     from dlp.engine.cuda_timing import graph_replay_us
     from dlp.engine.shapes import PUBLISHED_SHAPES
+    from dlp.engine.triton_support import PdlOverlap
 
     shape = PUBLISHED_SHAPES[args.shape]
     dev = torch.device("cuda")
@@ -76,10 +88,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for (name, w, b, n, k, silu), cfg in zip(gemms, cfgs, strict=True)
     ]
 
-    def chain(pdl: bool, pointwise: bool) -> None:
-        for (name, w, b, n, k, silu), cfg, out in zip(gemms, cfgs, outs, strict=True):
+    def chain(pdl: bool, pointwise: bool, overlap: Any = None, configs: list | None = None) -> None:
+        over = overlap or PdlOverlap()
+        for (name, w, b, n, k, silu), cfg, out in zip(gemms, configs or cfgs, outs, strict=True):
             x = x_i if name == "down" else x_h
-            sg.launch_partials(x, w, b, m, n, k, cfg, silu, pdl=pdl, out=out)
+            # other configs than the picked ones: new outputs (their split counts differ)
+            out = None if configs else out
+            sg.launch_partials(x, w, b, m, n, k, cfg, silu, pdl=pdl, out=out, overlap=over)
             if pointwise:
                 side.mul_(0.5)
 
@@ -105,6 +120,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "floor_ms": weight_bytes / (HBM_TBPS * 1e12) * 1e3,
         "variants": {},
     }
+    for name, (early, prefetch) in list(OVERLAPS.items())[1:]:
+        runs[name] = lambda o=PdlOverlap(early, prefetch): chain(True, False, o)
     for name in args.variants.split(","):
         fn = compiled(name.endswith("+pdl")) if name.startswith("compiled") else runs[name]
         ms = graph_replay_us(lambda _, f=fn: f(), iters=args.iters) / 1e3
@@ -115,7 +132,52 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         v["speedup_vs_graph"] = base / v["ms"] if base else None
     report["dependent_chain_bitwise_equal"] = _dependent_chain_equal(sg, dev, hidden, m)
     print("dependent chain bitwise equal:", report["dependent_chain_bitwise_equal"])
+    if args.sweep:
+        overlap = PdlOverlap(*OVERLAPS[args.sweep])
+        report["sweep"] = _sweep_configs(gemms, cfgs, chain, overlap, args)
     return report
+
+
+def _sweep_configs(
+    gemms: list, cfgs: list, chain: Any, overlap: Any, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One pass of coordinate descent over the GEMM configs, timed in the PDL chain: for
+    each of the four GEMMs of a layer (all 28 layers at once), the top configs of the
+    isolated sweep (``--gemm-results``), the other three held at the current best. A
+    kernel's best config alone need not be its best between PDL neighbours."""
+    from dlp.engine import skinny_gemm as sg
+    from dlp.engine.cuda_timing import graph_replay_us
+
+    isolated = json.loads(Path(args.gemm_results).read_text())
+    roles = ["qkv", "o", "gate_up", "down"]
+    # (n, k, silu) of each role, and the isolated sweep's top configs for it
+    keys = {g[0]: (g[3], g[4], g[5]) for g in gemms[:4]}
+    names = {"qkv": "qkv", "o": "o", "gate_up": "gate_up+silu", "down": "down"}
+    chosen = {r: cfgs[i] for i, r in enumerate(roles)}
+
+    def timed(choice: dict) -> float:
+        configs = [choice[g[0]] for g in gemms]
+        return graph_replay_us(lambda _: chain(True, False, overlap, configs), iters=args.iters)
+
+    base_us = timed(chosen)
+    result: dict[str, Any] = {"overlap": dataclasses.asdict(overlap), "start_us": base_us}
+    best_us = base_us
+    for role in roles:
+        entry = next(
+            g for g in isolated["gemms"] if g["shape"] == args.shape and g["name"] == names[role]
+        )
+        tried = []
+        for top in entry["top"][: args.sweep_top]:
+            cfg = sg.GemmConfig(**top["config"])
+            us = timed({**chosen, role: cfg})
+            tried.append({"config": cfg.as_dict(), "chain_us": us})
+            if us < best_us:
+                best_us, chosen[role] = us, cfg
+        result[role] = {"nk_silu": keys[role], "tried": tried}
+        print(f"sweep {role}: best {chosen[role].as_dict()} -> {best_us:.1f} us", flush=True)
+    result["best"] = {r: {"nk_silu": keys[r], **chosen[r].as_dict()} for r in roles}
+    result["best_us"] = best_us
+    return result
 
 
 def _dependent_chain_equal(sg: Any, dev: Any, hidden: int, m: int) -> bool:
@@ -124,6 +186,7 @@ def _dependent_chain_equal(sg: Any, dev: Any, hidden: int, m: int) -> bool:
     import torch
 
     from dlp.engine.cuda_timing import graph_replay_us
+    from dlp.engine.triton_support import PdlOverlap
 
     gen = torch.Generator(device=dev).manual_seed(1)
     ws = [
@@ -134,19 +197,25 @@ def _dependent_chain_equal(sg: Any, dev: Any, hidden: int, m: int) -> bool:
     x0 = torch.randn(m, hidden, device=dev, generator=gen, dtype=torch.bfloat16)
     bufs = [torch.empty(m, hidden, device=dev, dtype=torch.bfloat16) for _ in range(28)]
 
-    def chain(pdl: bool) -> torch.Tensor:
+    def chain(pdl: bool, overlap: PdlOverlap) -> torch.Tensor:
         x = x0
         for w, out in zip(ws, bufs, strict=True):
-            x = sg.launch_partials(x, w, None, m, hidden, hidden, cfg, False, pdl=pdl, out=out)
+            x = sg.launch_partials(
+                x, w, None, m, hidden, hidden, cfg, False, pdl=pdl, out=out, overlap=overlap
+            )
         return x
 
     results = []
-    for pdl in (False, True):
+    # plain, PDL, and PDL with every overlap: an early trigger or a prefetch must not let a
+    # kernel read its input before the kernel ahead has written it
+    runs = [(False, PdlOverlap()), (True, PdlOverlap())]
+    runs += [(True, PdlOverlap(*o)) for o in list(OVERLAPS.values())[1:]]
+    for pdl, overlap in runs:
         for b in bufs:
             b.zero_()
-        graph_replay_us(lambda _, p=pdl: chain(p), iters=5)
+        graph_replay_us(lambda _, p=pdl, o=overlap: chain(p, o), iters=5)
         results.append(bufs[-1].clone())
-    return bool(torch.equal(results[0], results[1]))
+    return all(torch.equal(results[0], r) for r in results[1:])
 
 
 def plot(report: dict[str, Any], png: Path) -> None:
@@ -173,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", default="qwen2-1.5b")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS + tuple(OVERLAPS)[1:]))
+    ap.add_argument("--sweep", default="", help="an overlap variant to sweep GEMM configs under")
+    ap.add_argument("--sweep-top", type=int, default=8)
+    ap.add_argument("--gemm-results", default=str(ROOT / "benchmarks/results/gemm_h200.json"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/pdl_h200.json"))
     args = ap.parse_args(argv)
     report = run(args)

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dlp.engine.triton_support import INTERPRET, tl, triton
+from dlp.engine import triton_support
+from dlp.engine.triton_support import INTERPRET, L2_LINE_BYTES, PdlOverlap, tl, triton
 
 MAX_ROWS = 128  # beyond this the problem is no longer weight-bound: cuBLAS is the right tool
 SM_COUNT_DEFAULT = 132  # H100 / H200
@@ -196,7 +197,10 @@ def _partials(
     cfg = config or pick_config(m, n, k, silu)
     if pdl:
         args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
-        return torch.ops.dlp.skinny_pdl(x2, w, bias, n, silu, *args)
+        overlap = triton_support.PDL_OVERLAP  # read at trace time: part of the graph
+        return torch.ops.dlp.skinny_pdl(
+            x2, w, bias, n, silu, *args, overlap.early_trigger, overlap.prefetch
+        )
     return launch_partials(x2, w, bias, m, n, k, cfg, silu)
 
 
@@ -211,6 +215,7 @@ def launch_partials(
     silu: bool,
     pdl: bool = False,
     out: torch.Tensor | None = None,
+    overlap: PdlOverlap = PdlOverlap(),
 ) -> torch.Tensor:
     """The kernel alone: ``[m, n]`` in x's dtype when K is not split, else fp32 partials
     ``[split, m, n]`` (``[split, m, 2n]``, gate then up, for ``silu``).
@@ -218,10 +223,13 @@ def launch_partials(
     ``pdl`` launches it as a programmatic dependent launch (Hopper and later): it may start
     while the kernel before it finishes, waits for that kernel only where it first touches
     data (``griddepcontrol.wait``), and lets the next PDL kernel start once its K loop is done.
-    (An L2 prefetch of the program's weight slice before the wait was tried: slower,
-    ``benchmarks/results/pdl_h200.json``.) ``out`` is written in place when given."""
+    ``overlap`` says what it does before that wait (:class:`PdlOverlap`; an L2 prefetch of
+    the program's whole weight slice was slower, ``benchmarks/results/pdl_h200_prefetch.json``).
+    ``out`` is written in place when given."""
     # Triton's CPU interpreter has no griddepcontrol (inline asm): a plain launch there.
     pdl = pdl and not INTERPRET
+    if overlap.prefetch & (overlap.prefetch - 1):
+        raise ValueError(f"prefetch must be 0 or a power of two, got {overlap.prefetch}")
     block_m = block_m_for(m)
     # Each pipeline stage holds an x tile and one (gate/up: two) weight tiles in shared
     # memory; fewer stages where they would not fit (fp32 tiles, gate/up at 64 x 128).
@@ -255,6 +263,9 @@ def launch_partials(
         # F.linear token for token; bf16/fp16 ignore the setting.
         PRECISION="ieee" if w.dtype == torch.float32 else "tf32",
         USE_GDC=pdl,
+        EARLY_TRIGGER=pdl and overlap.early_trigger,
+        PREFETCH=overlap.prefetch if pdl else 0,
+        LINE_K=min(cfg.block_k, L2_LINE_BYTES // w.element_size()),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}),
@@ -308,9 +319,13 @@ def _skinny_pdl(
     split_k: int,
     num_warps: int,
     num_stages: int,
+    early_trigger: bool,
+    prefetch: int,
 ) -> torch.Tensor:
     cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages)
-    return launch_partials(x, w, bias, x.shape[0], n, x.shape[1], cfg, silu, pdl=True)
+    overlap = PdlOverlap(early_trigger, prefetch)
+    m, k = x.shape
+    return launch_partials(x, w, bias, m, n, k, cfg, silu, pdl=True, overlap=overlap)
 
 
 @_skinny_pdl.register_fake
@@ -325,6 +340,8 @@ def _skinny_pdl_fake(
     split_k: int,
     num_warps: int,
     num_stages: int,
+    early_trigger: bool,
+    prefetch: int,
 ) -> torch.Tensor:
     cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages)
     shape = partials_shape(x.shape[0], n, x.shape[1], cfg, silu)
@@ -350,6 +367,9 @@ if triton is not None:
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
         USE_GDC: tl.constexpr,
+        EARLY_TRIGGER: tl.constexpr,
+        PREFETCH: tl.constexpr,
+        LINE_K: tl.constexpr,
     ):  # fmt: skip
         # One loop, no nested jit function: Inductor reads a user kernel's stores to learn
         # which inputs it mutates, and clones every input (the weights!) where it cannot.
@@ -371,6 +391,25 @@ if triton is not None:
         up_rows = cols + UP_OFFSET
         up_ptrs = W + up_rows[None, :].to(tl.int64) * stride_wn + kk[:, None]
         if USE_GDC:
+            if EARLY_TRIGGER:
+                tl.extra.cuda.gdc_launch_dependents()
+            if PREFETCH > 0:
+                # No kernel of the step writes the weights: the first PREFETCH tiles of this
+                # program's slice head for L2 while the kernel ahead drains. One address per
+                # cache line (LINE_K elements); lines past the slice fall back on W itself.
+                pf_k = k_lo + tl.arange(0, PREFETCH * (BLOCK_K // LINE_K)) * LINE_K
+                pf_ok = (pf_k < k_hi)[:, None] & n_ok[None, :]
+                pf_rows = tl.where(pf_ok, cols[None, :].to(tl.int64) * stride_wn + pf_k[:, None], 0)
+                tl.inline_asm_elementwise(
+                    "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [W + pf_rows],
+                    dtype=tl.int32, is_pure=False, pack=1,
+                )  # fmt: skip
+                if GATE_UP:
+                    up_rows_pf = tl.where(pf_ok, UP_OFFSET * stride_wn + pf_rows, 0)
+                    tl.inline_asm_elementwise(
+                        "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [W + up_rows_pf],
+                        dtype=tl.int32, is_pure=False, pack=1,
+                    )  # fmt: skip
             # x (and, for the store, Out) belong to earlier kernels: wait for them from here.
             tl.extra.cuda.gdc_wait()
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -401,7 +440,7 @@ if triton is not None:
                 if UPCAST:
                     ut = ut.to(tl.float32)
                 acc_up = tl.dot(xt, ut, acc_up, input_precision=PRECISION)
-        if USE_GDC:
+        if USE_GDC and not EARLY_TRIGGER:  # (constexprs: a plain `and` is fine)
             tl.extra.cuda.gdc_launch_dependents()
         if HAS_BIAS:  # noqa: SIM102 - triton: `and` of a constexpr and a runtime value
             if pid_s == 0:  # the bias belongs to one piece of a split sum only

@@ -34,7 +34,9 @@ _CHILD = """
             bias = torch.randn(w.shape[0]).bfloat16()
             n = w.shape[0] // 2 if kind == "silu" else w.shape[0]
             split = 1 if kind != "skinny" else 2
-            return torch.ops.dlp.skinny_pdl, (x, w, bias, n, kind == "silu", 32, 16, split, 4, 2)
+            # ... 4 warps, 2 stages; early trigger, 2 tiles prefetched (no-ops without PDL)
+            cfg = (32, 16, split, 4, 2, True, 2)
+            return torch.ops.dlp.skinny_pdl, (x, w, bias, n, kind == "silu", *cfg)
         if kind == "greedy":
             return torch.ops.dlp.greedy_pdl, (torch.randn(3, 700),)
         b, h, kvh, d, s = 2, 4, 2, 16, 40
@@ -51,7 +53,7 @@ _CHILD = """
         caches = torch.randn(b, kvh, s, d), torch.randn(b, kvh, s, d)
         lengths = torch.tensor([40, 7])
         return torch.ops.dlp.decode_attention_rope_pdl, (
-            q, k, v, cos, sin, *caches, lengths, d**-0.5, None
+            q, k, v, cos, sin, *caches, lengths, d**-0.5, None, True, 1
         )
 
     out = {}
