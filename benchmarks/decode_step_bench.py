@@ -57,6 +57,8 @@ VARIANTS: dict[str, tuple[str, str | None, str, str]] = {
     "step+rope+pdl+pf2": ("step", None, "triton_rope", "triton_pdl"),
     "step+rope+pdl+pf1": ("step", None, "triton_rope", "triton_pdl"),
     "step+rope+pdl+early+pf2": ("step", None, "triton_rope", "triton_pdl"),
+    # PDL with the norm kernels (the runner fuses them into the GEMMs with triton_pdl).
+    "step+rope+pdl+unfused": ("step", None, "triton_rope", "triton_pdl"),
     "step": ("step", None, "matmul", "cublas"),
     "layer+kernel+autotune": ("layer", "max-autotune-no-cudagraphs", "triton", "cublas"),
     "step+kernel+autotune": ("step", "max-autotune-no-cudagraphs", "triton", "cublas"),
@@ -153,6 +155,8 @@ def _variant(
         attention=attention,
         gemm=gemm,
     )
+    if "unfused" in name.split("+"):
+        model.decode_fuse_norms = False
     start = time.perf_counter()
     with torch.no_grad():
         runner._capture()
@@ -164,6 +168,7 @@ def _variant(
         "gemm": gemm,
         "decode_gemm": model.decode_gemm,
         "decode_pdl": model.decode_pdl,
+        "decode_fuse_norms": model.decode_fuse_norms,
         "pdl_overlap": dataclasses.asdict(triton_support.PDL_OVERLAP),
         "compile_capture_s": time.perf_counter() - start,
         "compile_failed": runner.compile_failed,

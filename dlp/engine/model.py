@@ -25,7 +25,14 @@ from torch import nn
 
 from dlp.engine.decode_attention import decode_attention, decode_attention_rope
 from dlp.engine.fused_weights import bt_shape, fuse_layer, slot_b_blocks, slot_copies
-from dlp.engine.skinny_gemm import skinny_linear, skinny_pieces, skinny_silu_mul
+from dlp.engine.skinny_gemm import (
+    NormInput,
+    row_sumsq,
+    skinny_linear,
+    skinny_pieces,
+    skinny_residual,
+    skinny_silu_mul,
+)
 from dlp.errors import DlpError
 from dlp.lora.fused_ops import lora_delta
 
@@ -157,6 +164,13 @@ class CompactLM(nn.Module):
         # With both kernels: launch them (and, in the compiled step, Inductor's own kernels)
         # as programmatic dependent launches (set by the runner for decode_gemm triton_pdl).
         self.decode_pdl = False
+        # With PDL: no norm kernels. The o and down GEMMs add the residual and leave the rows'
+        # sums of squares; q/k/v and gate/up apply the RMSNorm as they read their input
+        # (skinny_gemm.skinny_residual / NormInput). Their tile counters live here.
+        self.decode_fuse_norms = False
+        self.gemm_counters = torch.zeros(
+            4096, dtype=torch.int32, device=hf_model.get_input_embeddings().weight.device
+        )
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.set_lora(lora or {})
         self._build_fused()
@@ -331,11 +345,15 @@ class CompactLM(nn.Module):
         batch_idx = torch.arange(b, device=tokens.device) if slots is None else slots
         use_lora = row_scales is not None and len(self.lora) > 0
         in_scales = self._in_scales(row_scales, x.dtype) if use_lora else None
+        fuse = self.decode_fuse_norms and self.decode_pdl
+        # The first layer's input sums of squares (later ones come from the GEMMs).
+        x_sumsq = row_sumsq(x[:, 0]) if fuse else None
+        counters = self.gemm_counters if fuse else None
         for i in range(s.n_layers):
             k_cache, v_cache = self.k_caches[i], self.v_caches[i]
             if slots is None and b != k_cache.shape[0]:
                 k_cache, v_cache = k_cache[:b], v_cache[:b]
-            x = layer_fn(
+            x, x_sumsq = layer_fn(
                 x,
                 cos,
                 sin,
@@ -355,6 +373,8 @@ class CompactLM(nn.Module):
                 self.decode_gemm,
                 self.attn_rope,
                 self.decode_pdl,
+                x_sumsq,
+                counters,
             )
         return self.decode_head(x)
 
@@ -480,7 +500,9 @@ def decode_layer(
     skinny: bool = False,
     attn_rope: bool = False,
     pdl: bool = False,
-) -> torch.Tensor:
+    x_sumsq: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One transformer block for one new token per row; a pure function of its tensors so
     one ``torch.compile`` of it serves every layer. Writes this token's K/V into the cache:
     row r's cache row is ``batch_idx[r]`` (r itself, or a slot table when the cache has
@@ -493,18 +515,29 @@ def decode_layer(
     rotary embedding and writes the cache (no separate rope and cache-write kernels).
     ``skinny`` runs the GEMMs as the weight-streaming Triton kernels (gate/up with silu * up
     in their epilogue); with ``pdl`` they and the attention kernel are programmatic dependent
-    launches (each may start while the kernel before it drains)."""
+    launches (each may start while the kernel before it drains).
+
+    ``counters`` (with ``pdl``) fuses the norms into the GEMMs: ``x_sumsq`` holds x's rows'
+    partial sums of squares, the o and down GEMMs add the residual and return the new
+    ones, q/k/v and gate/up read their input through the RMSNorm (no norm kernels; where
+    LoRA sits on these layers, plain torch does that part). Returns the new x and its sums
+    of squares (None without ``counters``)."""
     b = x.shape[0]
     lo, lg, lu, ld = lora
     linear = _decode_linear(skinny, pdl)
-    h = rms_norm(x, in_norm, eps)
+    fuse = counters is not None and skinny and pdl
+    in_normed = NormInput(x_sumsq, in_norm, eps) if fuse and x_sumsq is not None else None
     # The slot table, when rows read their cache row through it (more cache rows than rows).
     slots = batch_idx if k_cache.shape[0] != b else None
     if attn_splits and attn_rope:
         if skinny and bt is None and attn_splits == 1:
             # The base step: the attention kernel sums the q/k/v GEMM's split-K pieces itself.
-            q, k, v = skinny_pieces(h, w_in, b_in, pdl=pdl).split(list(qkv_sizes), dim=-1)
+            x_in = x if in_normed is not None else rms_norm(x, in_norm, eps)
+            q, k, v = skinny_pieces(x_in, w_in, b_in, pdl=pdl, norm=in_normed).split(
+                list(qkv_sizes), dim=-1
+            )
         else:
+            h = rms_norm(x, in_norm, eps)
             q, k, v = (
                 t.unsqueeze(0) for t in _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes, linear)
             )
@@ -524,13 +557,40 @@ def decode_layer(
             pdl=pdl and attn_splits == 1,
         ).reshape(b, 1, n_heads * head_dim)
     else:
+        h = rms_norm(x, in_norm, eps)
         q, k, v = _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes, linear)
         o = _attend(
             q, k, v, cos, sin, bias, batch_idx, slots, positions, k_cache, v_cache, attn_splits
         )
-    x = x + _lin(o, w_o, b_o, lo, row_scales, linear)
+    x, x_sumsq = _residual(x, o, w_o, b_o, lo, row_scales, linear, counters if fuse else None)
     mlp_lora = (lg, lu, ld)
-    return _mlp(x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny, pdl)
+    post = NormInput(x_sumsq, post_norm, eps) if x_sumsq is not None else None
+    return _mlp(
+        x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny, pdl, post,
+        counters if fuse else None,
+    )  # fmt: skip
+
+
+def _residual(
+    x: torch.Tensor,
+    inp: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora: tuple[torch.Tensor, torch.Tensor] | None,
+    scales: torch.Tensor | None,
+    linear: Callable[..., torch.Tensor],
+    counters: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x + linear(inp)`` (+ its LoRA), and with ``counters`` (no LoRA here) as one PDL
+    GEMM that also returns the new rows' partial sums of squares (else None)."""
+    if counters is None or (lora is not None and scales is not None):
+        return x + _lin(inp, weight, bias, lora, scales, linear), None
+    lead = x.shape[:-1]
+    h, sumsq = skinny_residual(
+        inp.reshape(-1, inp.shape[-1]), weight, bias, x.reshape(-1, x.shape[-1]), counters,
+        pdl=True,
+    )  # fmt: skip
+    return h.reshape(*lead, h.shape[-1]), sumsq
 
 
 def _decode_linear(skinny: bool, pdl: bool) -> Callable[..., torch.Tensor]:
@@ -628,7 +688,7 @@ def prefill_layer(
     o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     o = o.transpose(1, 2).reshape(n, t, n_heads * head_dim)
     x = x + _lin(o, w_o, b_o, lo, row_scales)
-    return _mlp(x, post_norm, w_gu, b_gu, w_down, b_down, (lg, lu, ld), row_scales, eps)
+    return _mlp(x, post_norm, w_gu, b_gu, w_down, b_down, (lg, lu, ld), row_scales, eps)[0]
 
 
 def _qkv(
@@ -663,18 +723,25 @@ def _mlp(
     eps: float,
     skinny: bool = False,
     pdl: bool = False,
-) -> torch.Tensor:
+    normed: NormInput | None = None,
+    counters: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Residual MLP half of a block: gate and up in one GEMM, per-row LoRA on any of them.
     ``skinny``: the weight-streaming kernels; without LoRA on gate/up, silu(gate) * up is
-    the gate/up kernel's epilogue."""
+    the gate/up kernel's epilogue. ``normed`` (x's sums of squares) lets gate/up apply the
+    norm as it reads x; ``counters``: the down GEMM adds the residual (see decode_layer).
+    Returns the new x and, with ``counters``, its sums of squares."""
     lg, lu, ld = lora
-    h = rms_norm(x, post_norm, eps)
     linear = _decode_linear(skinny, pdl)
     gate_lora = lg is not None and row_scales is not None
     up_lora = lu is not None and row_scales is not None
     if skinny and not (gate_lora or up_lora):
-        act = skinny_silu_mul(h, w_gu, b_gu, pdl=pdl)
-        return x + _lin(act, w_down, b_down, ld, row_scales, linear)
+        if normed is not None and pdl:
+            act = skinny_silu_mul(x, w_gu, b_gu, pdl=pdl, norm=normed)
+        else:
+            act = skinny_silu_mul(rms_norm(x, post_norm, eps), w_gu, b_gu, pdl=pdl)
+        return _residual(x, act, w_down, b_down, ld, row_scales, linear, counters)
+    h = rms_norm(x, post_norm, eps)
     gu = linear(h, w_gu, b_gu)
     inter = w_gu.shape[0] // 2
     gate, up = gu[..., :inter], gu[..., inter:]
@@ -682,4 +749,4 @@ def _mlp(
         gate = gate + lora_delta(h, lg[0], lg[1], None, row_scales).to(gate.dtype)
     if up_lora:
         up = up + lora_delta(h, lu[0], lu[1], None, row_scales).to(up.dtype)
-    return x + _lin(F.silu(gate) * up, w_down, b_down, ld, row_scales, linear)
+    return _residual(x, F.silu(gate) * up, w_down, b_down, ld, row_scales, linear, counters)

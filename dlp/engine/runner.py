@@ -257,6 +257,8 @@ class DecodeRunner:
         # triton_pdl: every kernel of the step a programmatic dependent launch (Hopper+): ours
         # through their ops, Inductor's through its own option (compiled steps only).
         model.decode_pdl = gemm == "triton_pdl"
+        # ... with the norms inside the GEMMs (no norm kernels: model.decode_fuse_norms).
+        model.decode_fuse_norms = model.decode_pdl
         if model.decode_pdl and compile_mode is not None:
             raise DlpError("decode_gemm 'triton_pdl' takes the default compile_mode")
         if model.decode_pdl and torch.cuda.get_device_capability(device)[0] < 9:
@@ -525,6 +527,7 @@ class DecodeRunner:
             self.model.attn_splits = 0
             self.model.decode_gemm = False
             self.model.decode_pdl = False
+            self.model.decode_fuse_norms = False
             self._capture()
         if self.graph_tokens:
             try:

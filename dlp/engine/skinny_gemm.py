@@ -51,6 +51,29 @@ class GemmConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class NormInput:
+    """The GEMM's input is a residual stream x ``[M, K]`` that it reads as
+    ``rms_norm(x, weight, eps)`` (the model's RMSNorm, same roundings), normalising each tile
+    as it loads it: no norm kernel of its own. ``sumsq`` ``[parts, M]`` fp32 holds partial
+    sums of squares of x's rows (their sum is the row's), as :func:`skinny_residual` writes
+    them (or :func:`row_sumsq` for an x from elsewhere)."""
+
+    sumsq: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm in plain torch (where the kernel does not apply)."""
+        mean = self.sumsq.sum(0)[:, None] / x.shape[-1]
+        return self.weight * (x.float() * torch.rsqrt(mean + self.eps)).to(x.dtype)
+
+
+def row_sumsq(x: torch.Tensor) -> torch.Tensor:
+    """x ``[M, K]`` -> its rows' sums of squares, one part ``[1, M]`` fp32 (:class:`NormInput`)."""
+    return x.float().pow(2).sum(-1)[None]
+
+
 # (N, K, silu) -> the fastest config of the sweep at M = 64 on the H200 (benchmarks/gemm_bench.py,
 # benchmarks/results/gemm_h200.json); shapes not listed use the rule in pick_config.
 MEASURED: dict[tuple[int, int, bool], GemmConfig] = {
@@ -137,15 +160,16 @@ def skinny_silu_mul(
     bias: torch.Tensor | None = None,
     config: GemmConfig | None = None,
     pdl: bool = False,
+    norm: NormInput | None = None,
 ) -> torch.Tensor:
     """``silu(gate) * up`` where ``[gate, up] = F.linear(x, w_gu, bias).chunk(2, -1)``: the
     MLP's merged gate/up weight ``[2 * inter, K]``. gate and up are rounded to x's dtype
-    before the product, as the eager path does."""
+    before the product, as the eager path does. ``norm``: x is read through it."""
     inter = w_gu.shape[0] // 2
     if not supported(x, w_gu):
-        gu = F.linear(x, w_gu, bias)
+        gu = F.linear(norm.apply(x) if norm is not None else x, w_gu, bias)
         return F.silu(gu[..., :inter]) * gu[..., inter:]
-    return _run(x, w_gu, bias, inter, True, config, pdl)
+    return _run(x, w_gu, bias, inter, True, config, pdl, norm)
 
 
 def skinny_pieces(
@@ -154,14 +178,16 @@ def skinny_pieces(
     bias: torch.Tensor | None = None,
     config: GemmConfig | None = None,
     pdl: bool = False,
+    norm: NormInput | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, w, bias)`` for x ``[..., K]`` as split-K pieces ``[pieces, rows, N]``
     whose sum is the product (fp32 pieces, or one piece in x's dtype), for a consumer that
-    sums them itself (the rope attention kernel). One piece where the kernel does not apply."""
+    sums them itself (the rope attention kernel). One piece where the kernel does not apply.
+    ``norm``: x is read through it."""
     x2 = x.reshape(-1, x.shape[-1])
     if not supported(x2, w):
-        return F.linear(x2, w, bias).unsqueeze(0)
-    out = _partials(x2, w, bias, w.shape[0], False, config, pdl)
+        return F.linear(norm.apply(x2) if norm is not None else x2, w, bias).unsqueeze(0)
+    out = _partials(x2, w, bias, w.shape[0], False, config, pdl, norm)
     return out if out.dim() == 3 else out.unsqueeze(0)
 
 
@@ -173,10 +199,11 @@ def _run(
     silu: bool,
     config: GemmConfig | None,
     pdl: bool = False,
+    norm: NormInput | None = None,
 ) -> torch.Tensor:
     """x ``[..., K]`` as rows, the kernel, the split pieces summed: ``[..., n]``."""
     lead = x.shape[:-1]
-    out = _partials(x.reshape(-1, x.shape[-1]), w, bias, n, silu, config, pdl)
+    out = _partials(x.reshape(-1, x.shape[-1]), w, bias, n, silu, config, pdl, norm)
     return finish_partials(out, n, silu, x.dtype).reshape(*lead, n)
 
 
@@ -188,6 +215,7 @@ def _partials(
     silu: bool,
     config: GemmConfig | None,
     pdl: bool,
+    norm: NormInput | None = None,
 ) -> torch.Tensor:
     """Rows x2 ``[M, K]`` through the kernel (its config picked unless given): the output of
     :func:`launch_partials`, through the ``dlp::skinny_pdl`` op for a PDL launch."""
@@ -198,10 +226,76 @@ def _partials(
     if pdl:
         args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
         overlap = triton_support.PDL_OVERLAP  # read at trace time: part of the graph
+        sumsq, gamma, eps = (norm.sumsq, norm.weight, norm.eps) if norm else (None, None, 0.0)
         return torch.ops.dlp.skinny_pdl(
-            x2, w, bias, n, silu, *args, overlap.early_trigger, overlap.prefetch
-        )
-    return launch_partials(x2, w, bias, m, n, k, cfg, silu)
+            x2, w, bias, n, silu, *args, overlap.early_trigger, overlap.prefetch,
+            sumsq, gamma, eps,
+        )  # fmt: skip
+    return launch_partials(x2, w, bias, m, n, k, cfg, silu, norm=norm)
+
+
+def skinny_residual(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,
+    counters: torch.Tensor,
+    config: GemmConfig | None = None,
+    pdl: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual + F.linear(x, w, bias)`` (the product rounded to x's dtype first, as the
+    eager ``x + linear(...)``) for rows x ``[M, K]`` and residual ``[M, N]``, with the new
+    rows' partial sums of squares ``[parts, M]`` fp32 for the next GEMM's
+    :class:`NormInput`: the residual add and the sums that the norm kernel after a split-K
+    GEMM would compute happen in the GEMM's last piece per tile.
+
+    ``counters``: int32 zeros, at least one per output tile (left at zero). Plain torch where
+    the kernel does not apply."""
+    if not supported(x, w):
+        h = residual + F.linear(x, w, bias)
+        return h, row_sumsq(h)
+    x = x.contiguous()
+    residual = residual.contiguous()
+    m, k = x.shape
+    cfg = config or pick_config(m, w.shape[0], k, False)
+    if pdl:
+        args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
+        return torch.ops.dlp.skinny_residual_pdl(x, w, bias, residual, counters, *args)
+    return _launch_residual(x, w, bias, residual, counters, cfg, pdl=False)
+
+
+def _launch_residual(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,
+    counters: torch.Tensor,
+    cfg: GemmConfig,
+    pdl: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    m, k = x.shape
+    n = w.shape[0]
+    tiles = math.ceil(n / cfg.block_n) * math.ceil(m / block_m_for(m))
+    if counters.dtype != torch.int32 or counters.numel() < tiles:
+        raise ValueError(f"counters must be int32 with >= {tiles} entries (one per tile)")
+    split, _ = split_pieces(k, cfg)
+    scratch = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    h = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    sumsq = torch.empty((math.ceil(n / cfg.block_n), m), dtype=torch.float32, device=x.device)
+    residual_out = ResidualOut(residual, counters, h, sumsq)
+    launch_partials(x, w, bias, m, n, k, cfg, False, pdl, scratch, residual=residual_out)
+    return h, sumsq
+
+
+@dataclass(frozen=True)
+class ResidualOut:
+    """Buffers of a :func:`skinny_residual` launch: the residual read, the tile counters,
+    and the outputs ``h`` ``[M, N]`` and ``sumsq`` ``[N tiles, M]``."""
+
+    residual: torch.Tensor
+    counters: torch.Tensor
+    h: torch.Tensor
+    sumsq: torch.Tensor
 
 
 def launch_partials(
@@ -216,6 +310,8 @@ def launch_partials(
     pdl: bool = False,
     out: torch.Tensor | None = None,
     overlap: PdlOverlap = PdlOverlap(),
+    norm: NormInput | None = None,
+    residual: ResidualOut | None = None,
 ) -> torch.Tensor:
     """The kernel alone: ``[m, n]`` in x's dtype when K is not split, else fp32 partials
     ``[split, m, n]`` (``[split, m, 2n]``, gate then up, for ``silu``).
@@ -225,7 +321,9 @@ def launch_partials(
     data (``griddepcontrol.wait``), and lets the next PDL kernel start once its K loop is done.
     ``overlap`` says what it does before that wait (:class:`PdlOverlap`; an L2 prefetch of
     the program's whole weight slice was slower, ``benchmarks/results/pdl_h200_prefetch.json``).
-    ``out`` is written in place when given."""
+    ``out`` is written in place when given. ``norm``: x is read through it;
+    ``residual``: the pieces (always ``[split, m, n]`` fp32, into ``out``) are summed by the
+    kernel into ``residual.h`` and ``residual.sumsq`` (see :func:`skinny_residual`)."""
     # Triton's CPU interpreter has no griddepcontrol (inline asm): a plain launch there.
     pdl = pdl and not INTERPRET
     if overlap.prefetch & (overlap.prefetch - 1):
@@ -238,18 +336,24 @@ def launch_partials(
     if stages != cfg.num_stages:
         cfg = dataclasses.replace(cfg, num_stages=stages)
     split, k_per_split = split_pieces(k, cfg)
-    if out is None and split == 1:
+    if residual is not None and silu:
+        raise ValueError("a residual output is for plain GEMMs, not gate/up")
+    if out is None and split == 1 and residual is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     elif out is None:
         width = 2 * n if silu else n
         out = torch.empty((split, m, width), dtype=torch.float32, device=x.device)
     grid = (math.ceil(n / cfg.block_n), split, math.ceil(m / block_m))
+    # Arguments a mode does not use point at x (never read).
+    sumsq_in, gamma, eps = (norm.sumsq, norm.weight, norm.eps) if norm else (x, x, 0.0)
+    res = residual or ResidualOut(x, x, x, x)
     _skinny_kernel[grid](
         x, w, bias if bias is not None else w, out,
+        sumsq_in, gamma, res.residual, res.h, res.sumsq, res.counters,
         m, n, k, k_per_split,
         x.stride(0), w.stride(0), out.stride(-2),
-        out.stride(0) if split > 1 else 0,
-        n,
+        out.stride(0) if out.dim() == 3 else 0,
+        n, sumsq_in.shape[0] if norm else 0, eps,
         BLOCK_M=block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
@@ -266,6 +370,8 @@ def launch_partials(
         EARLY_TRIGGER=pdl and overlap.early_trigger,
         PREFETCH=overlap.prefetch if pdl else 0,
         LINE_K=min(cfg.block_k, L2_LINE_BYTES // w.element_size()),
+        NORM_INPUT=norm is not None,
+        RESIDUAL=residual is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}),
@@ -321,11 +427,15 @@ def _skinny_pdl(
     num_stages: int,
     early_trigger: bool,
     prefetch: int,
+    sumsq: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    eps: float,
 ) -> torch.Tensor:
     cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages)
     overlap = PdlOverlap(early_trigger, prefetch)
+    norm = NormInput(sumsq, gamma, eps) if sumsq is not None and gamma is not None else None
     m, k = x.shape
-    return launch_partials(x, w, bias, m, n, k, cfg, silu, pdl=True, overlap=overlap)
+    return launch_partials(x, w, bias, m, n, k, cfg, silu, True, None, overlap, norm)
 
 
 @_skinny_pdl.register_fake
@@ -342,10 +452,50 @@ def _skinny_pdl_fake(
     num_stages: int,
     early_trigger: bool,
     prefetch: int,
+    sumsq: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    eps: float,
 ) -> torch.Tensor:
     cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages)
     shape = partials_shape(x.shape[0], n, x.shape[1], cfg, silu)
     return x.new_empty(shape, dtype=x.dtype if len(shape) == 2 else torch.float32)
+
+
+# The residual GEMM's PDL launch (see dlp::skinny_pdl). It declares the counters it uses
+# (each is back at zero when it returns).
+@torch.library.custom_op("dlp::skinny_residual_pdl", mutates_args=("counters",))
+def _skinny_residual_pdl(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,
+    counters: torch.Tensor,
+    block_n: int,
+    block_k: int,
+    split_k: int,
+    num_warps: int,
+    num_stages: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages)
+    return _launch_residual(x, w, bias, residual, counters, cfg, pdl=True)
+
+
+@_skinny_residual_pdl.register_fake
+def _skinny_residual_pdl_fake(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,
+    counters: torch.Tensor,
+    block_n: int,
+    block_k: int,
+    split_k: int,
+    num_warps: int,
+    num_stages: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    m, n = x.shape[0], w.shape[0]
+    sumsq = x.new_empty((math.ceil(n / block_n), m), dtype=torch.float32)
+    return x.new_empty((m, n)), sumsq
 
 
 if triton is not None:
@@ -353,9 +503,10 @@ if triton is not None:
     @triton.jit
     def _skinny_kernel(
         X, W, Bias, Out,
+        XSumsq, Gamma, Res, H, Sumsq, Counters,
         M, N, K, K_PER_SPLIT,
         stride_xm, stride_wn, stride_om, stride_os,
-        UP_OFFSET,
+        UP_OFFSET, SUMSQ_PARTS, eps,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -370,6 +521,8 @@ if triton is not None:
         EARLY_TRIGGER: tl.constexpr,
         PREFETCH: tl.constexpr,
         LINE_K: tl.constexpr,
+        NORM_INPUT: tl.constexpr,
+        RESIDUAL: tl.constexpr,
     ):  # fmt: skip
         # One loop, no nested jit function: Inductor reads a user kernel's stores to learn
         # which inputs it mutates, and clones every input (the weights!) where it cannot.
@@ -412,6 +565,14 @@ if triton is not None:
                     )  # fmt: skip
             # x (and, for the store, Out) belong to earlier kernels: wait for them from here.
             tl.extra.cuda.gdc_wait()
+        if NORM_INPUT:
+            # x is the residual stream and the GEMM reads RMSNorm(x) * Gamma, computed here
+            # per tile: the row's sum of squares comes as SUMSQ_PARTS partial sums (written
+            # by the kernel that produced x), added in a fixed order.
+            sumsq = tl.zeros((BLOCK_M,), tl.float32)
+            for part in range(0, SUMSQ_PARTS):
+                sumsq += tl.load(XSumsq + part * M + rows, mask=m_ok, other=0.0)
+            rstd = tl.math.rsqrt(sumsq / K + eps)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -424,6 +585,14 @@ if triton is not None:
                 x_mask = m_ok[:, None] & k_ok[None, :]
                 w_mask = n_ok[None, :] & k_ok[:, None]
             xt = tl.load(x_ptrs + k0, mask=x_mask, other=0.0)
+            if NORM_INPUT:
+                # rms_norm's roundings: x * rstd to x's dtype, then times the weight.
+                if EVEN_K:
+                    gamma = tl.load(Gamma + k0 + kk)
+                else:
+                    gamma = tl.load(Gamma + k0 + kk, mask=(k0 + kk) < k_hi, other=0.0)
+                xt_n = (xt.to(tl.float32) * rstd[:, None]).to(xt.dtype)
+                xt = (xt_n.to(tl.float32) * gamma.to(tl.float32)[None, :]).to(xt.dtype)
             if EVEN_K and EVEN_N:
                 wt = tl.load(w_ptrs + k0)
             else:
@@ -461,5 +630,30 @@ if triton is not None:
         elif GATE_UP:  # split pieces: gate and up partials side by side, [.., 2N]
             tl.store(o_ptrs, acc, mask=out_ok)
             tl.store(o_ptrs + UP_OFFSET, acc_up, mask=out_ok)
+        elif RESIDUAL:
+            # H = Res + (x @ w^T) and each row's sum of squares of H over this tile. Every
+            # piece lands in Out (fp32 [split, M, N]); the tile's last piece to finish (a
+            # counter per tile) sums them in piece order, so the result does not depend on
+            # which finished last, and sets the counter back to 0 for the next kernel.
+            tl.store(o_ptrs, acc, mask=out_ok)
+            tl.debug_barrier()  # every thread's piece is stored before the count
+            tile = pid_m * tl.num_programs(0) + pid_n
+            done = tl.atomic_add(Counters + tile, 1, sem="acq_rel")
+            if done == tl.num_programs(1) - 1:
+                total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                t_ptrs = Out + rows[:, None] * stride_om + cols[None, :]
+                for piece in range(0, tl.num_programs(1)):
+                    # .cg: from L2, where the other programs' pieces are (L1 is not coherent)
+                    at = t_ptrs + piece * stride_os
+                    total += tl.load(at, mask=out_ok, other=0.0, cache_modifier=".cg")
+                tl.store(Counters + tile, 0)
+                # The eager path's roundings: the product to x's dtype, then the sum.
+                dt = X.dtype.element_ty
+                res_ptrs = rows[:, None] * stride_om + cols[None, :]
+                res = tl.load(Res + res_ptrs, mask=out_ok, other=0.0)
+                h = (res.to(tl.float32) + total.to(dt).to(tl.float32)).to(dt)
+                tl.store(H + res_ptrs, h, mask=out_ok)
+                hf = h.to(tl.float32)
+                tl.store(Sumsq + pid_n * M + rows, tl.sum(hf * hf, 1), mask=m_ok)
         else:
             tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=out_ok)

@@ -1,5 +1,6 @@
 """The PDL launches' torch ops (``dlp::skinny_pdl``, ``dlp::decode_attention_rope_pdl``,
-``dlp::greedy_pdl``): Inductor sees only their declared contracts, so those must be right.
+``dlp::greedy_pdl``, ``dlp::skinny_residual_pdl``): Inductor sees only their declared
+contracts, so those must be right.
 ``torch.library.opcheck`` runs each op for real (under Triton's CPU interpreter, where the
 kernels launch without PDL) and against its fake: schema, declared mutations (the caches and
 nothing else), output shapes, dtypes and strides. The CUDA runs are in test_engine_cuda.py."""
@@ -13,6 +14,8 @@ CASES = {
     "skinny_split": "skinny",  # fp32 split-K pieces
     "skinny_unsplit": "skinny_one",  # one piece in x's dtype
     "skinny_silu": "silu",
+    "skinny_normed": "normed",  # the input read through RMSNorm
+    "skinny_residual": "residual",  # residual add + sums of squares; declares its counters
     "rope": "rope",
     "rope_pieces": "rope_pieces",
     "greedy": "greedy",
@@ -27,6 +30,15 @@ _CHILD = """
 
     def args_for(kind):
         torch.manual_seed(0)
+        if kind == "residual":
+            x, w = torch.randn(5, 64).bfloat16(), torch.randn(40, 64).bfloat16()
+            res, counters = torch.randn(5, 40).bfloat16(), torch.zeros(8, dtype=torch.int32)
+            return torch.ops.dlp.skinny_residual_pdl, (x, w, None, res, counters, 32, 16, 2, 4, 2)
+        if kind == "normed":
+            x, w = torch.randn(5, 64).bfloat16(), torch.randn(40, 64).bfloat16()
+            norm = (torch.rand(2, 5) * 64, torch.randn(64).bfloat16(), 1e-6)
+            cfg = (32, 16, 2, 4, 2, False, 0)
+            return torch.ops.dlp.skinny_pdl, (x, w, None, 40, False, *cfg, *norm)
         if kind in ("skinny", "skinny_one", "silu"):
             # bf16: the unsplit output keeps x's dtype, split pieces are fp32.
             x = torch.randn(5, 64).bfloat16()
@@ -36,7 +48,8 @@ _CHILD = """
             split = 1 if kind != "skinny" else 2
             # ... 4 warps, 2 stages; early trigger, 2 tiles prefetched (no-ops without PDL)
             cfg = (32, 16, split, 4, 2, True, 2)
-            return torch.ops.dlp.skinny_pdl, (x, w, bias, n, kind == "silu", *cfg)
+            no_norm = (None, None, 0.0)
+            return torch.ops.dlp.skinny_pdl, (x, w, bias, n, kind == "silu", *cfg, *no_norm)
         if kind == "greedy":
             return torch.ops.dlp.greedy_pdl, (torch.randn(3, 700),)
         b, h, kvh, d, s = 2, 4, 2, 16, 40

@@ -69,9 +69,16 @@ _CHILD = """
             plain = model.decode(tokens, positions, None)
             model.decode_gemm = True
             fast = model.decode(tokens, positions, None)
+            # The PDL step's ops (launched plainly here) with the norms inside the GEMMs and
+            # rope + cache write inside the attention kernel (which reads q/k/v pieces).
+            model.decode_pdl = model.decode_fuse_norms = model.attn_rope = True
+            model.attn_splits = 1
+            fused = model.decode(tokens, positions, None)
         results[f"decode_{kind}"] = {
             "err": err(fast, plain),
             "argmax_same": bool((fast.argmax(-1) == plain.argmax(-1)).all()),
+            "fused_err": err(fused, plain),
+            "fused_argmax_same": bool((fused.argmax(-1) == plain.argmax(-1)).all()),
         }
     print(json.dumps(results))
 """
@@ -98,6 +105,8 @@ def test_kernel_matches_f_linear(interpreted, name):
 def test_decode_step_with_the_kernels_matches_f_linear(interpreted, kind):
     res = interpreted[f"decode_{kind}"]
     assert res["err"] < 1e-4 and res["argmax_same"], res
+    # the norms fused into the GEMMs: the same step up to fp32 summation order
+    assert res["fused_err"] < 1e-4 and res["fused_argmax_same"], res
 
 
 def test_pick_config_uses_the_measured_table_and_the_rule():
