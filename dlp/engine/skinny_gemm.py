@@ -372,6 +372,8 @@ def launch_partials(
         LINE_K=min(cfg.block_k, L2_LINE_BYTES // w.element_size()),
         NORM_INPUT=norm is not None,
         RESIDUAL=residual is not None,
+        PARTS_PAD=triton_next_pow2(sumsq_in.shape[0]) if norm else 1,
+        SPLITS=split if residual is not None else 1,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}),
@@ -523,6 +525,8 @@ if triton is not None:
         LINE_K: tl.constexpr,
         NORM_INPUT: tl.constexpr,
         RESIDUAL: tl.constexpr,
+        PARTS_PAD: tl.constexpr,
+        SPLITS: tl.constexpr,
     ):  # fmt: skip
         # One loop, no nested jit function: Inductor reads a user kernel's stores to learn
         # which inputs it mutates, and clones every input (the weights!) where it cannot.
@@ -569,9 +573,11 @@ if triton is not None:
             # x is the residual stream and the GEMM reads RMSNorm(x) * Gamma, computed here
             # per tile: the row's sum of squares comes as SUMSQ_PARTS partial sums (written
             # by the kernel that produced x), added in a fixed order.
-            sumsq = tl.zeros((BLOCK_M,), tl.float32)
-            for part in range(0, SUMSQ_PARTS):
-                sumsq += tl.load(XSumsq + part * M + rows, mask=m_ok, other=0.0)
+            # One load of every part (a loop of loads would wait out L2 latency per part).
+            parts = tl.arange(0, PARTS_PAD)
+            part_ptrs = XSumsq + parts[:, None] * M + rows[None, :]
+            part_ok = (parts < SUMSQ_PARTS)[:, None] & m_ok[None, :]
+            sumsq = tl.sum(tl.load(part_ptrs, mask=part_ok, other=0.0), 0)
             rstd = tl.math.rsqrt(sumsq / K + eps)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -636,21 +642,23 @@ if triton is not None:
             # counter per tile) sums them in piece order, so the result does not depend on
             # which finished last, and sets the counter back to 0 for the next kernel.
             tl.store(o_ptrs, acc, mask=out_ok)
+            # The residual tile, loaded by every piece before the count: the last one then
+            # waits for the count and the pieces only, not for this load too.
+            res_ptrs = rows[:, None] * stride_om + cols[None, :]
+            res = tl.load(Res + res_ptrs, mask=out_ok, other=0.0)
             tl.debug_barrier()  # every thread's piece is stored before the count
             tile = pid_m * tl.num_programs(0) + pid_n
             done = tl.atomic_add(Counters + tile, 1, sem="acq_rel")
-            if done == tl.num_programs(1) - 1:
+            if done == SPLITS - 1:
                 total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
                 t_ptrs = Out + rows[:, None] * stride_om + cols[None, :]
-                for piece in range(0, tl.num_programs(1)):
+                for piece in tl.static_range(SPLITS):  # unrolled: the loads go out together
                     # .cg: from L2, where the other programs' pieces are (L1 is not coherent)
                     at = t_ptrs + piece * stride_os
                     total += tl.load(at, mask=out_ok, other=0.0, cache_modifier=".cg")
                 tl.store(Counters + tile, 0)
                 # The eager path's roundings: the product to x's dtype, then the sum.
                 dt = X.dtype.element_ty
-                res_ptrs = rows[:, None] * stride_om + cols[None, :]
-                res = tl.load(Res + res_ptrs, mask=out_ok, other=0.0)
                 h = (res.to(tl.float32) + total.to(dt).to(tl.float32)).to(dt)
                 tl.store(H + res_ptrs, h, mask=out_ok)
                 hf = h.to(tl.float32)
