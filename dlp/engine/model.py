@@ -27,7 +27,6 @@ from dlp.engine.decode_attention import decode_attention, decode_attention_rope
 from dlp.engine.fused_weights import bt_shape, fuse_layer, slot_b_blocks, slot_copies
 from dlp.engine.skinny_gemm import (
     NormInput,
-    row_sumsq,
     skinny_linear,
     skinny_pieces,
     skinny_residual,
@@ -164,9 +163,9 @@ class CompactLM(nn.Module):
         # With both kernels: launch them (and, in the compiled step, Inductor's own kernels)
         # as programmatic dependent launches (set by the runner for decode_gemm triton_pdl).
         self.decode_pdl = False
-        # With PDL: no norm kernels. The o and down GEMMs add the residual and leave the rows'
-        # sums of squares; q/k/v and gate/up apply the RMSNorm as they read their input
-        # (skinny_gemm.skinny_residual / NormInput). Their tile counters live here.
+        # With PDL: no norm kernel between attention and MLP. The o GEMM adds the residual and
+        # leaves the rows' sums of squares, gate/up applies the RMSNorm as it reads its input
+        # (skinny_gemm.skinny_residual / NormInput; see decode_layer). Tile counters for it:
         self.decode_fuse_norms = False
         self.gemm_counters = torch.zeros(
             4096, dtype=torch.int32, device=hf_model.get_input_embeddings().weight.device
@@ -345,15 +344,12 @@ class CompactLM(nn.Module):
         batch_idx = torch.arange(b, device=tokens.device) if slots is None else slots
         use_lora = row_scales is not None and len(self.lora) > 0
         in_scales = self._in_scales(row_scales, x.dtype) if use_lora else None
-        fuse = self.decode_fuse_norms and self.decode_pdl
-        # The first layer's input sums of squares (later ones come from the GEMMs).
-        x_sumsq = row_sumsq(x[:, 0]) if fuse else None
-        counters = self.gemm_counters if fuse else None
+        counters = self.gemm_counters if self.decode_fuse_norms and self.decode_pdl else None
         for i in range(s.n_layers):
             k_cache, v_cache = self.k_caches[i], self.v_caches[i]
             if slots is None and b != k_cache.shape[0]:
                 k_cache, v_cache = k_cache[:b], v_cache[:b]
-            x, x_sumsq = layer_fn(
+            x = layer_fn(
                 x,
                 cos,
                 sin,
@@ -373,7 +369,6 @@ class CompactLM(nn.Module):
                 self.decode_gemm,
                 self.attn_rope,
                 self.decode_pdl,
-                x_sumsq,
                 counters,
             )
         return self.decode_head(x)
@@ -500,9 +495,8 @@ def decode_layer(
     skinny: bool = False,
     attn_rope: bool = False,
     pdl: bool = False,
-    x_sumsq: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> torch.Tensor:
     """One transformer block for one new token per row; a pure function of its tensors so
     one ``torch.compile`` of it serves every layer. Writes this token's K/V into the cache:
     row r's cache row is ``batch_idx[r]`` (r itself, or a slot table when the cache has
@@ -517,27 +511,24 @@ def decode_layer(
     in their epilogue); with ``pdl`` they and the attention kernel are programmatic dependent
     launches (each may start while the kernel before it drains).
 
-    ``counters`` (with ``pdl``) fuses the norms into the GEMMs: ``x_sumsq`` holds x's rows'
-    partial sums of squares, the o and down GEMMs add the residual and return the new
-    ones, q/k/v and gate/up read their input through the RMSNorm (no norm kernels; where
-    LoRA sits on these layers, plain torch does that part). Returns the new x and its sums
-    of squares (None without ``counters``)."""
+    ``counters`` (with ``pdl``) fuses the post-attention norm into the GEMMs around it: the
+    o GEMM adds the residual and leaves the rows' partial sums of squares, and gate/up
+    reads its input through the RMSNorm, so no norm kernel runs between them (without LoRA
+    on o, gate and up). The input norm stays a kernel of its own, which also sums the down
+    GEMM's split-K pieces and adds the residual: as a prologue of the q/k/v GEMM it cost
+    more than the kernel (``benchmarks/results/decode_step_h200_fused*.json``)."""
     b = x.shape[0]
     lo, lg, lu, ld = lora
     linear = _decode_linear(skinny, pdl)
     fuse = counters is not None and skinny and pdl
-    in_normed = NormInput(x_sumsq, in_norm, eps) if fuse and x_sumsq is not None else None
+    h = rms_norm(x, in_norm, eps)
     # The slot table, when rows read their cache row through it (more cache rows than rows).
     slots = batch_idx if k_cache.shape[0] != b else None
     if attn_splits and attn_rope:
         if skinny and bt is None and attn_splits == 1:
             # The base step: the attention kernel sums the q/k/v GEMM's split-K pieces itself.
-            x_in = x if in_normed is not None else rms_norm(x, in_norm, eps)
-            q, k, v = skinny_pieces(x_in, w_in, b_in, pdl=pdl, norm=in_normed).split(
-                list(qkv_sizes), dim=-1
-            )
+            q, k, v = skinny_pieces(h, w_in, b_in, pdl=pdl).split(list(qkv_sizes), dim=-1)
         else:
-            h = rms_norm(x, in_norm, eps)
             q, k, v = (
                 t.unsqueeze(0) for t in _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes, linear)
             )
@@ -557,7 +548,6 @@ def decode_layer(
             pdl=pdl and attn_splits == 1,
         ).reshape(b, 1, n_heads * head_dim)
     else:
-        h = rms_norm(x, in_norm, eps)
         q, k, v = _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes, linear)
         o = _attend(
             q, k, v, cos, sin, bias, batch_idx, slots, positions, k_cache, v_cache, attn_splits
@@ -566,9 +556,8 @@ def decode_layer(
     mlp_lora = (lg, lu, ld)
     post = NormInput(x_sumsq, post_norm, eps) if x_sumsq is not None else None
     return _mlp(
-        x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny, pdl, post,
-        counters if fuse else None,
-    )  # fmt: skip
+        x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny, pdl, post
+    )
 
 
 def _residual(
@@ -688,7 +677,7 @@ def prefill_layer(
     o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     o = o.transpose(1, 2).reshape(n, t, n_heads * head_dim)
     x = x + _lin(o, w_o, b_o, lo, row_scales)
-    return _mlp(x, post_norm, w_gu, b_gu, w_down, b_down, (lg, lu, ld), row_scales, eps)[0]
+    return _mlp(x, post_norm, w_gu, b_gu, w_down, b_down, (lg, lu, ld), row_scales, eps)
 
 
 def _qkv(
@@ -724,13 +713,11 @@ def _mlp(
     skinny: bool = False,
     pdl: bool = False,
     normed: NormInput | None = None,
-    counters: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> torch.Tensor:
     """Residual MLP half of a block: gate and up in one GEMM, per-row LoRA on any of them.
     ``skinny``: the weight-streaming kernels; without LoRA on gate/up, silu(gate) * up is
     the gate/up kernel's epilogue. ``normed`` (x's sums of squares) lets gate/up apply the
-    norm as it reads x; ``counters``: the down GEMM adds the residual (see decode_layer).
-    Returns the new x and, with ``counters``, its sums of squares."""
+    norm as it reads x (see decode_layer)."""
     lg, lu, ld = lora
     linear = _decode_linear(skinny, pdl)
     gate_lora = lg is not None and row_scales is not None
@@ -740,7 +727,7 @@ def _mlp(
             act = skinny_silu_mul(x, w_gu, b_gu, pdl=pdl, norm=normed)
         else:
             act = skinny_silu_mul(rms_norm(x, post_norm, eps), w_gu, b_gu, pdl=pdl)
-        return _residual(x, act, w_down, b_down, ld, row_scales, linear, counters)
+        return x + _lin(act, w_down, b_down, ld, row_scales, linear)
     h = rms_norm(x, post_norm, eps)
     gu = linear(h, w_gu, b_gu)
     inter = w_gu.shape[0] // 2
@@ -749,4 +736,4 @@ def _mlp(
         gate = gate + lora_delta(h, lg[0], lg[1], None, row_scales).to(gate.dtype)
     if up_lora:
         up = up + lora_delta(h, lu[0], lu[1], None, row_scales).to(up.dtype)
-    return _residual(x, F.silu(gate) * up, w_down, b_down, ld, row_scales, linear, counters)
+    return x + _lin(F.silu(gate) * up, w_down, b_down, ld, row_scales, linear)
