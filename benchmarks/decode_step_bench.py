@@ -15,7 +15,11 @@ not bytes, so this compares, in one process on one model:
 - ``compile_mode``: Inductor's default, or ``max-autotune-no-cudagraphs``;
 - ``gemm``: cuBLAS (``F.linear``), or the weight-streaming Triton GEMMs
   (``dlp.engine.skinny_gemm``, silu * up fused into gate/up), also with every kernel of the
-  step a programmatic dependent launch (``triton_pdl``).
+  step a programmatic dependent launch (``triton_pdl``, which also fuses the post-attention
+  norm into the o and gate/up GEMMs; ``+unfused`` keeps its kernel), and with PDL overlap
+  options (``+early``, ``+pfN``: ``dlp.engine.triton_support.PdlOverlap``).
+
+``--gemm-configs`` takes the GEMM configs a ``pdl_bench.py --sweep`` run found.
 
 Each variant is captured as the engine's CUDA graph and timed by CUDA events (median of
 ``--iters`` replays) with and without the LoRA path, on the same random KV cache, its logits

@@ -14,11 +14,17 @@ output. This measures, in one process on the same weights, one CUDA graph per va
 - ``compiled*``: the chain under ``torch.compile(fullgraph=True)``, as the engine's compiled
   step calls the kernels (does Inductor keep the launch attribute?).
 
-A first run also had an L2 prefetch of each program's weight slice before the wait; it was
-slower (``results/pdl_h200_prefetch.json``) and is gone from the kernel.
+- ``pdl+early``, ``pdl+pfN`` (and both): PDL with an overlap option
+  (``dlp.engine.triton_support.PdlOverlap``): the next kernel may launch as soon as this
+  one starts, and/or N weight tiles go to L2 before the wait.
+
+A first run prefetched each program's whole weight slice before the wait; it was slower
+(``results/pdl_h200_prefetch.json``). ``--sweep VARIANT`` then tries, in that variant's
+chain, the isolated sweep's top configs for each of a layer's four GEMMs (one pass of
+coordinate descent): a config that is best alone need not be best between PDL neighbours.
 
 It also checks that PDL keeps a real dependency chain exact: 28 o-shaped GEMMs each reading
-the previous output, bitwise equal with and without PDL. JSON + PNG.
+the previous output, bitwise equal with and without PDL (and every overlap). JSON + PNG.
 """
 
 from __future__ import annotations
