@@ -14,6 +14,12 @@ the next pointwise kernel, so the split costs no extra launch).
 :func:`skinny_silu_mul` is the MLP's gate/up GEMM with ``silu(gate) * up`` in the epilogue:
 each program streams the gate rows and the matching up rows of one output slice.
 
+Two modes take the RMSNorm between two GEMMs into the GEMMs, so no norm kernel runs between
+them (the PDL decode step does this around the MLP's norm): :func:`skinny_residual` adds
+the residual to its product, its split-K pieces summed by the last piece of each tile to
+finish, and leaves each row's partial sums of squares; a GEMM given those as a
+:class:`NormInput` reads its input through the norm, tile by tile.
+
 Configs (:class:`GemmConfig`) come from :func:`pick_config`: the best measured on the H200 per
 shape where one was measured (``benchmarks/gemm_bench.py``), else a rule that aims for a few
 programs per SM. Everything that shapes a launch is a Python int: the calls work inside
