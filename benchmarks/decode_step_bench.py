@@ -16,8 +16,7 @@ not bytes, so this compares, in one process on one model:
 - ``gemm``: cuBLAS (``F.linear``), or the weight-streaming Triton GEMMs
   (``dlp.engine.skinny_gemm``, silu * up fused into gate/up), also with every kernel of the
   step a programmatic dependent launch (``triton_pdl``, which also fuses the post-attention
-  norm into the o and gate/up GEMMs; ``+unfused`` keeps its kernel), and with PDL overlap
-  options (``+early``, ``+pfN``: ``dlp.engine.triton_support.PdlOverlap``).
+  norm into the o and gate/up GEMMs; ``+unfused`` keeps its kernel).
 
 ``--gemm-configs`` takes the GEMM configs a ``pdl_bench.py --sweep`` run found.
 
@@ -30,7 +29,6 @@ per step. JSON + PNG.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -55,27 +53,12 @@ VARIANTS: dict[str, tuple[str, str | None, str, str]] = {
     # triton.enable_pdl option (benchmarks/pdl_bench.py measures the GEMM chain alone).
     "step+rope+pdl": ("step", None, "triton_rope", "triton_pdl"),
     "layer+rope+pdl": ("layer", None, "triton_rope", "triton_pdl"),
-    # PDL kernels that let the next one launch at once (+ prefetch N tiles of weights / KV
-    # blocks to L2 before they wait): dlp.engine.triton_support.PdlOverlap.
-    "step+rope+pdl+early": ("step", None, "triton_rope", "triton_pdl"),
-    "step+rope+pdl+pf2": ("step", None, "triton_rope", "triton_pdl"),
-    "step+rope+pdl+pf1": ("step", None, "triton_rope", "triton_pdl"),
-    "step+rope+pdl+early+pf2": ("step", None, "triton_rope", "triton_pdl"),
     # PDL with the norm kernels (the runner fuses them into the GEMMs with triton_pdl).
     "step+rope+pdl+unfused": ("step", None, "triton_rope", "triton_pdl"),
     "step": ("step", None, "matmul", "cublas"),
     "layer+kernel+autotune": ("layer", "max-autotune-no-cudagraphs", "triton", "cublas"),
     "step+kernel+autotune": ("step", "max-autotune-no-cudagraphs", "triton", "cublas"),
 }
-
-
-def _overlap(name: str) -> Any:
-    """The PdlOverlap a variant's name asks for (``+early``, ``+pfN``)."""
-    from dlp.engine.triton_support import PdlOverlap
-
-    parts = name.split("+")
-    prefetch = next((int(p[2:]) for p in parts if p.startswith("pf")), 0)
-    return PdlOverlap(early_trigger="early" in parts, prefetch=prefetch)
 
 
 def _fill_cache(model: Any, seed: int) -> None:
@@ -140,14 +123,11 @@ def _variant(
 ) -> tuple[dict[str, Any], Any, Any]:
     import torch
 
-    from dlp.engine import triton_support
     from dlp.engine.model import CompactLM
     from dlp.engine.runner import DecodeRunner
 
     scope, mode, attention, gemm = VARIANTS[name]
     torch._dynamo.reset()  # each variant compiles from scratch, no cache-limit recompiles
-    # The PDL ops read the overlap when they are traced: set it for this variant's compile.
-    triton_support.PDL_OVERLAP = _overlap(name)
     model = CompactLM(hf_model, a.batch, a.max_seq_len, lora)
     runner = DecodeRunner(
         model,
@@ -173,7 +153,6 @@ def _variant(
         "decode_gemm": model.decode_gemm,
         "decode_pdl": model.decode_pdl,
         "decode_fuse_norms": model.decode_fuse_norms,
-        "pdl_overlap": dataclasses.asdict(triton_support.PDL_OVERLAP),
         "compile_capture_s": time.perf_counter() - start,
         "compile_failed": runner.compile_failed,
     }

@@ -14,23 +14,20 @@ output. This measures, in one process on the same weights, one CUDA graph per va
 - ``compiled*``: the chain under ``torch.compile(fullgraph=True)``, as the engine's compiled
   step calls the kernels (does Inductor keep the launch attribute?).
 
-- ``pdl+early``, ``pdl+pfN`` (and both): PDL with an overlap option
-  (``dlp.engine.triton_support.PdlOverlap``): the next kernel may launch as soon as this
-  one starts, and/or N weight tiles go to L2 before the wait.
-
-A first run prefetched each program's whole weight slice before the wait; it was slower
-(``results/pdl_h200_prefetch.json``). ``--sweep VARIANT`` then tries, in that variant's
-chain, the isolated sweep's top configs for each of a layer's four GEMMs (one pass of
-coordinate descent): a config that is best alone need not be best between PDL neighbours.
+Runs of earlier versions also had each program prefetch its weight slice (or its first
+tiles) to L2 before the wait, and let the next kernel launch as soon as a kernel starts: all
+slower (``results/pdl_h200_prefetch.json``, ``results/pdl_h200_overlap.json``), removed.
+``--sweep`` then tries, in the PDL chain, the isolated sweep's top configs for each of a
+layer's four GEMMs (one pass of coordinate descent): a config that is best alone need not be
+best between PDL neighbours.
 
 It also checks that PDL keeps a real dependency chain exact: 28 o-shaped GEMMs each reading
-the previous output, bitwise equal with and without PDL (and every overlap). JSON + PNG.
+the previous output, bitwise equal with and without PDL. JSON + PNG.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from datetime import UTC, datetime
@@ -41,16 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 VARIANTS = ("graph", "pdl", "graph+pointwise", "pdl+pointwise", "compiled", "compiled+pdl")
-# PDL with an overlap (dlp.engine.triton_support.PdlOverlap): name -> (early_trigger, prefetch)
-OVERLAPS = {
-    "pdl": (False, 0),
-    "pdl+early": (True, 0),
-    "pdl+pf1": (False, 1),
-    "pdl+pf2": (False, 2),
-    "pdl+early+pf1": (True, 1),
-    "pdl+early+pf2": (True, 2),
-    "pdl+early+pf4": (True, 4),
-}
 HBM_TBPS = 4.3
 
 
@@ -60,7 +47,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from dlp.engine import skinny_gemm as sg
     from dlp.engine.cuda_timing import graph_replay_us
     from dlp.engine.shapes import PUBLISHED_SHAPES
-    from dlp.engine.triton_support import PdlOverlap
 
     shape = PUBLISHED_SHAPES[args.shape]
     dev = torch.device("cuda")
@@ -94,13 +80,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for (name, w, b, n, k, silu), cfg in zip(gemms, cfgs, strict=True)
     ]
 
-    def chain(pdl: bool, pointwise: bool, overlap: Any = None, configs: list | None = None) -> None:
-        over = overlap or PdlOverlap()
+    def chain(pdl: bool, pointwise: bool, configs: list | None = None) -> None:
         for (name, w, b, n, k, silu), cfg, out in zip(gemms, configs or cfgs, outs, strict=True):
             x = x_i if name == "down" else x_h
             # other configs than the picked ones: new outputs (their split counts differ)
             out = None if configs else out
-            sg.launch_partials(x, w, b, m, n, k, cfg, silu, pdl=pdl, out=out, overlap=over)
+            sg.launch_partials(x, w, b, m, n, k, cfg, silu, pdl=pdl, out=out)
             if pointwise:
                 side.mul_(0.5)
 
@@ -126,8 +111,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "floor_ms": weight_bytes / (HBM_TBPS * 1e12) * 1e3,
         "variants": {},
     }
-    for name, (early, prefetch) in list(OVERLAPS.items())[1:]:
-        runs[name] = lambda o=PdlOverlap(early, prefetch): chain(True, False, o)
     for name in args.variants.split(","):
         fn = compiled(name.endswith("+pdl")) if name.startswith("compiled") else runs[name]
         ms = graph_replay_us(lambda _, f=fn: f(), iters=args.iters) / 1e3
@@ -139,14 +122,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["dependent_chain_bitwise_equal"] = _dependent_chain_equal(sg, dev, hidden, m)
     print("dependent chain bitwise equal:", report["dependent_chain_bitwise_equal"])
     if args.sweep:
-        overlap = PdlOverlap(*OVERLAPS[args.sweep])
-        report["sweep"] = _sweep_configs(gemms, cfgs, chain, overlap, args)
+        report["sweep"] = _sweep_configs(gemms, cfgs, chain, args)
     return report
 
 
-def _sweep_configs(
-    gemms: list, cfgs: list, chain: Any, overlap: Any, args: argparse.Namespace
-) -> dict[str, Any]:
+def _sweep_configs(gemms: list, cfgs: list, chain: Any, args: argparse.Namespace) -> dict[str, Any]:
     """One pass of coordinate descent over the GEMM configs, timed in the PDL chain: for
     each of the four GEMMs of a layer (all 28 layers at once), the top configs of the
     isolated sweep (``--gemm-results``), the other three held at the current best. A
@@ -163,10 +143,10 @@ def _sweep_configs(
 
     def timed(choice: dict) -> float:
         configs = [choice[g[0]] for g in gemms]
-        return graph_replay_us(lambda _: chain(True, False, overlap, configs), iters=args.iters)
+        return graph_replay_us(lambda _: chain(True, False, configs), iters=args.iters)
 
     base_us = timed(chosen)
-    result: dict[str, Any] = {"overlap": dataclasses.asdict(overlap), "start_us": base_us}
+    result: dict[str, Any] = {"start_us": base_us}
     best_us = base_us
     for role in roles:
         entry = next(
@@ -192,7 +172,6 @@ def _dependent_chain_equal(sg: Any, dev: Any, hidden: int, m: int) -> bool:
     import torch
 
     from dlp.engine.cuda_timing import graph_replay_us
-    from dlp.engine.triton_support import PdlOverlap
 
     gen = torch.Generator(device=dev).manual_seed(1)
     ws = [
@@ -203,25 +182,19 @@ def _dependent_chain_equal(sg: Any, dev: Any, hidden: int, m: int) -> bool:
     x0 = torch.randn(m, hidden, device=dev, generator=gen, dtype=torch.bfloat16)
     bufs = [torch.empty(m, hidden, device=dev, dtype=torch.bfloat16) for _ in range(28)]
 
-    def chain(pdl: bool, overlap: PdlOverlap) -> torch.Tensor:
+    def chain(pdl: bool) -> torch.Tensor:
         x = x0
         for w, out in zip(ws, bufs, strict=True):
-            x = sg.launch_partials(
-                x, w, None, m, hidden, hidden, cfg, False, pdl=pdl, out=out, overlap=overlap
-            )
+            x = sg.launch_partials(x, w, None, m, hidden, hidden, cfg, False, pdl=pdl, out=out)
         return x
 
     results = []
-    # plain, PDL, and PDL with every overlap: an early trigger or a prefetch must not let a
-    # kernel read its input before the kernel ahead has written it
-    runs = [(False, PdlOverlap()), (True, PdlOverlap())]
-    runs += [(True, PdlOverlap(*o)) for o in list(OVERLAPS.values())[1:]]
-    for pdl, overlap in runs:
+    for pdl in (False, True):
         for b in bufs:
             b.zero_()
-        graph_replay_us(lambda _, p=pdl, o=overlap: chain(p, o), iters=5)
+        graph_replay_us(lambda _, p=pdl: chain(p), iters=5)
         results.append(bufs[-1].clone())
-    return all(torch.equal(results[0], r) for r in results[1:])
+    return bool(torch.equal(results[0], results[1]))
 
 
 def plot(report: dict[str, Any], png: Path) -> None:
@@ -248,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", default="qwen2-1.5b")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--variants", default=",".join(VARIANTS + tuple(OVERLAPS)[1:]))
-    ap.add_argument("--sweep", default="", help="an overlap variant to sweep GEMM configs under")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--sweep", action="store_true", help="sweep GEMM configs in the PDL chain")
     ap.add_argument("--sweep-top", type=int, default=8)
     ap.add_argument("--gemm-results", default=str(ROOT / "benchmarks/results/gemm_h200.json"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/pdl_h200.json"))

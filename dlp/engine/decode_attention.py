@@ -30,9 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dlp.engine import triton_support
 from dlp.engine.triton_support import INTERPRET as _INTERPRET
-from dlp.engine.triton_support import L2_LINE_BYTES, PdlOverlap, tl, triton, triton_available
+from dlp.engine.triton_support import tl, triton, triton_available
 
 __all__ = [
     "LaunchConfig",
@@ -75,16 +74,6 @@ def pick_splits(max_seq: int, rows: int = 1, kv_heads: int = 1) -> int:
     by_length = min(MAX_SPLITS, math.ceil(max_seq / SPLIT_TARGET))
     by_programs = max(1, math.ceil(TARGET_PROGRAMS / (rows * kv_heads)))
     return min(by_length, by_programs)
-
-
-def _prefetch_blocks(blocks: int, block_n: int, max_seq: int) -> int:
-    """Blocks of keys to prefetch: ``blocks`` (0 or a power of two) cut to what the cache
-    holds, as a power of two (the kernel's arange)."""
-    if blocks & (blocks - 1):
-        raise ValueError(f"prefetch must be 0 or a power of two, got {blocks}")
-    while blocks and blocks * block_n > max_seq:
-        blocks //= 2
-    return blocks
 
 
 def decode_attention_reference(
@@ -132,37 +121,12 @@ if triton is not None:
         ROPE: tl.constexpr,
         PIECES: tl.constexpr,
         USE_GDC: tl.constexpr,
-        EARLY_TRIGGER: tl.constexpr,
-        PREFETCH: tl.constexpr,
-        LINE_D: tl.constexpr,
     ):  # fmt: skip
         # No nested @triton.jit helpers here: with one, Inductor cannot tell which arguments
         # a user kernel stores to and clones them all (the KV caches, with ROPE).
         # int64 row index: row * stride_kb overflows int32 for large caches.
         row = tl.program_id(0).to(tl.int64)
         if USE_GDC:  # a programmatic dependent launch: wait for the kernel before to finish
-            if EARLY_TRIGGER:
-                tl.extra.cuda.gdc_launch_dependents()
-            if PREFETCH > 0:
-                # Past positions of the cache are written by earlier steps only: the first
-                # PREFETCH blocks of this row's keys and values head for L2 during the wait
-                # (one address per cache line of LINE_D elements). Without a slot table the
-                # cache row is the row itself; the length is not known yet, and positions
-                # past it are harmless reads inside the cache.
-                pf_pos = tl.arange(0, PREFETCH * BLOCK_N)
-                pf_dim = tl.arange(0, HEAD_DIM // LINE_D) * LINE_D
-                pf_k = row * stride_kb + tl.program_id(1) * stride_kh
-                pf_k += pf_pos[:, None] * stride_ks + pf_dim[None, :]
-                pf_v = row * stride_vb + tl.program_id(1) * stride_vh
-                pf_v += pf_pos[:, None] * stride_vs + pf_dim[None, :]
-                tl.inline_asm_elementwise(
-                    "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [K + pf_k],
-                    dtype=tl.int32, is_pure=False, pack=1,
-                )  # fmt: skip
-                tl.inline_asm_elementwise(
-                    "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [V + pf_v],
-                    dtype=tl.int32, is_pure=False, pack=1,
-                )  # fmt: skip
             tl.extra.cuda.gdc_wait()
         # The row's cache row: its own index, or its entry in the slot table.
         cache_row = row
@@ -262,7 +226,7 @@ if triton is not None:
                 pv_dot = tl.dot(pv, v, input_precision=PRECISION)
             acc = acc * alpha[:, None] + pv_dot
             m = m_new
-        if USE_GDC and not EARLY_TRIGGER:  # (constexprs: a plain `and` is fine)
+        if USE_GDC:
             tl.extra.cuda.gdc_launch_dependents()
 
         if ROPE:
@@ -390,11 +354,9 @@ def decode_attention_rope(
     if pdl:
         if splits != 1:
             raise ValueError("pdl launches the unsplit kernel only (splits=1)")
-        overlap = triton_support.PDL_OVERLAP  # read at trace time: part of the graph
         return torch.ops.dlp.decode_attention_rope_pdl(
-            q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, scale, slots,
-            overlap.early_trigger, overlap.prefetch,
-        )  # fmt: skip
+            q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, scale, slots
+        )
     return _launch_rope(
         q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, scale, splits, slots, launch
     )
@@ -414,16 +376,13 @@ def _launch_rope(
     slots: torch.Tensor | None,
     launch: LaunchConfig | None,
     pdl: bool = False,
-    overlap: PdlOverlap = PdlOverlap(),
 ) -> torch.Tensor:
     """Pieces (a leading dim on q/k/v) become piece 0's views plus the piece count and stride."""
     pieces = (q.shape[0], q.stride(0)) if q.dim() == 4 else (1, 0)
     if q.dim() == 4:
         q, k_new, v_new = q[0], k_new[0], v_new[0]
     rope = (k_new, v_new, cos, sin)
-    return _launch(
-        q, k_cache, v_cache, lengths, scale, splits, slots, rope, launch, pdl, pieces, overlap
-    )
+    return _launch(q, k_cache, v_cache, lengths, scale, splits, slots, rope, launch, pdl, pieces)
 
 
 # The PDL launch as an op Inductor does not look into (see skinny_gemm's ``dlp::skinny_pdl``):
@@ -440,12 +399,9 @@ def _rope_pdl(
     lengths: torch.Tensor,
     scale: float,
     slots: torch.Tensor | None,
-    early_trigger: bool,
-    prefetch: int,
 ) -> torch.Tensor:
-    overlap = PdlOverlap(early_trigger, prefetch)
     return _launch_rope(
-        q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, scale, 1, slots, None, True, overlap
+        q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, scale, 1, slots, None, pdl=True
     )
 
 
@@ -461,8 +417,6 @@ def _rope_pdl_fake(
     lengths: torch.Tensor,
     scale: float,
     slots: torch.Tensor | None,
-    early_trigger: bool,
-    prefetch: int,
 ) -> torch.Tensor:
     # The dtype rule of _launch: the cache dtype for pieces (fp32 sums), else q's.
     pieces = q.shape[0] if q.dim() == 4 else 1
@@ -481,7 +435,6 @@ def _launch(
     launch: LaunchConfig | None = None,
     pdl: bool = False,
     pieces: tuple[int, int] = (1, 0),
-    overlap: PdlOverlap = PdlOverlap(),
 ) -> torch.Tensor:
     if triton is None:
         raise RuntimeError(
@@ -527,13 +480,6 @@ def _launch(
         # constexprs included.
         "PIECES": pieces[0],
         "USE_GDC": pdl,
-        "EARLY_TRIGGER": pdl and overlap.early_trigger,
-        # Prefetch needs the cache row before the wait: only without a slot table, and no
-        # further than the cache reaches.
-        "PREFETCH": _prefetch_blocks(overlap.prefetch, launch.block_n, k_cache.shape[2])
-        if pdl and slots is None
-        else 0,
-        "LINE_D": min(d, L2_LINE_BYTES // k_cache.element_size()),
     }
     if splits == 1:
         part_acc = part_m = part_l = out  # unused: the kernel writes `out` directly

@@ -723,7 +723,7 @@ def _mlp(
     gate_lora = lg is not None and row_scales is not None
     up_lora = lu is not None and row_scales is not None
     if skinny and not (gate_lora or up_lora):
-        if normed is not None and pdl:
+        if normed is not None:
             act = skinny_silu_mul(x, w_gu, b_gu, pdl=pdl, norm=normed)
         else:
             act = skinny_silu_mul(rms_norm(x, post_norm, eps), w_gu, b_gu, pdl=pdl)

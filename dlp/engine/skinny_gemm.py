@@ -35,8 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dlp.engine import triton_support
-from dlp.engine.triton_support import INTERPRET, L2_LINE_BYTES, PdlOverlap, tl, triton
+from dlp.engine.triton_support import INTERPRET, tl, triton
 
 MAX_ROWS = 128  # beyond this the problem is no longer weight-bound: cuBLAS is the right tool
 SM_COUNT_DEFAULT = 132  # H100 / H200
@@ -231,12 +230,8 @@ def _partials(
     cfg = config or pick_config(m, n, k, silu)
     if pdl:
         args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
-        overlap = triton_support.PDL_OVERLAP  # read at trace time: part of the graph
         sumsq, gamma, eps = (norm.sumsq, norm.weight, norm.eps) if norm else (None, None, 0.0)
-        return torch.ops.dlp.skinny_pdl(
-            x2, w, bias, n, silu, *args, overlap.early_trigger, overlap.prefetch,
-            sumsq, gamma, eps,
-        )  # fmt: skip
+        return torch.ops.dlp.skinny_pdl(x2, w, bias, n, silu, *args, sumsq, gamma, eps)
     return launch_partials(x2, w, bias, m, n, k, cfg, silu, norm=norm)
 
 
@@ -315,7 +310,6 @@ def launch_partials(
     silu: bool,
     pdl: bool = False,
     out: torch.Tensor | None = None,
-    overlap: PdlOverlap = PdlOverlap(),
     norm: NormInput | None = None,
     residual: ResidualOut | None = None,
 ) -> torch.Tensor:
@@ -325,15 +319,13 @@ def launch_partials(
     ``pdl`` launches it as a programmatic dependent launch (Hopper and later): it may start
     while the kernel before it finishes, waits for that kernel only where it first touches
     data (``griddepcontrol.wait``), and lets the next PDL kernel start once its K loop is done.
-    ``overlap`` says what it does before that wait (:class:`PdlOverlap`; an L2 prefetch of
-    the program's whole weight slice was slower, ``benchmarks/results/pdl_h200_prefetch.json``).
+    (Letting the next kernel launch at once, and an L2 prefetch of weight tiles before the
+    wait, were slower: ``benchmarks/results/pdl_h200_prefetch.json``, ``pdl_h200_overlap.json``.)
     ``out`` is written in place when given. ``norm``: x is read through it;
     ``residual``: the pieces (always ``[split, m, n]`` fp32, into ``out``) are summed by the
     kernel into ``residual.h`` and ``residual.sumsq`` (see :func:`skinny_residual`)."""
     # Triton's CPU interpreter has no griddepcontrol (inline asm): a plain launch there.
     pdl = pdl and not INTERPRET
-    if overlap.prefetch & (overlap.prefetch - 1):
-        raise ValueError(f"prefetch must be 0 or a power of two, got {overlap.prefetch}")
     block_m = block_m_for(m)
     # Each pipeline stage holds an x tile and one (gate/up: two) weight tiles in shared
     # memory; fewer stages where they would not fit (fp32 tiles, gate/up at 64 x 128).
@@ -373,9 +365,6 @@ def launch_partials(
         # F.linear token for token; bf16/fp16 ignore the setting.
         PRECISION="ieee" if w.dtype == torch.float32 else "tf32",
         USE_GDC=pdl,
-        EARLY_TRIGGER=pdl and overlap.early_trigger,
-        PREFETCH=overlap.prefetch if pdl else 0,
-        LINE_K=min(cfg.block_k, L2_LINE_BYTES // w.element_size()),
         NORM_INPUT=norm is not None,
         RESIDUAL=residual is not None,
         PARTS_PAD=triton_next_pow2(sumsq_in.shape[0]) if norm else 1,
@@ -433,17 +422,14 @@ def _skinny_pdl(
     split_k: int,
     num_warps: int,
     num_stages: int,
-    early_trigger: bool,
-    prefetch: int,
     sumsq: torch.Tensor | None,
     gamma: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
     cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages)
-    overlap = PdlOverlap(early_trigger, prefetch)
     norm = NormInput(sumsq, gamma, eps) if sumsq is not None and gamma is not None else None
     m, k = x.shape
-    return launch_partials(x, w, bias, m, n, k, cfg, silu, True, None, overlap, norm)
+    return launch_partials(x, w, bias, m, n, k, cfg, silu, True, None, norm)
 
 
 @_skinny_pdl.register_fake
@@ -458,8 +444,6 @@ def _skinny_pdl_fake(
     split_k: int,
     num_warps: int,
     num_stages: int,
-    early_trigger: bool,
-    prefetch: int,
     sumsq: torch.Tensor | None,
     gamma: torch.Tensor | None,
     eps: float,
@@ -526,9 +510,6 @@ if triton is not None:
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
         USE_GDC: tl.constexpr,
-        EARLY_TRIGGER: tl.constexpr,
-        PREFETCH: tl.constexpr,
-        LINE_K: tl.constexpr,
         NORM_INPUT: tl.constexpr,
         RESIDUAL: tl.constexpr,
         PARTS_PAD: tl.constexpr,
@@ -554,25 +535,6 @@ if triton is not None:
         up_rows = cols + UP_OFFSET
         up_ptrs = W + up_rows[None, :].to(tl.int64) * stride_wn + kk[:, None]
         if USE_GDC:
-            if EARLY_TRIGGER:
-                tl.extra.cuda.gdc_launch_dependents()
-            if PREFETCH > 0:
-                # No kernel of the step writes the weights: the first PREFETCH tiles of this
-                # program's slice head for L2 while the kernel ahead drains. One address per
-                # cache line (LINE_K elements); lines past the slice fall back on W itself.
-                pf_k = k_lo + tl.arange(0, PREFETCH * (BLOCK_K // LINE_K)) * LINE_K
-                pf_ok = (pf_k < k_hi)[:, None] & n_ok[None, :]
-                pf_rows = tl.where(pf_ok, cols[None, :].to(tl.int64) * stride_wn + pf_k[:, None], 0)
-                tl.inline_asm_elementwise(
-                    "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [W + pf_rows],
-                    dtype=tl.int32, is_pure=False, pack=1,
-                )  # fmt: skip
-                if GATE_UP:
-                    up_rows_pf = tl.where(pf_ok, UP_OFFSET * stride_wn + pf_rows, 0)
-                    tl.inline_asm_elementwise(
-                        "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [W + up_rows_pf],
-                        dtype=tl.int32, is_pure=False, pack=1,
-                    )  # fmt: skip
             # x (and, for the store, Out) belong to earlier kernels: wait for them from here.
             tl.extra.cuda.gdc_wait()
         if NORM_INPUT:
@@ -621,7 +583,7 @@ if triton is not None:
                 if UPCAST:
                     ut = ut.to(tl.float32)
                 acc_up = tl.dot(xt, ut, acc_up, input_precision=PRECISION)
-        if USE_GDC and not EARLY_TRIGGER:  # (constexprs: a plain `and` is fine)
+        if USE_GDC:
             tl.extra.cuda.gdc_launch_dependents()
         if HAS_BIAS:  # noqa: SIM102 - triton: `and` of a constexpr and a runtime value
             if pid_s == 0:  # the bias belongs to one piece of a split sum only

@@ -37,8 +37,7 @@ _CHILD = """
         if kind == "normed":
             x, w = torch.randn(5, 64).bfloat16(), torch.randn(40, 64).bfloat16()
             norm = (torch.rand(2, 5) * 64, torch.randn(64).bfloat16(), 1e-6)
-            cfg = (32, 16, 2, 4, 2, False, 0)
-            return torch.ops.dlp.skinny_pdl, (x, w, None, 40, False, *cfg, *norm)
+            return torch.ops.dlp.skinny_pdl, (x, w, None, 40, False, 32, 16, 2, 4, 2, *norm)
         if kind in ("skinny", "skinny_one", "silu"):
             # bf16: the unsplit output keeps x's dtype, split pieces are fp32.
             x = torch.randn(5, 64).bfloat16()
@@ -46,8 +45,7 @@ _CHILD = """
             bias = torch.randn(w.shape[0]).bfloat16()
             n = w.shape[0] // 2 if kind == "silu" else w.shape[0]
             split = 1 if kind != "skinny" else 2
-            # ... 4 warps, 2 stages; early trigger, 2 tiles prefetched (no-ops without PDL)
-            cfg = (32, 16, split, 4, 2, True, 2)
+            cfg = (32, 16, split, 4, 2)
             no_norm = (None, None, 0.0)
             return torch.ops.dlp.skinny_pdl, (x, w, bias, n, kind == "silu", *cfg, *no_norm)
         if kind == "greedy":
@@ -66,7 +64,7 @@ _CHILD = """
         caches = torch.randn(b, kvh, s, d), torch.randn(b, kvh, s, d)
         lengths = torch.tensor([40, 7])
         return torch.ops.dlp.decode_attention_rope_pdl, (
-            q, k, v, cos, sin, *caches, lengths, d**-0.5, None, True, 1
+            q, k, v, cos, sin, *caches, lengths, d**-0.5, None
         )
 
     out = {}
