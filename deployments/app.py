@@ -19,7 +19,7 @@ from ray.serve.config import RequestRouterConfig
 
 from deployments.ingress import Ingress
 from deployments.registry import AdapterRegistry
-from deployments.request_router import AdapterAffinityRouter
+from deployments.request_router import AdapterAffinityRouter, RoundRobinRouter
 from deployments.router import RouterDeployment
 from deployments.worker import LoraWorker, engine_config_dict
 from dlp.config import AppConfig, load_app_config
@@ -46,10 +46,12 @@ def _adapters_dir(cfg: AppConfig) -> str:
 
 
 def _worker_router_options(cfg: AppConfig) -> dict[str, Any]:
-    """The worker's request router: adapter-aware, or (worker.request_router: default) Serve's
-    own power-of-two-choices router, kept selectable as the baseline to measure against."""
+    """The worker's request router: adapter-aware, or one of the baselines it is measured
+    against: Serve's own power-of-two-choices router (`default`) or plain `round_robin`."""
     if cfg.worker.request_router == "default":
         return {}
+    if cfg.worker.request_router == "round_robin":
+        return {"request_router_config": RequestRouterConfig(request_router_class=RoundRobinRouter)}
     return {
         "request_router_config": RequestRouterConfig(
             request_router_class=AdapterAffinityRouter,

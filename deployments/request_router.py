@@ -40,6 +40,7 @@ from ray.serve.request_router import (
 log = logging.getLogger("ray.serve")
 
 ROUTER_CLASS_PATH = "deployments.request_router.AdapterAffinityRouter"
+ROUND_ROBIN_CLASS_PATH = "deployments.request_router.RoundRobinRouter"
 
 
 def mix_names(pending: PendingRequest | None) -> tuple[str, ...]:
@@ -147,3 +148,29 @@ class AdapterAffinityRouter(RequestRouter):
         if spill:
             return [spill, candidate_replicas]
         return [holders, candidate_replicas]
+
+
+class RoundRobinRouter(RequestRouter):
+    """Plain round-robin: the replicas in a fixed order (by replica id), one request each in
+    turn, whatever they hold. The baseline adapter-aware routing is measured against
+    (benchmarks/affinity_bench.py, benchmarks/multigpu_bench.py); not meant for serving.
+
+    When the replica whose turn it is is full (max_ongoing_requests), Serve tries the others
+    (the second rank), as any router would rather than queue behind it."""
+
+    def initialize_state(self, **_: Any) -> None:
+        self._turn = 0
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True
+        if not candidate_replicas:
+            return []
+        ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
+        chosen = ordered[self._turn % len(ordered)]
+        self._turn += 1
+        return [[chosen], ordered]

@@ -78,6 +78,22 @@ def engine_config_dict(cfg: AppConfig) -> dict[str, Any]:
     return out
 
 
+def _placement() -> dict[str, Any]:
+    """Where this replica runs: its node and the GPUs Ray gave it (one per worker on a GPU
+    node; Ray sets CUDA_VISIBLE_DEVICES to them, and the engine's child inherits it)."""
+    import os
+
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {
+        "node_id": ctx.get_node_id(),
+        "gpu_ids": [str(i) for i in ctx.get_accelerator_ids().get("GPU", [])],
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "pid": os.getpid(),
+    }
+
+
 def _field_of(exc: BaseException, default: str) -> str:
     return getattr(exc, "field", None) or default
 
@@ -127,6 +143,7 @@ class LoraWorker:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve (never in production)
             self.replica = "local"
+        self.placement = _placement()
         self.metrics = WorkerMetrics()
         self._adapter_locks: dict[str, asyncio.Lock] = {}
         self._registered: dict[str, str] = {}  # name -> path in this replica's pool
@@ -186,6 +203,7 @@ class LoraWorker:
     async def stats(self) -> dict[str, Any]:
         out = await self._ask(self.engine.stats)
         out["replica"] = self.replica
+        out["placement"] = self.placement
         return out
 
     # --- adapters --------------------------------------------------------------------------

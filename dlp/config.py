@@ -150,11 +150,12 @@ class WorkerSettings(_Strict):
         " so that Serve's threads do not share its GIL; null: on with a CUDA engine (on the"
         " H200 it took HTTP from 0.82-0.93x to 0.99x the engine alone's tokens/s)",
     )
-    request_router: Literal["adapter_affinity", "default"] = Field(
+    request_router: Literal["adapter_affinity", "default", "round_robin"] = Field(
         "adapter_affinity",
         description="adapter_affinity: send a mix to the replica holding its adapters"
-        " (deployments/request_router.py); default: Serve's power-of-two-choices router"
-        " (the baseline benchmarks/affinity_bench.py measures against)",
+        " (deployments/request_router.py); default: Serve's power-of-two-choices router;"
+        " round_robin: replicas in turn (the baselines benchmarks/affinity_bench.py and"
+        " benchmarks/multigpu_bench.py measure against)",
     )
 
     def uses_engine_process(self, device: str) -> bool:

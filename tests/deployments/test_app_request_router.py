@@ -1,5 +1,6 @@
 """worker.request_router: validated at the edge, and build_app gives the LoraWorker deployment
-the adapter-aware router or leaves Serve's own (the baseline of benchmarks/affinity_bench.py).
+the adapter-aware router, plain round-robin, or leaves Serve's own (the baselines of
+benchmarks/affinity_bench.py and benchmarks/multigpu_bench.py).
 
 build_app only binds deployments (nothing starts): the bound worker's deployment config is
 what Serve deploys.
@@ -48,7 +49,7 @@ def test_default_is_adapter_affinity() -> None:
 
 def test_unknown_router_is_refused_naming_the_field() -> None:
     with pytest.raises(ValidationError) as info:
-        load_app_config({"worker": {"request_router": "round_robin"}})
+        load_app_config({"worker": {"request_router": "random"}})
     errors = info.value.errors()
     assert [e["loc"] for e in errors] == [("worker", "request_router")]
 
@@ -69,4 +70,11 @@ def test_build_app_default_leaves_serves_router(tmp_path: Path, monkeypatch) -> 
     # exactly what a deployment without a request_router_config gets
     assert rrc.request_router_class == RequestRouterConfig().request_router_class
     assert "AdapterAffinity" not in rrc.request_router_class
+    assert rrc.request_router_kwargs == {}
+
+
+def test_build_app_round_robin(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("DLP_APP_ARGS", raising=False)
+    rrc = _worker_router_config(_args(tmp_path, request_router="round_robin"))
+    assert rrc.request_router_class == "deployments.request_router.RoundRobinRouter"
     assert rrc.request_router_kwargs == {}
