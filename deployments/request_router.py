@@ -19,8 +19,11 @@ Ranking: replicas whose slots hold most of the mix's adapters (ties broken by th
 tier) first, as long as their queue is shorter than ``spill_queue_len``. When every such
 replica is at that length, the mix spreads to a replica that is not (Serve picks the
 shortest queue); when every replica is, it stays where its adapters are (spreading would
-only add loads, nobody has spare room). Serve skips full replicas (max_ongoing_requests)
-and then tries every replica. Requests without a mix (admin calls) go to the least loaded.
+only add loads, nobody has spare room) as long as those replicas' queues are within
+``spill_queue_len`` of the shortest; beyond that it goes to the shorter queues (a saturated
+cluster must not idle one replica while another queues). Serve skips full replicas
+(max_ongoing_requests) and then tries every replica. Requests without a mix (admin calls)
+go to the least loaded.
 """
 
 from __future__ import annotations
@@ -111,9 +114,12 @@ class AdapterAffinityRouter(RequestRouter):
 
     # Ranking ------------------------------------------------------------------------------
 
+    def _queue_len(self, replica: RunningReplica) -> int:
+        """Requests on the replica as last probed (0 when unknown: it will be probed)."""
+        return self.replica_queue_len_cache.get(replica.replica_id) or 0
+
     def _saturated(self, replica: RunningReplica) -> bool:
-        queue_len = self.replica_queue_len_cache.get(replica.replica_id)
-        return queue_len is not None and queue_len >= self._spill_queue_len
+        return self._queue_len(replica) >= self._spill_queue_len
 
     async def choose_replicas(
         self,
@@ -147,7 +153,13 @@ class AdapterAffinityRouter(RequestRouter):
         spill = [r for r in candidate_replicas if not self._saturated(r)]
         if spill:
             return [spill, candidate_replicas]
-        return [holders, candidate_replicas]
+        # Every replica is saturated: the adapters' holders keep the mix, unless a holder's
+        # queue is longer than the shortest by spill_queue_len or more. Else a saturated
+        # cluster piles every mix one replica holds onto it while another idles through its
+        # queue (a load costs well under a millisecond on a GPU; an idle replica, its rows).
+        shortest = min(self._queue_len(r) for r in candidate_replicas)
+        close = [r for r in holders if self._queue_len(r) - shortest < self._spill_queue_len]
+        return [close or candidate_replicas, candidate_replicas]
 
 
 class RoundRobinRouter(RequestRouter):
