@@ -214,6 +214,12 @@ def app_config(
         }
     )
     args["ingress"].update({"num_replicas": s["ingress_replicas"], "request_timeout_s": 600})
+    if s.get("router_replicas"):
+        # The MiniMLP router's replicas (CPU): every routed request passes through one.
+        router = next(d for d in app["deployments"] if d["name"] == "Router")
+        auto = router["autoscaling_config"]
+        auto["min_replicas"] = s["router_replicas"]
+        auto["max_replicas"] = max(auto["max_replicas"], s["router_replicas"])
     entry = next(d for d in app["deployments"] if d["name"] == WORKER)
     if worker_replicas == "auto":
         auto = entry["autoscaling_config"]
@@ -380,6 +386,36 @@ class GpuMonitor:
         self._stop.set()
 
 
+def cpu_times() -> dict[int, tuple[str, float]]:
+    """pid -> (command line, CPU seconds so far) of every process (Linux /proc; empty
+    elsewhere): what each Ray actor, engine child and client process used in a phase."""
+    out: dict[int, tuple[str, float]] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[int(d.name)] = (cmd.strip()[:90], (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def busiest(before: dict, after: dict, wall_s: float, top: int = 16) -> list[dict[str, Any]]:
+    """The processes that used most CPU between two cpu_times() snapshots, in cores."""
+    rows = [
+        {"pid": pid, "cmd": cmd, "cores": round((cpu - before.get(pid, ("", 0.0))[1]) / wall_s, 3)}
+        for pid, (cmd, cpu) in after.items()
+    ]
+    return sorted(rows, key=lambda r: -r["cores"])[:top]
+
+
 # --- phases ----------------------------------------------------------------------------------
 
 
@@ -428,7 +464,9 @@ def throughput_phase(
         processes=s["client_procs"],
     )
     t_from = time.perf_counter() - gpu.t0
+    cpu0 = cpu_times()
     res = run_load_processes(cfg, prompts, progress=False)
+    cpu1 = cpu_times()
     t_to = time.perf_counter() - gpu.t0
     after = worker_stats(n)
     ok = [r for r in res.records if r.ok]
@@ -450,6 +488,8 @@ def throughput_phase(
         "latency_ms": summarize(res.records, res.wall_s)["latency_ms"],
         "per_replica": per_replica,
         "gpu_util_mean": gpu.mean_util(t_from, t_to),
+        # where a serving-path bottleneck shows: a process near 1 core (proxy, ingress, ...)
+        "busiest_processes": busiest(cpu0, cpu1, t_to - t_from),
     }
 
 
@@ -698,8 +738,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--client-procs", type=int, default=8)
     p.add_argument("--ingress-replicas", type=int, default=8)
     p.add_argument("--auto-concurrency", type=int, default=192)
+    p.add_argument(
+        "--router-replicas", type=int, default=None, help="Router min_replicas (yaml: 1)"
+    )
     p.add_argument("--hold-s", type=float, default=20.0)
     p.add_argument("--ray-num-cpus", type=int, default=None)
+    p.add_argument(
+        "--haproxy",
+        action="store_true",
+        help="RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in front of the ingress replicas (each"
+        " serves HTTP itself) instead of Serve's Python proxy",
+    )
     p.add_argument(
         "--phases",
         default="placement,routing,throughput,autoscaling",
@@ -719,6 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(shlex.quote(x) for x in [Path(sys.argv[0]).name, *sys.argv[1:]])
     s = settings(a)
     s["zipf_s"] = a.zipf_s
+    s["router_replicas"] = a.router_replicas
 
     from benchmarks.affinity_bench import zipf_workload
     from benchmarks.serve_bench import _prompts
@@ -751,6 +801,9 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(clean_nans(rep), indent=1) + "\n")
         plot(rep, out.with_suffix(".png"))
 
+    if a.haproxy:  # read by Serve's processes at start: set before the cluster starts
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    rep["http_proxy"] = "haproxy" if a.haproxy else "serve"
     cluster = Cluster(s, port, a.ray_num_cpus)
     gpu = GpuMonitor()
     try:
