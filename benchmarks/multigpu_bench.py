@@ -511,10 +511,12 @@ def warm(cluster: Cluster, prompts: list[Any], s: dict[str, Any]) -> None:
 def autoscale_phase(
     cluster: Cluster, s: dict[str, Any], prompts: list[Any], gpu: GpuMonitor, timeout_s: float
 ) -> dict[str, Any]:
-    """Idle, then closed-loop load until the second replica has served for hold_s, then idle
-    until the worker is back at one replica (3 samples in a row)."""
+    """Idle, then closed-loop load (from --client-procs processes, like the throughput
+    phases: one Python client process cannot keep two GPU workers busy) until the second
+    replica has served for hold_s, then idle until the worker is back at one replica (3
+    samples in a row)."""
     from cluster.autoscale_harness import Sampler
-    from dlp.loadgen import LoadConfig, percentiles, run_load, summarize
+    from dlp.loadgen import LoadConfig, percentiles, run_load_processes, summarize
 
     sampler = Sampler(APP, WORKER)
     cfg = LoadConfig(
@@ -523,32 +525,23 @@ def autoscale_phase(
         duration_s=3600,
         max_tokens=s["auto_max_tokens"],
         timeout_s=600,
+        processes=s["client_procs"],
     )
     state: dict[str, Any] = {}
-    loop_ready = threading.Event()
+    stop = threading.Event()
 
-    def count_send() -> None:
-        sampler.sent += 1
+    def on_record(rec: Any) -> None:
+        sampler.on_record(rec)
+        # closed loop: each answer is followed by the next request until the stop
+        sampler.sent = len(sampler.records) + (0 if stop.is_set() else cfg.concurrency or 0)
 
     def load() -> None:
-        async def go() -> None:
-            state["loop"] = asyncio.get_running_loop()
-            state["stop"] = asyncio.Event()
-            loop_ready.set()
-            state["result"] = await run_load(
-                cfg,
-                prompts,
-                on_record=sampler.on_record,
-                stop=state["stop"],
-                on_send=count_send,
-                progress=False,
-            )
-
         try:
-            asyncio.run(go())
+            state["result"] = run_load_processes(
+                cfg, prompts, progress=False, on_record=on_record, stop=stop
+            )
         except BaseException as exc:  # surfaced below
             state["error"] = exc
-            loop_ready.set()
 
     timeline: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -561,9 +554,13 @@ def autoscale_phase(
         if thread is None and t >= s["idle_s"]:
             thread = threading.Thread(target=load, name="load", daemon=True)
             thread.start()
-            loop_ready.wait(30)
-            load_started = t
+            # run_load_processes starts its processes together this long after the call;
+            # record times count from then
+            load_started = t + 3.0 + 0.5 * cfg.processes
+            sampler.sent = cfg.concurrency or 0
         phase = "idle" if thread is None else "load" if load_ended is None else "cooldown"
+        if phase == "load" and t < load_started:
+            phase = "idle"  # client processes still starting
         now_rel = t - (load_started or 0.0)
         row = sampler.sample(t, phase, window, now_rel)
         with sampler.lock:
@@ -590,15 +587,16 @@ def autoscale_phase(
             ),
             flush=True,
         )
-        if phase == "load":
+        if phase == "load" and thread is not None and load_ended is None:
             if row["replicas"] >= 2 and row["replicas_serving"] >= 2:
                 two_serving_since = two_serving_since if two_serving_since is not None else t
             if (two_serving_since is not None and t - two_serving_since >= s["hold_s"]) or (
                 t - load_started > timeout_s
             ):
-                state["loop"].call_soon_threadsafe(state["stop"].set)
+                stop.set()
                 thread.join(timeout=660)
                 load_ended = time.perf_counter() - t0
+                sampler.sent = len(sampler.records)
         elif phase == "cooldown":
             back = row["replicas"] <= 1 and row["replicas_pending"] == 0
             stable = stable + 1 if back else 0
@@ -812,9 +810,10 @@ def main(argv: list[str] | None = None) -> int:
         routing = "routing" in phases
         first_router = "round_robin" if routing else "adapter_affinity"
         cfg2 = app_config(base, assets, s, port, 2, request_router=first_router)
-        cluster.deploy(cfg2)
-        rep["timings_s"]["two_workers_ready"] = wait_workers(2, 900)
-        print(f"two workers ready in {rep['timings_s']['two_workers_ready']:.0f}s", flush=True)
+        if phases & {"placement", "routing", "throughput"}:
+            cluster.deploy(cfg2)
+            rep["timings_s"]["two_workers_ready"] = wait_workers(2, 900)
+            print(f"two workers ready in {rep['timings_s']['two_workers_ready']:.0f}s", flush=True)
         if "placement" in phases:
             rep["placement"] = placement(2)
             print(json.dumps(rep["placement"], indent=1), flush=True)
@@ -879,14 +878,14 @@ def main(argv: list[str] | None = None) -> int:
 
         # 4. autoscaling 1 -> 2 -> 1 ----------------------------------------------------------
         if "autoscaling" in phases:
-            if replica_counts()[0] != 1:
+            if replica_counts()[0] > 1:
                 cluster.deploy(app_config(base, assets, s, port, 1))
                 time.sleep(3.0)
                 wait_workers(1, 600)
             cfg_auto = app_config(base, assets, s, port, "auto")
             cluster.deploy(cfg_auto)
             time.sleep(3.0)
-            wait_workers(1, 600)
+            rep["timings_s"]["autoscaling_start_ready"] = wait_workers(1, 900)
             auto = autoscale_phase(cluster, s, prompts, gpu, a.phase_timeout_s)
             auto["autoscaling_config"] = next(
                 d for d in cfg_auto["applications"][0]["deployments"] if d["name"] == WORKER

@@ -28,6 +28,7 @@ import platform
 import random
 import shlex
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -358,37 +359,71 @@ def _progress_bar(cfg: LoadConfig, progress: bool, detail: str = "") -> Any:
 
 
 def _load_process(
-    cfg: LoadConfig, prompts: Sequence[Prompt], start_at: float, ticks: Any
+    cfg: LoadConfig, prompts: Sequence[Prompt], start_at: float, ticks: Any, stop: Any = None
 ) -> tuple[list[RequestRecord], float]:
-    """One client process of :func:`run_load_processes` (module level: spawn pickles it)."""
+    """One client process of :func:`run_load_processes` (module level: spawn pickles it).
+
+    ``ticks``: a queue that gets each record as it ends; ``stop``: an event shared with the
+    caller (a manager proxy) that ends the load early, like run_load's ``stop``."""
     time.sleep(max(0.0, start_at - time.time()))
-    tick = None if ticks is None else (lambda _rec: ticks.put(1))
-    result = asyncio.run(run_load(cfg, prompts, on_record=tick, progress=False))
+    tick = None if ticks is None else ticks.put
+
+    async def go() -> LoadResult:
+        if stop is None:
+            return await run_load(cfg, prompts, on_record=tick, progress=False)
+        local = asyncio.Event()
+
+        async def watch() -> None:
+            while not await asyncio.to_thread(stop.wait, 0.2):
+                pass
+            local.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return await run_load(cfg, prompts, on_record=tick, stop=local, progress=False)
+        finally:
+            watcher.cancel()
+
+    result = asyncio.run(go())
     return result.records, result.wall_s
 
 
 def run_load_processes(
-    cfg: LoadConfig, prompts: Sequence[Prompt], progress: bool = True
+    cfg: LoadConfig,
+    prompts: Sequence[Prompt],
+    progress: bool = True,
+    on_record: Callable[[RequestRecord], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> LoadResult:
     """:func:`run_load` from ``cfg.processes`` processes that start together; their records
     are merged (times from the common start) and the wall time is the longest process's.
-    Each process gets every n-th prompt, its share of the clients, rate and request cap."""
+    Each process gets every n-th prompt, its share of the clients, rate and request cap.
+
+    ``on_record`` is called (from a thread of this process) with each record as its request
+    ends, in any process; setting ``stop`` ends the load early in every process (requests
+    in flight are still awaited): a caller can follow and end a long run as it goes."""
     import multiprocessing
-    import threading
     from concurrent.futures import ProcessPoolExecutor
 
     n = cfg.processes
-    if n == 1:
+    if n == 1 and on_record is None and stop is None:
         return asyncio.run(run_load(cfg, prompts, progress=progress))
     if not prompts:
         raise DlpError("prompts: nothing to send")
     context = multiprocessing.get_context("spawn")  # no forked copies of the caller's threads
     with context.Manager() as manager, ProcessPoolExecutor(n, mp_context=context) as pool:
-        ticks = manager.Queue() if progress else None
+        follow_records = progress or on_record is not None
+        ticks = manager.Queue() if follow_records else None
+        shared_stop = manager.Event() if stop is not None else None
         start_at = time.time() + 3.0 + 0.5 * n  # every process imported and waiting
         futures = [
             pool.submit(
-                _load_process, cfg.share(i), list(prompts[i::n]) or list(prompts), start_at, ticks
+                _load_process,
+                cfg.share(i),
+                list(prompts[i::n]) or list(prompts),
+                start_at,
+                ticks,
+                shared_stop,
             )
             for i in range(n)
         ]
@@ -398,17 +433,33 @@ def run_load_processes(
         def follow() -> None:
             while not done.is_set():
                 try:
-                    bar.update(ticks.get(timeout=0.2))
+                    rec = ticks.get(timeout=0.2)
                 except Exception:  # queue.Empty through the manager's proxy
                     continue
+                bar.update(1)
+                if on_record is not None:
+                    on_record(rec)
 
-        follower = threading.Thread(target=follow, daemon=True)
+        def relay_stop() -> None:
+            while not done.is_set():
+                if stop.wait(0.2):
+                    shared_stop.set()
+                    return
+
+        threads = []
         if ticks is not None:
-            follower.start()
+            threads.append(threading.Thread(target=follow, daemon=True))
+        if shared_stop is not None:
+            threads.append(threading.Thread(target=relay_stop, daemon=True))
+        for t in threads:
+            t.start()
         parts = [f.result() for f in futures]
+        if ticks is not None:  # the records still queued reach on_record before it returns
+            while not ticks.empty():
+                time.sleep(0.05)
         done.set()
-        if ticks is not None:
-            follower.join(timeout=5)
+        for t in threads:
+            t.join(timeout=5)
         bar.close()
     records = sorted((r for recs, _ in parts for r in recs), key=lambda r: r.start)
     return LoadResult(config=cfg, records=records, wall_s=max(wall for _, wall in parts))

@@ -140,6 +140,27 @@ def test_processes_share_the_clients(server: tuple[str, Stats]) -> None:
     assert [r.start for r in result.records] == sorted(r.start for r in result.records)
 
 
+def test_processes_report_each_record_and_stop_on_request(server: tuple[str, Stats]) -> None:
+    """A caller follows a multi-process load record by record and ends it early: every
+    record reaches on_record once, and no process keeps sending after the stop."""
+    url, _ = server
+    cfg = parse_config(url=url, concurrency=4, processes=2, duration_s=120)
+    seen: list = []
+    stop = threading.Event()
+
+    def on_record(rec) -> None:
+        seen.append(rec)
+        if len(seen) >= 12:
+            stop.set()
+
+    t0 = time.monotonic()
+    result = run_load_processes(cfg, PROMPTS, progress=False, on_record=on_record, stop=stop)
+    assert time.monotonic() - t0 < 60  # stopped long before duration_s
+    assert 12 <= len(result.records) <= 12 + 4 + 2 * 4 * 5  # a few stop-poll periods late
+    assert sorted(r.start for r in seen) == [r.start for r in result.records]
+    assert all(r.ok for r in result.records)
+
+
 def test_load_shares_add_up() -> None:
     cfg = parse_config(concurrency=5, processes=2, max_requests=7, seed=4)
     shares = [cfg.share(i) for i in range(2)]
