@@ -712,10 +712,42 @@ def plot(rep: dict[str, Any], png: Path) -> None:
         ax.legend(loc="upper left", fontsize=8)
         for a in (axes[1][0], axes[1][1]):
             a.axvspan(au["load"]["started_t"], au["load"]["ended_t"] or t[-1], alpha=0.08)
+    shown = {(0, 0): tp, (0, 1): rt, (1, 0): au, (1, 1): au}
+    for (i, j), section in shown.items():
+        if not section:
+            axes[i][j].set_axis_off()
     fig.suptitle(f"{rep['model']} - {rep['machine']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+SECTIONS = ("placement", "placement_after_redeploy", "routing", "throughput", "autoscaling")
+
+
+def merge(paths: list[Path]) -> dict[str, Any]:
+    """One report from several runs' reports (each a subset of the phases): each section
+    from the last file that has it, with that run's command, date and HTTP proxy beside it."""
+    reports = [(p, json.loads(p.read_text())) for p in paths]
+    out: dict[str, Any] = {
+        "merged_from": [str(p.name) for p in paths],
+        "model": reports[-1][1]["model"],
+        "machine": reports[-1][1]["machine"],
+        "settings": reports[-1][1]["settings"],
+        "runs": {
+            p.name: {
+                **{k: r.get(k) for k in ("command", "date", "timings_s")},
+                # reports from before --haproxy existed ran behind Serve's own proxy
+                "http_proxy": r.get("http_proxy") or "serve",
+            }
+            for p, r in reports
+        },
+    }
+    for key in SECTIONS:
+        for p, r in reports:
+            if key in r:
+                out[key] = {**r[key], "run": p.name}
+    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -753,6 +785,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated subset, in this order",
     )
     p.add_argument("--phase-timeout-s", type=float, default=300.0)
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="no run: merge these reports (later files win per section) into --out + PNG",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/multigpu.json")
     return p.parse_args(argv)
 
@@ -762,6 +801,12 @@ def main(argv: list[str] | None = None) -> int:
 
     _exit_on_sigterm()  # `timeout` sends SIGTERM: the partial report is still written
     a = parse_args(argv)
+    if a.merge:
+        merged = merge(a.merge)
+        a.out.write_text(json.dumps(merged, indent=1) + "\n")
+        plot(merged, a.out.with_suffix(".png"))
+        print(f"wrote {a.out} and {a.out.with_suffix('.png')}")
+        return 0
     phases = set(a.phases.split(","))
     command = " ".join(shlex.quote(x) for x in [Path(sys.argv[0]).name, *sys.argv[1:]])
     s = settings(a)
