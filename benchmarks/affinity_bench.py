@@ -154,10 +154,9 @@ def app_args(assets: dict[str, str], router: str, a: argparse.Namespace) -> dict
     }
 
 
-def pool_stats(app: str, replicas: int = 2, timeout_s: float = 120) -> dict[str, dict[str, Any]]:
-    """Pool counters of every worker replica. Calls go through the app's own handle (and so its
-    own router): repeat until each replica has answered once. Read while no load runs, so the
-    counters do not move between the answers."""
+def replica_stats(app: str, replicas: int, timeout_s: float = 120) -> dict[str, dict[str, Any]]:
+    """``LoraWorker.stats()`` of every worker replica of ``app``. Calls go through the app's
+    own handle (and so its own router): repeat until each replica has answered once."""
     from ray import serve
 
     handle = serve.get_deployment_handle("LoraWorker", app_name=app)
@@ -168,10 +167,19 @@ def pool_stats(app: str, replicas: int = 2, timeout_s: float = 120) -> dict[str,
             raise TimeoutError(f"{app}: stats from {sorted(out)} only")
         for call in [handle.stats.remote() for _ in range(2 * replicas)]:
             s = call.result(timeout_s=60)
-            pool = s.get("pool") or {}
-            out[s["replica"]] = {
-                k: pool.get(k, 0) for k in ("hits", "loads", "evictions", "host_loads", "waits")
-            } | {"resident": pool.get("resident", []), "slots": pool.get("slots")}
+            out[s["replica"]] = s
+    return out
+
+
+def pool_stats(app: str, replicas: int = 2, timeout_s: float = 120) -> dict[str, dict[str, Any]]:
+    """Pool counters of every worker replica, read while no load runs, so the counters do
+    not move between the answers."""
+    out: dict[str, dict[str, Any]] = {}
+    for rid, s in replica_stats(app, replicas, timeout_s).items():
+        pool = s.get("pool") or {}
+        out[rid] = {
+            k: pool.get(k, 0) for k in ("hits", "loads", "evictions", "host_loads", "waits")
+        } | {"resident": pool.get("resident", []), "slots": pool.get("slots")}
     return out
 
 

@@ -315,19 +315,10 @@ def app_status_detail() -> dict[str, Any]:
 
 
 def worker_stats(n: int, timeout_s: float = 120) -> dict[str, dict[str, Any]]:
-    """LoraWorker.stats() of each of n replicas (calls fan out until all have answered)."""
-    from ray import serve
+    """LoraWorker.stats() of each of the app's n worker replicas."""
+    from benchmarks.affinity_bench import replica_stats
 
-    handle = serve.get_deployment_handle(WORKER, app_name=APP)
-    out: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + timeout_s
-    while len(out) < n:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"stats from {sorted(out)} only")
-        for call in [handle.stats.remote() for _ in range(2 * n)]:
-            st = call.result(timeout_s=60)
-            out[st["replica"]] = st
-    return out
+    return replica_stats(APP, n, timeout_s)
 
 
 # --- GPU monitor -----------------------------------------------------------------------------

@@ -57,6 +57,14 @@ def mix_names(pending: PendingRequest | None) -> tuple[str, ...]:
     return ()
 
 
+def _routable(candidates: list[RunningReplica], pending: PendingRequest | None) -> bool:
+    """Common start of choose_replicas: ask Serve to back off between retries when every
+    replica is full (else its retry loop spins); False when there is nobody to choose."""
+    if pending is not None:
+        pending.routing_context.should_backoff = True
+    return bool(candidates)
+
+
 class AdapterAffinityRouter(RequestRouter):
     def initialize_state(
         self,
@@ -126,10 +134,7 @@ class AdapterAffinityRouter(RequestRouter):
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
-        if pending_request is not None:
-            # Back off between retries when every replica is full (else the retry loop spins).
-            pending_request.routing_context.should_backoff = True
-        if not candidate_replicas:
+        if not _routable(candidate_replicas, pending_request):
             return []
         wanted = set(mix_names(pending_request))
         if not wanted:
@@ -178,9 +183,7 @@ class RoundRobinRouter(RequestRouter):
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
-        if pending_request is not None:
-            pending_request.routing_context.should_backoff = True
-        if not candidate_replicas:
+        if not _routable(candidate_replicas, pending_request):
             return []
         ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
         chosen = ordered[self._turn % len(ordered)]
