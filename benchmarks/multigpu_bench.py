@@ -137,28 +137,15 @@ def make_assets(scratch: Path, s: dict[str, Any], a: argparse.Namespace) -> tupl
 
         names = [f"adapter_{i:02d}" for i in range(s["adapters"])]
         return _quick_assets(scratch, names), names
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from benchmarks.serve_bench import _assets
-    from dlp.config import NAMED_SHAPES
     from dlp.data.tasks import POOL
-    from dlp.lora.adapter import base_linear_shapes, random_adapter, save_adapter
 
     if a.tokenizer_dir is None:
         raise SystemExit("--tokenizer-dir is needed (the embedded tokenizer files)")
-    assets = _assets(scratch, a.tokenizer_dir, s["shape"])
     names = [spec.name for spec in POOL]
-    cfg = dict(NAMED_SHAPES[s["shape"]])
-    model_type = cfg.pop("model_type")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
-    shapes = base_linear_shapes(model)
-    for i in range(len(names), s["adapters"]):
-        name = f"extra_{i:02d}"
-        adapter = random_adapter(name, shapes, rank=8, seed=1000 + i, b_std=0.02)
-        save_adapter(adapter, Path(assets["adapters_dir"]) / name, base_model_name=s["shape"])
-        names.append(name)
+    extra = max(0, s["adapters"] - len(names))
+    assets = _assets(scratch, a.tokenizer_dir, s["shape"], extra_adapters=extra)
+    names += [f"extra_{i:02d}" for i in range(len(names), len(names) + extra)]
     return assets, names[: s["adapters"]]
 
 

@@ -53,8 +53,12 @@ def _prompts(n: int, words: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(vocab) for _ in range(words)) + f" ({i})" for i in range(n)]
 
 
-def _assets(scratch: Path, tokenizer_dir: Path, shape: str) -> dict[str, str]:
-    """Cache dir with the embedded tokenizer, random adapters for ``shape``, untrained router."""
+def _assets(
+    scratch: Path, tokenizer_dir: Path, shape: str, extra_adapters: int = 0
+) -> dict[str, str]:
+    """Cache dir with the embedded tokenizer, random adapters for ``shape`` (one per pool
+    task, which the untrained router picks from, plus ``extra_adapters`` named `extra_NN`
+    for explicit mixes), untrained router."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -80,6 +84,9 @@ def _assets(scratch: Path, tokenizer_dir: Path, shape: str) -> dict[str, str]:
     for i, name in enumerate(names):
         adapter = random_adapter(name, shapes, rank=8, seed=i + 1, b_std=0.02)
         save_adapter(adapter, root / "initial" / name, base_model_name=shape)
+    for i in range(len(names), len(names) + extra_adapters):
+        adapter = random_adapter(f"extra_{i:02d}", shapes, rank=8, seed=1000 + i, b_std=0.02)
+        save_adapter(adapter, root / "initial" / f"extra_{i:02d}", base_model_name=shape)
     tokenizer = load_tokenizer(tok_dir)
     torch.manual_seed(0)
     rcfg = RouterConfig(vocab_size=len(tokenizer), embed_dim=16, hash_buckets=256, hidden=(32,))

@@ -43,7 +43,6 @@ from ray.serve.request_router import (
 log = logging.getLogger("ray.serve")
 
 ROUTER_CLASS_PATH = "deployments.request_router.AdapterAffinityRouter"
-ROUND_ROBIN_CLASS_PATH = "deployments.request_router.RoundRobinRouter"
 
 
 def mix_names(pending: PendingRequest | None) -> tuple[str, ...]:
