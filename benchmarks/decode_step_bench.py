@@ -18,7 +18,11 @@ not bytes, so this compares, in one process on one model:
   step a programmatic dependent launch (``triton_pdl``, which also fuses the post-attention
   norm into the o and gate/up GEMMs; ``+unfused`` keeps its kernel).
 
-``--gemm-configs`` takes the GEMM configs a ``pdl_bench.py --sweep`` run found.
+``--gemm-configs`` takes the GEMM configs a ``pdl_bench.py --sweep`` run found. A ``+pf:SPEC``
+suffix on a PDL variant sets what its kernels prefetch to L2 for the kernels after them
+(``dlp.engine.l2_prefetch.PrefetchPlan.parse``, with ``.`` between the parts, e.g.
+``step+rope+pdl+pf:o.qkv.kv``). ``--interleave N`` keeps every variant's graph and times
+them again in N alternating rounds, so that they are compared under the same conditions.
 
 Each variant is captured as the engine's CUDA graph and timed by CUDA events (median of
 ``--iters`` replays) with and without the LoRA path, on the same random KV cache, its logits
@@ -29,6 +33,7 @@ per step. JSON + PNG.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -124,9 +129,11 @@ def _variant(
     import torch
 
     from dlp.engine.model import CompactLM
+    from dlp.engine.prefetch_plan import PrefetchPlan
     from dlp.engine.runner import DecodeRunner
 
-    scope, mode, attention, gemm = VARIANTS[name]
+    base, plan = split_variant(name)
+    scope, mode, attention, gemm = VARIANTS[base]
     torch._dynamo.reset()  # each variant compiles from scratch, no cache-limit recompiles
     model = CompactLM(hf_model, a.batch, a.max_seq_len, lora)
     runner = DecodeRunner(
@@ -139,8 +146,9 @@ def _variant(
         attention=attention,
         gemm=gemm,
     )
-    if "unfused" in name.split("+"):
+    if "unfused" in base.split("+"):
         model.decode_fuse_norms = False
+    model.decode_prefetch = PrefetchPlan.parse(plan)
     start = time.perf_counter()
     with torch.no_grad():
         runner._capture()
@@ -153,6 +161,7 @@ def _variant(
         "decode_gemm": model.decode_gemm,
         "decode_pdl": model.decode_pdl,
         "decode_fuse_norms": model.decode_fuse_norms,
+        "decode_prefetch": dataclasses.asdict(model.decode_prefetch),
         "compile_capture_s": time.perf_counter() - start,
         "compile_failed": runner.compile_failed,
     }
@@ -166,6 +175,27 @@ def _variant(
     runner.positions.fill_(a.position)
     logits, _ = runner.step(a.batch, lora=False)
     return out, logits.float().clone(), runner
+
+
+def split_variant(name: str) -> tuple[str, str]:
+    """``"step+rope+pdl+pf:o.qkv"`` -> (``"step+rope+pdl"``, ``"o,qkv"``): the variant of
+    :data:`VARIANTS` and its L2 prefetch plan (``""``: none)."""
+    parts = name.split("+")
+    plans = [p.removeprefix("pf:") for p in parts if p.startswith("pf:")]
+    base = "+".join(p for p in parts if not p.startswith("pf:"))
+    if base not in VARIANTS:
+        raise ValueError(f"unknown variant {base!r} (known: {', '.join(VARIANTS)})")
+    return base, ",".join(plans).replace(".", ",")
+
+
+def interleaved_times(runners: dict[str, Any], rows: int, rounds: int, iters: int) -> dict:
+    """Each variant's step (a) timed again in ``rounds`` alternating rounds: per variant the
+    median of its round medians (ms) and the rounds themselves."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            times[name].append(_time_step(runner, rows, False, iters))
+    return {n: {"a_ms": statistics.median(t), "rounds": t} for n, t in times.items()}
 
 
 def _use_gemm_configs(path: Path) -> dict[str, Any]:
@@ -231,8 +261,19 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="a pdl_bench.py report: its sweep's GEMM configs replace skinny_gemm.MEASURED's",
     )
+    p.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        help="keep the variants' graphs and re-time step (a) in this many alternating rounds",
+    )
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
+    for name in (n for n in a.variants.split(",") if n):
+        try:
+            split_variant(name)
+        except ValueError as exc:
+            p.error(str(exc))
 
     import torch
     from tqdm.auto import tqdm
@@ -273,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = None
     names = [n for n in a.variants.split(",") if n]
     profiled = set(a.profile.split(","))
+    kept: dict[str, Any] = {}  # runners kept for --interleave
     for name in tqdm(names, desc="decode step variants"):
         if time.perf_counter() - t0 > a.time_limit:
             report["skipped"].append(name)
@@ -300,9 +342,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         if name in profiled:
             report["profiles"][name] = _profile(runner, a.batch)
-        del runner  # its caches and graphs
+        if a.interleave:
+            runner.positions.fill_(a.position)
+            kept[name] = runner
+        del runner  # its caches and graphs (unless kept)
         torch.cuda.empty_cache()
         a.out.write_text(json.dumps(report, indent=2))  # kept if a later compile runs over
+    if len(kept) > 1:
+        report["interleaved"] = interleaved_times(kept, a.batch, a.interleave, a.iters)
+        for name, v in report["interleaved"].items():
+            v["a_to_floor"] = v["a_ms"] / report["floor_ms"]
+            print(f"interleaved {name}: a {v['a_ms']:.3f} ms ({v['a_to_floor']:.3f}x floor)")
+    kept.clear()
     timed = {n: v for n, v in report["variants"].items() if "a_ms" in v}
     if timed:
         best = min(timed, key=lambda n: timed[n]["a_ms"])

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dlp.engine import l2_prefetch
+from dlp.engine.l2_prefetch import Prefetch
 from dlp.engine.triton_support import INTERPRET, tl, triton
 
 MAX_ROWS = 128  # beyond this the problem is no longer weight-bound: cuBLAS is the right tool
@@ -149,14 +151,16 @@ def skinny_linear(
     bias: torch.Tensor | None = None,
     config: GemmConfig | None = None,
     pdl: bool = False,
+    prefetch: Prefetch | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, w, bias)`` for x ``[..., K]`` with few rows; falls back to F.linear where
     the kernel does not apply. Accumulates in fp32, rounds once to x's dtype. ``pdl``: a
     programmatic dependent launch (:func:`launch_partials`), through the ``dlp::skinny_pdl``
-    op under torch.compile."""
+    op under torch.compile; ``prefetch``: what it also sends to L2 (PDL launches only,
+    :mod:`dlp.engine.l2_prefetch`)."""
     if not supported(x, w):
         return F.linear(x, w, bias)
-    return _run(x, w, bias, w.shape[0], False, config, pdl)
+    return _run(x, w, bias, w.shape[0], False, config, pdl, prefetch=prefetch)
 
 
 def skinny_silu_mul(
@@ -166,6 +170,7 @@ def skinny_silu_mul(
     config: GemmConfig | None = None,
     pdl: bool = False,
     norm: NormInput | None = None,
+    prefetch: Prefetch | None = None,
 ) -> torch.Tensor:
     """``silu(gate) * up`` where ``[gate, up] = F.linear(x, w_gu, bias).chunk(2, -1)``: the
     MLP's merged gate/up weight ``[2 * inter, K]``. gate and up are rounded to x's dtype
@@ -174,7 +179,7 @@ def skinny_silu_mul(
     if not supported(x, w_gu):
         gu = F.linear(norm.apply(x) if norm is not None else x, w_gu, bias)
         return F.silu(gu[..., :inter]) * gu[..., inter:]
-    return _run(x, w_gu, bias, inter, True, config, pdl, norm)
+    return _run(x, w_gu, bias, inter, True, config, pdl, norm, prefetch)
 
 
 def skinny_pieces(
@@ -184,6 +189,7 @@ def skinny_pieces(
     config: GemmConfig | None = None,
     pdl: bool = False,
     norm: NormInput | None = None,
+    prefetch: Prefetch | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, w, bias)`` for x ``[..., K]`` as split-K pieces ``[pieces, rows, N]``
     whose sum is the product (fp32 pieces, or one piece in x's dtype), for a consumer that
@@ -192,7 +198,7 @@ def skinny_pieces(
     x2 = x.reshape(-1, x.shape[-1])
     if not supported(x2, w):
         return F.linear(norm.apply(x2) if norm is not None else x2, w, bias).unsqueeze(0)
-    out = _partials(x2, w, bias, w.shape[0], False, config, pdl, norm)
+    out = _partials(x2, w, bias, w.shape[0], False, config, pdl, norm, prefetch)
     return out if out.dim() == 3 else out.unsqueeze(0)
 
 
@@ -205,10 +211,11 @@ def _run(
     config: GemmConfig | None,
     pdl: bool = False,
     norm: NormInput | None = None,
+    prefetch: Prefetch | None = None,
 ) -> torch.Tensor:
     """x ``[..., K]`` as rows, the kernel, the split pieces summed: ``[..., n]``."""
     lead = x.shape[:-1]
-    out = _partials(x.reshape(-1, x.shape[-1]), w, bias, n, silu, config, pdl, norm)
+    out = _partials(x.reshape(-1, x.shape[-1]), w, bias, n, silu, config, pdl, norm, prefetch)
     return finish_partials(out, n, silu, x.dtype).reshape(*lead, n)
 
 
@@ -221,9 +228,11 @@ def _partials(
     config: GemmConfig | None,
     pdl: bool,
     norm: NormInput | None = None,
+    prefetch: Prefetch | None = None,
 ) -> torch.Tensor:
     """Rows x2 ``[M, K]`` through the kernel (its config picked unless given): the output of
-    :func:`launch_partials`, through the ``dlp::skinny_pdl`` op for a PDL launch."""
+    :func:`launch_partials`, through the ``dlp::skinny_pdl`` op for a PDL launch (the only
+    one that prefetches)."""
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     m, k = x2.shape
@@ -231,8 +240,22 @@ def _partials(
     if pdl:
         args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
         sumsq, gamma, eps = (norm.sumsq, norm.weight, norm.eps) if norm else (None, None, 0.0)
-        return torch.ops.dlp.skinny_pdl(x2, w, bias, n, silu, *args, sumsq, gamma, eps)
+        pf = _prefetch_op_args(prefetch)
+        return torch.ops.dlp.skinny_pdl(x2, w, bias, n, silu, *args, sumsq, gamma, eps, *pf)
     return launch_partials(x2, w, bias, m, n, k, cfg, silu, norm=norm)
+
+
+def _prefetch_op_args(prefetch: Prefetch | None) -> tuple:
+    """A :class:`Prefetch` as the PDL ops' last four arguments."""
+    p = prefetch or Prefetch()
+    tensors, ranges = l2_prefetch.op_args(p.regions)
+    return tensors, ranges, p.at_end, p.evict_first
+
+
+def _prefetch_from_op_args(
+    tensors: list[torch.Tensor], ranges: list[int], at_end: bool, evict_first: bool
+) -> Prefetch:
+    return Prefetch(tuple(l2_prefetch.from_op_args(tensors, ranges)), at_end, evict_first)
 
 
 def skinny_residual(
@@ -243,6 +266,7 @@ def skinny_residual(
     counters: torch.Tensor,
     config: GemmConfig | None = None,
     pdl: bool = False,
+    prefetch: Prefetch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``residual + F.linear(x, w, bias)`` (the product rounded to x's dtype first, as the
     eager ``x + linear(...)``) for rows x ``[M, K]`` and residual ``[M, N]``, with the new
@@ -261,7 +285,8 @@ def skinny_residual(
     cfg = config or pick_config(m, w.shape[0], k, False)
     if pdl:
         args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
-        return torch.ops.dlp.skinny_residual_pdl(x, w, bias, residual, counters, *args)
+        pf = _prefetch_op_args(prefetch)
+        return torch.ops.dlp.skinny_residual_pdl(x, w, bias, residual, counters, *args, *pf)
     return _launch_residual(x, w, bias, residual, counters, cfg, pdl=False)
 
 
@@ -273,6 +298,7 @@ def _launch_residual(
     counters: torch.Tensor,
     cfg: GemmConfig,
     pdl: bool,
+    prefetch: Prefetch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
     n = w.shape[0]
@@ -284,7 +310,9 @@ def _launch_residual(
     h = torch.empty((m, n), dtype=x.dtype, device=x.device)
     sumsq = torch.empty((math.ceil(n / cfg.block_n), m), dtype=torch.float32, device=x.device)
     residual_out = ResidualOut(residual, counters, h, sumsq)
-    launch_partials(x, w, bias, m, n, k, cfg, False, pdl, scratch, residual=residual_out)
+    launch_partials(
+        x, w, bias, m, n, k, cfg, False, pdl, scratch, residual=residual_out, prefetch=prefetch
+    )
     return h, sumsq
 
 
@@ -312,6 +340,7 @@ def launch_partials(
     out: torch.Tensor | None = None,
     norm: NormInput | None = None,
     residual: ResidualOut | None = None,
+    prefetch: Prefetch | None = None,
 ) -> torch.Tensor:
     """The kernel alone: ``[m, n]`` in x's dtype when K is not split, else fp32 partials
     ``[split, m, n]`` (``[split, m, 2n]``, gate then up, for ``silu``).
@@ -323,9 +352,12 @@ def launch_partials(
     wait, were slower: ``benchmarks/results/pdl_h200_prefetch.json``, ``pdl_h200_overlap.json``.)
     ``out`` is written in place when given. ``norm``: x is read through it;
     ``residual``: the pieces (always ``[split, m, n]`` fp32, into ``out``) are summed by the
-    kernel into ``residual.h`` and ``residual.sumsq`` (see :func:`skinny_residual`)."""
+    kernel into ``residual.h`` and ``residual.sumsq`` (see :func:`skinny_residual`);
+    ``prefetch`` (PDL launches only): bytes for later kernels to L2, and evict-first loads."""
     # Triton's CPU interpreter has no griddepcontrol (inline asm): a plain launch there.
     pdl = pdl and not INTERPRET
+    pf = prefetch if prefetch is not None and l2_prefetch.enabled(pdl) else Prefetch()
+    pf_args, pf_n = l2_prefetch.kernel_args(pf.regions, x)
     block_m = block_m_for(m)
     # Each pipeline stage holds an x tile and one (gate/up: two) weight tiles in shared
     # memory; fewer stages where they would not fit (fp32 tiles, gate/up at 64 x 128).
@@ -352,6 +384,7 @@ def launch_partials(
         x.stride(0), w.stride(0), out.stride(-2),
         out.stride(0) if out.dim() == 3 else 0,
         n, sumsq_in.shape[0] if norm else 0, eps,
+        *pf_args,
         BLOCK_M=block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
@@ -369,6 +402,10 @@ def launch_partials(
         RESIDUAL=residual is not None,
         PARTS_PAD=triton_next_pow2(sumsq_in.shape[0]) if norm else 1,
         SPLITS=split if residual is not None else 1,
+        PF_START=0 if pf.at_end else pf_n,
+        PF_END=pf_n if pf.at_end else 0,
+        PF_CHUNK=l2_prefetch.CHUNK_BYTES,
+        W_EVICT="evict_first" if pf.evict_first else "",
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}),
@@ -425,11 +462,16 @@ def _skinny_pdl(
     sumsq: torch.Tensor | None,
     gamma: torch.Tensor | None,
     eps: float,
+    pf: list[torch.Tensor],
+    pf_ranges: list[int],
+    pf_at_end: bool,
+    evict_first: bool,
 ) -> torch.Tensor:
     cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages)
     norm = NormInput(sumsq, gamma, eps) if sumsq is not None and gamma is not None else None
     m, k = x.shape
-    return launch_partials(x, w, bias, m, n, k, cfg, silu, True, None, norm)
+    prefetch = _prefetch_from_op_args(pf, pf_ranges, pf_at_end, evict_first)
+    return launch_partials(x, w, bias, m, n, k, cfg, silu, True, None, norm, prefetch=prefetch)
 
 
 @_skinny_pdl.register_fake
@@ -447,6 +489,10 @@ def _skinny_pdl_fake(
     sumsq: torch.Tensor | None,
     gamma: torch.Tensor | None,
     eps: float,
+    pf: list[torch.Tensor],
+    pf_ranges: list[int],
+    pf_at_end: bool,
+    evict_first: bool,
 ) -> torch.Tensor:
     cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages)
     shape = partials_shape(x.shape[0], n, x.shape[1], cfg, silu)
@@ -467,9 +513,14 @@ def _skinny_residual_pdl(
     split_k: int,
     num_warps: int,
     num_stages: int,
+    pf: list[torch.Tensor],
+    pf_ranges: list[int],
+    pf_at_end: bool,
+    evict_first: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages)
-    return _launch_residual(x, w, bias, residual, counters, cfg, pdl=True)
+    prefetch = _prefetch_from_op_args(pf, pf_ranges, pf_at_end, evict_first)
+    return _launch_residual(x, w, bias, residual, counters, cfg, pdl=True, prefetch=prefetch)
 
 
 @_skinny_residual_pdl.register_fake
@@ -484,6 +535,10 @@ def _skinny_residual_pdl_fake(
     split_k: int,
     num_warps: int,
     num_stages: int,
+    pf: list[torch.Tensor],
+    pf_ranges: list[int],
+    pf_at_end: bool,
+    evict_first: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     m, n = x.shape[0], w.shape[0]
     sumsq = x.new_empty((math.ceil(n / block_n), m), dtype=torch.float32)
@@ -499,6 +554,7 @@ if triton is not None:
         M, N, K, K_PER_SPLIT,
         stride_xm, stride_wn, stride_om, stride_os,
         UP_OFFSET, SUMSQ_PARTS, eps,
+        PF0, PF0_LO, PF0_HI, PF1, PF1_LO, PF1_HI, PF2, PF2_LO, PF2_HI,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -514,12 +570,28 @@ if triton is not None:
         RESIDUAL: tl.constexpr,
         PARTS_PAD: tl.constexpr,
         SPLITS: tl.constexpr,
+        PF_START: tl.constexpr,
+        PF_END: tl.constexpr,
+        PF_CHUNK: tl.constexpr,
+        W_EVICT: tl.constexpr,
     ):  # fmt: skip
         # One loop, no nested jit function: Inductor reads a user kernel's stores to learn
         # which inputs it mutates, and clones every input (the weights!) where it cannot.
+        # (The one helper, l2_prefetch.prefetch_share, is only reached with PF_START/PF_END
+        # > 0: PDL launches through custom ops, which Inductor does not analyse.)
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         pid_m = tl.program_id(2)
+        # Bytes for later kernels to L2 (l2_prefetch): the weights are never written in the
+        # step, so this needs no wait for the kernel before.
+        pf_pid = pid_n + tl.num_programs(0) * (pid_s + tl.num_programs(1) * pid_m)
+        pf_progs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+        if PF_START > 0:
+            l2_prefetch.prefetch_share(PF0, PF0_LO, PF0_HI, pf_pid, pf_progs, PF_CHUNK)
+        if PF_START > 1:
+            l2_prefetch.prefetch_share(PF1, PF1_LO, PF1_HI, pf_pid, pf_progs, PF_CHUNK)
+        if PF_START > 2:
+            l2_prefetch.prefetch_share(PF2, PF2_LO, PF2_HI, pf_pid, pf_progs, PF_CHUNK)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         kk = tl.arange(0, BLOCK_K)
@@ -568,21 +640,28 @@ if triton is not None:
                 xt_n = (xt.to(tl.float32) * rstd[:, None]).to(xt.dtype)
                 xt = (xt_n.to(tl.float32) * gamma.to(tl.float32)[None, :]).to(xt.dtype)
             if EVEN_K and EVEN_N:
-                wt = tl.load(w_ptrs + k0)
+                wt = tl.load(w_ptrs + k0, eviction_policy=W_EVICT)
             else:
-                wt = tl.load(w_ptrs + k0, mask=w_mask, other=0.0)
+                wt = tl.load(w_ptrs + k0, mask=w_mask, other=0.0, eviction_policy=W_EVICT)
             if UPCAST:  # Triton's CPU interpreter mis-multiplies bf16 dots: fp32 there
                 xt = xt.to(tl.float32)
                 wt = wt.to(tl.float32)
             acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
             if GATE_UP:
                 if EVEN_K and EVEN_N:
-                    ut = tl.load(up_ptrs + k0)
+                    ut = tl.load(up_ptrs + k0, eviction_policy=W_EVICT)
                 else:
-                    ut = tl.load(up_ptrs + k0, mask=w_mask, other=0.0)
+                    ut = tl.load(up_ptrs + k0, mask=w_mask, other=0.0, eviction_policy=W_EVICT)
                 if UPCAST:
                     ut = ut.to(tl.float32)
                 acc_up = tl.dot(xt, ut, acc_up, input_precision=PRECISION)
+        # After the loop (PF_END regions): the stream of this kernel's own weights is done.
+        if PF_END > 0:
+            l2_prefetch.prefetch_share(PF0, PF0_LO, PF0_HI, pf_pid, pf_progs, PF_CHUNK)
+        if PF_END > 1:
+            l2_prefetch.prefetch_share(PF1, PF1_LO, PF1_HI, pf_pid, pf_progs, PF_CHUNK)
+        if PF_END > 2:
+            l2_prefetch.prefetch_share(PF2, PF2_LO, PF2_HI, pf_pid, pf_progs, PF_CHUNK)
         if USE_GDC:
             tl.extra.cuda.gdc_launch_dependents()
         if HAS_BIAS:  # noqa: SIM102 - triton: `and` of a constexpr and a runtime value

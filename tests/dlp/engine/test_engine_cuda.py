@@ -200,6 +200,15 @@ def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
             decode_attention="triton_rope",
             decode_gemm="triton_pdl",
         ),
+        # ... with every L2 prefetch of the plan on (hints only: the same tokens).
+        "pdl_step_prefetch": dict(
+            compile=True,
+            cuda_graph=True,
+            compile_scope="step",
+            decode_attention="triton_rope",
+            decode_gemm="triton_pdl",
+            decode_prefetch="o,qkv,kv,gu=64k,guo=64k,ef",
+        ),
     }.items():
         engine = make_engine(
             model, None, adapters, device="cuda", max_batch=8, max_seq_len=128, **cfg
@@ -226,3 +235,4 @@ def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
     assert outputs["rope_spare_rows"] == outputs["eager"]
     assert outputs["pdl"] == outputs["eager"]
     assert outputs["pdl_step"] == outputs["eager"]
+    assert outputs["pdl_step_prefetch"] == outputs["eager"]

@@ -30,14 +30,21 @@ _CHILD = """
 
     def args_for(kind):
         torch.manual_seed(0)
+        # L2 prefetch arguments (regions of a later kernel's weight; the interpreter launches
+        # without them, so they must not change the results or the declared contract).
+        later = torch.randn(24, 64).bfloat16()
+        pf = ([later], [0, 1024], False, True)
         if kind == "residual":
             x, w = torch.randn(5, 64).bfloat16(), torch.randn(40, 64).bfloat16()
             res, counters = torch.randn(5, 40).bfloat16(), torch.zeros(8, dtype=torch.int32)
-            return torch.ops.dlp.skinny_residual_pdl, (x, w, None, res, counters, 32, 16, 2, 4, 2)
+            cfg = (32, 16, 2, 4, 2)
+            return torch.ops.dlp.skinny_residual_pdl, (x, w, None, res, counters, *cfg, *pf)
         if kind == "normed":
             x, w = torch.randn(5, 64).bfloat16(), torch.randn(40, 64).bfloat16()
             norm = (torch.rand(2, 5) * 64, torch.randn(64).bfloat16(), 1e-6)
-            return torch.ops.dlp.skinny_pdl, (x, w, None, 40, False, 32, 16, 2, 4, 2, *norm)
+            no_pf = ([], [], False, False)
+            args = (x, w, None, 40, False, 32, 16, 2, 4, 2, *norm, *no_pf)
+            return torch.ops.dlp.skinny_pdl, args
         if kind in ("skinny", "skinny_one", "silu"):
             # bf16: the unsplit output keeps x's dtype, split pieces are fp32.
             x = torch.randn(5, 64).bfloat16()
@@ -47,7 +54,8 @@ _CHILD = """
             split = 1 if kind != "skinny" else 2
             cfg = (32, 16, split, 4, 2)
             no_norm = (None, None, 0.0)
-            return torch.ops.dlp.skinny_pdl, (x, w, bias, n, kind == "silu", *cfg, *no_norm)
+            args = (x, w, bias, n, kind == "silu", *cfg, *no_norm, *pf)
+            return torch.ops.dlp.skinny_pdl, args
         if kind == "greedy":
             return torch.ops.dlp.greedy_pdl, (torch.randn(3, 700),)
         b, h, kvh, d, s = 2, 4, 2, 16, 40
@@ -64,7 +72,7 @@ _CHILD = """
         caches = torch.randn(b, kvh, s, d), torch.randn(b, kvh, s, d)
         lengths = torch.tensor([40, 7])
         return torch.ops.dlp.decode_attention_rope_pdl, (
-            q, k, v, cos, sin, *caches, lengths, d**-0.5, None
+            q, k, v, cos, sin, *caches, lengths, d**-0.5, None, [later], [0, 1024], lengths - 1
         )
 
     out = {}
