@@ -18,23 +18,18 @@ not bytes, so this compares, in one process on one model:
   step a programmatic dependent launch (``triton_pdl``, which also fuses the post-attention
   norm into the o and gate/up GEMMs; ``+unfused`` keeps its kernel).
 
-``--gemm-configs`` takes the GEMM configs a ``pdl_bench.py --sweep`` run found. A ``+pf:SPEC``
-suffix on a PDL variant sets what its kernels prefetch to L2 for the kernels after them
-(``dlp.engine.l2_prefetch.PrefetchPlan.parse``, with ``.`` between the parts, e.g.
-``step+rope+pdl+pf:o.qkv.kv``). ``--interleave N`` keeps every variant's graph and times
-them again in N alternating rounds, so that they are compared under the same conditions.
-
-Each variant is captured as the engine's CUDA graph and timed by CUDA events (median of
-``--iters`` replays) with and without the LoRA path, on the same random KV cache, its logits
-compared with the first variant's. A profile of graph replays lists each variant's kernels
-per step. JSON + PNG.
+``--gemm-configs`` takes the GEMM configs a ``pdl_bench.py --sweep`` run found. A ``+skNxP``
+suffix on a PDL variant runs its gate/up GEMM as the stream-K kernel
+(``skinny_gemm.skinny_silu_stream``) with ``BLOCK_N`` = N and P programs, e.g.
+``step+rope+pdl+sk32x132``. ``--interleave N`` keeps every variant's graph and times them
+again in N alternating rounds, so that they are compared under the same conditions.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import re
 import statistics
 import sys
 import time
@@ -128,11 +123,11 @@ def _variant(
 ) -> tuple[dict[str, Any], Any, Any]:
     import torch
 
+    from dlp.engine import skinny_gemm
     from dlp.engine.model import CompactLM
-    from dlp.engine.prefetch_plan import PrefetchPlan
     from dlp.engine.runner import DecodeRunner
 
-    base, plan = split_variant(name)
+    base, stream = split_variant(name)
     scope, mode, attention, gemm = VARIANTS[base]
     torch._dynamo.reset()  # each variant compiles from scratch, no cache-limit recompiles
     model = CompactLM(hf_model, a.batch, a.max_seq_len, lora)
@@ -148,10 +143,21 @@ def _variant(
     )
     if "unfused" in base.split("+"):
         model.decode_fuse_norms = False
-    model.decode_prefetch = PrefetchPlan.parse(plan)
+    # The gate/up config of this shape, for this variant's compile (read when it traces).
+    gu_key = (hf_model.config.intermediate_size, hf_model.config.hidden_size, True)
+    saved = skinny_gemm.MEASURED.get(gu_key)
+    if stream is not None:
+        block_n, programs = stream
+        skinny_gemm.MEASURED[gu_key] = skinny_gemm.GemmConfig(block_n, 64, 1, programs=programs)
     start = time.perf_counter()
-    with torch.no_grad():
-        runner._capture()
+    try:
+        with torch.no_grad():
+            runner._capture()
+    finally:
+        if saved is not None:
+            skinny_gemm.MEASURED[gu_key] = saved
+        else:
+            skinny_gemm.MEASURED.pop(gu_key, None)
     out: dict[str, Any] = {
         "compile_scope": scope,
         "compile_mode": mode,
@@ -161,7 +167,7 @@ def _variant(
         "decode_gemm": model.decode_gemm,
         "decode_pdl": model.decode_pdl,
         "decode_fuse_norms": model.decode_fuse_norms,
-        "decode_prefetch": dataclasses.asdict(model.decode_prefetch),
+        "gate_up_stream": None if stream is None else {"block_n": stream[0], "programs": stream[1]},
         "compile_capture_s": time.perf_counter() - start,
         "compile_failed": runner.compile_failed,
     }
@@ -177,15 +183,18 @@ def _variant(
     return out, logits.float().clone(), runner
 
 
-def split_variant(name: str) -> tuple[str, str]:
-    """``"step+rope+pdl+pf:o.qkv"`` -> (``"step+rope+pdl"``, ``"o,qkv"``): the variant of
-    :data:`VARIANTS` and its L2 prefetch plan (``""``: none)."""
+def split_variant(name: str) -> tuple[str, tuple[int, int] | None]:
+    """``"step+rope+pdl+sk32x132"`` -> (``"step+rope+pdl"``, (32, 132)): the variant of
+    :data:`VARIANTS` and its stream-K gate/up (BLOCK_N, programs), or None."""
     parts = name.split("+")
-    plans = [p.removeprefix("pf:") for p in parts if p.startswith("pf:")]
-    base = "+".join(p for p in parts if not p.startswith("pf:"))
-    if base not in VARIANTS:
-        raise ValueError(f"unknown variant {base!r} (known: {', '.join(VARIANTS)})")
-    return base, ",".join(plans).replace(".", ",")
+    streams = [p for p in parts if re.fullmatch(r"sk\d+x\d+", p)]
+    base = "+".join(p for p in parts if p not in streams)
+    if base not in VARIANTS or len(streams) > 1:
+        raise ValueError(f"unknown variant {name!r} (known: {', '.join(VARIANTS)}, +skNxP)")
+    if not streams:
+        return base, None
+    block_n, programs = (int(v) for v in streams[0][2:].split("x"))
+    return base, (block_n, programs)
 
 
 def interleaved_times(runners: dict[str, Any], rows: int, rounds: int, iters: int) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dlp.engine.prefetch_plan import PrefetchPlan
 from dlp.errors import DlpError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -55,10 +54,6 @@ class EngineConfig:
     # gate/up), "triton_pdl" (the same, and every kernel of the step a programmatic dependent
     # launch: Hopper or later), "cublas" (F.linear), "auto" (cuBLAS: runner.AUTO_SKINNY_GEMM).
     decode_gemm: str = "auto"
-    # With decode_gemm "triton_pdl": what the step's latency-bound kernels prefetch to L2 for
-    # the kernels after them (dlp.engine.l2_prefetch.PrefetchPlan.parse: e.g. "o,qkv,kv";
-    # "" = nothing).
-    decode_prefetch: str = ""
     cuda_graph: bool | None = None  # capture the decode step (default: on CUDA)
     # Queue decode step N+1 before handling step N's tokens (greedy rows feed their own token
     # on the device), so the host's per-token work runs while the GPU decodes. Steps with a
@@ -124,12 +119,6 @@ class EngineConfig:
             value = getattr(self, name)
             if value.startswith("triton") and not self.on_cuda:
                 raise DlpError(f"engine config: {name} {value!r} needs a cuda device")
-        try:
-            plan = PrefetchPlan.parse(self.decode_prefetch)
-        except ValueError as exc:
-            raise DlpError(f"engine config: decode_prefetch: {exc}") from None
-        if plan != PrefetchPlan() and self.decode_gemm != "triton_pdl":
-            raise DlpError("engine config: decode_prefetch needs decode_gemm 'triton_pdl'")
         if not self.device.startswith(("cpu", "cuda")):
             raise DlpError(f"engine config: device must be cpu or cuda[:N], got {self.device!r}")
 

@@ -30,8 +30,6 @@ from dataclasses import dataclass
 
 import torch
 
-from dlp.engine import l2_prefetch
-from dlp.engine.l2_prefetch import Region
 from dlp.engine.triton_support import INTERPRET as _INTERPRET
 from dlp.engine.triton_support import tl, triton, triton_available
 
@@ -112,7 +110,6 @@ if triton is not None:
         stride_ob, stride_oh,
         stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cb, stride_piece,
         scale,
-        PF0, PF0_LO, PF0_HI, PF1, PF1_LO, PF1_HI, PF2, PF2_LO, PF2_HI, PfPositions,
         GROUP: tl.constexpr,
         GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr,
@@ -124,45 +121,11 @@ if triton is not None:
         ROPE: tl.constexpr,
         PIECES: tl.constexpr,
         USE_GDC: tl.constexpr,
-        PF_N: tl.constexpr,
-        PF_KV: tl.constexpr,
-        PF_CHUNK: tl.constexpr,
     ):  # fmt: skip
         # No nested @triton.jit helpers here: with one, Inductor cannot tell which arguments
-        # a user kernel stores to and clones them all (the KV caches, with ROPE). (The one
-        # helper, l2_prefetch.prefetch_share, is only reached in PDL launches, custom ops
-        # that Inductor does not analyse.)
+        # a user kernel stores to and clones them all (the KV caches, with ROPE).
         # int64 row index: row * stride_kb overflows int32 for large caches.
         row = tl.program_id(0).to(tl.int64)
-        if PF_N > 0:  # later kernels' weights to L2 (l2_prefetch): never written in the step
-            pf_pid = tl.program_id(0) + tl.num_programs(0) * (
-                tl.program_id(1) + tl.num_programs(1) * tl.program_id(2)
-            )
-            pf_progs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-            l2_prefetch.prefetch_share(PF0, PF0_LO, PF0_HI, pf_pid, pf_progs, PF_CHUNK)
-            if PF_N > 1:
-                l2_prefetch.prefetch_share(PF1, PF1_LO, PF1_HI, pf_pid, pf_progs, PF_CHUNK)
-            if PF_N > 2:
-                l2_prefetch.prefetch_share(PF2, PF2_LO, PF2_HI, pf_pid, pf_progs, PF_CHUNK)
-        if PF_KV:
-            # This row's cached keys and values (positions 0 .. pos - 1, contiguous per head)
-            # to L2 before the wait, so the cache loop below finds them there. Safe to read
-            # early: the positions and the slot table are step inputs (copied before the
-            # step's first kernel), and no kernel of the step writes those cache entries.
-            pf_pos = tl.load(PfPositions + row).to(tl.int64)
-            pf_row = row
-            if HAS_SLOTS:
-                pf_row = tl.load(Slots + row).to(tl.int64)
-            pf_head = tl.program_id(1)
-            item = K.dtype.element_ty.primitive_bitwidth // 8
-            k_lo = (pf_row * stride_kb + pf_head * stride_kh) * item
-            v_lo = (pf_row * stride_vb + pf_head * stride_vh) * item
-            byte_k = K.to(tl.pointer_type(tl.uint8))
-            byte_v = V.to(tl.pointer_type(tl.uint8))
-            l2_prefetch.prefetch_share(byte_k, k_lo, k_lo + pf_pos * stride_ks * item, 0, 1,
-                                       PF_CHUNK)  # fmt: skip
-            l2_prefetch.prefetch_share(byte_v, v_lo, v_lo + pf_pos * stride_vs * item, 0, 1,
-                                       PF_CHUNK)  # fmt: skip
         if USE_GDC:  # a programmatic dependent launch: wait for the kernel before to finish
             tl.extra.cuda.gdc_wait()
         # The row's cache row: its own index, or its entry in the slot table.
@@ -356,8 +319,6 @@ def decode_attention_rope(
     slots: torch.Tensor | None = None,
     launch: LaunchConfig | None = None,
     pdl: bool = False,
-    prefetch: tuple[Region, ...] = (),
-    prefetch_kv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The decode step's rotary embedding, cache write and attention in one kernel (in the
     compiled step, two kernels a layer fewer than rope + cache write + :func:`decode_attention`).
@@ -371,11 +332,7 @@ def decode_attention_rope(
     q / k_new / v_new may also come as split-K pieces ``[pieces, b, ...]`` (views of one
     ``[pieces, b, width]`` tensor: one piece stride), which the kernel sums in fp32 and rounds
     to the cache dtype: the q/k/v GEMM's sum then costs no kernel of its own. The output is
-    in the cache dtype. ``pdl``: a programmatic dependent launch (splits = 1 only), which may
-    also prefetch to L2 (:mod:`dlp.engine.l2_prefetch`): ``prefetch``, bytes later kernels
-    read, and with ``prefetch_kv`` (the rows' positions, ``lengths - 1``, as a tensor no
-    kernel of the step writes) each row's cached keys and values before the kernel waits
-    for the one before it."""
+    in the cache dtype. ``pdl``: a programmatic dependent launch (splits = 1 only)."""
     if q.dim() == 4:
         pieces = q.shape[0]
         if k_new.dim() != 4 or v_new.dim() != 4 or {t.shape[0] for t in (k_new, v_new)} != {pieces}:
@@ -397,11 +354,9 @@ def decode_attention_rope(
     if pdl:
         if splits != 1:
             raise ValueError("pdl launches the unsplit kernel only (splits=1)")
-        pf, pf_ranges = l2_prefetch.op_args(prefetch)
         return torch.ops.dlp.decode_attention_rope_pdl(
-            q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, scale, slots,
-            pf, pf_ranges, prefetch_kv,
-        )  # fmt: skip
+            q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, scale, slots
+        )
     return _launch_rope(
         q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, scale, splits, slots, launch
     )
@@ -421,18 +376,13 @@ def _launch_rope(
     slots: torch.Tensor | None,
     launch: LaunchConfig | None,
     pdl: bool = False,
-    prefetch: tuple[Region, ...] = (),
-    prefetch_kv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pieces (a leading dim on q/k/v) become piece 0's views plus the piece count and stride."""
     pieces = (q.shape[0], q.stride(0)) if q.dim() == 4 else (1, 0)
     if q.dim() == 4:
         q, k_new, v_new = q[0], k_new[0], v_new[0]
     rope = (k_new, v_new, cos, sin)
-    return _launch(
-        q, k_cache, v_cache, lengths, scale, splits, slots, rope, launch, pdl, pieces,
-        prefetch, prefetch_kv,
-    )  # fmt: skip
+    return _launch(q, k_cache, v_cache, lengths, scale, splits, slots, rope, launch, pdl, pieces)
 
 
 # The PDL launch as an op Inductor does not look into (see skinny_gemm's ``dlp::skinny_pdl``):
@@ -449,15 +399,10 @@ def _rope_pdl(
     lengths: torch.Tensor,
     scale: float,
     slots: torch.Tensor | None,
-    pf: list[torch.Tensor],
-    pf_ranges: list[int],
-    prefetch_kv: torch.Tensor | None,
 ) -> torch.Tensor:
-    prefetch = tuple(l2_prefetch.from_op_args(pf, pf_ranges))
     return _launch_rope(
-        q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, scale, 1, slots, None,
-        pdl=True, prefetch=prefetch, prefetch_kv=prefetch_kv,
-    )  # fmt: skip
+        q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, scale, 1, slots, None, pdl=True
+    )
 
 
 @_rope_pdl.register_fake
@@ -472,9 +417,6 @@ def _rope_pdl_fake(
     lengths: torch.Tensor,
     scale: float,
     slots: torch.Tensor | None,
-    pf: list[torch.Tensor],
-    pf_ranges: list[int],
-    prefetch_kv: torch.Tensor | None,
 ) -> torch.Tensor:
     # The dtype rule of _launch: the cache dtype for pieces (fp32 sums), else q's.
     pieces = q.shape[0] if q.dim() == 4 else 1
@@ -493,8 +435,6 @@ def _launch(
     launch: LaunchConfig | None = None,
     pdl: bool = False,
     pieces: tuple[int, int] = (1, 0),
-    prefetch: tuple[Region, ...] = (),
-    prefetch_kv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if triton is None:
         raise RuntimeError(
@@ -522,12 +462,6 @@ def _launch(
     group = n_heads // kvh
     launch = launch or LaunchConfig()
     pdl = pdl and not _INTERPRET  # the CPU interpreter has no griddepcontrol (inline asm)
-    # L2 prefetches go with PDL launches only (l2_prefetch); unused arguments point at q.
-    if not l2_prefetch.enabled(pdl):
-        prefetch, prefetch_kv = (), None
-    if prefetch_kv is not None and tuple(prefetch_kv.shape) != (b,):
-        raise ValueError(f"prefetch_kv (positions) must be [b]={b}")
-    pf_args, pf_n = l2_prefetch.kernel_args(prefetch, q)
     # Pieces are fp32 sums in the making: the output takes the cache (model) dtype then.
     out_dtype = k_cache.dtype if pieces[0] > 1 else q.dtype
     out = torch.empty((b, n_heads, d), dtype=out_dtype, device=q.device)
@@ -546,9 +480,6 @@ def _launch(
         # constexprs included.
         "PIECES": pieces[0],
         "USE_GDC": pdl,
-        "PF_N": pf_n,
-        "PF_KV": prefetch_kv is not None,
-        "PF_CHUNK": l2_prefetch.CHUNK_BYTES,
     }
     if splits == 1:
         part_acc = part_m = part_l = out  # unused: the kernel writes `out` directly
@@ -568,7 +499,6 @@ def _launch(
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos.stride(0),
         pieces[1],
         scale,
-        *pf_args, prefetch_kv if prefetch_kv is not None else lengths,
         **common,
         **launch.kernel_options(),
         **({"launch_pdl": True} if pdl else {}),

@@ -129,7 +129,6 @@ class Engine:
             compile_scope=config.compile_scope,
             attention=config.decode_attention,
             gemm=config.decode_gemm,
-            prefetch=config.decode_prefetch,
             overlap=config.use_overlap,
             queue_ahead=config.use_queue_ahead,
         )

@@ -23,17 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlp.engine import l2_prefetch
 from dlp.engine.decode_attention import decode_attention, decode_attention_rope
 from dlp.engine.fused_weights import bt_shape, fuse_layer, slot_b_blocks, slot_copies
-from dlp.engine.l2_prefetch import Prefetch
-from dlp.engine.prefetch_plan import PrefetchPlan
 from dlp.engine.skinny_gemm import (
     NormInput,
+    pick_config,
     skinny_linear,
     skinny_pieces,
     skinny_residual,
     skinny_silu_mul,
+    skinny_silu_stream,
 )
 from dlp.errors import DlpError
 from dlp.lora.fused_ops import lora_delta
@@ -170,9 +169,6 @@ class CompactLM(nn.Module):
         # leaves the rows' sums of squares, gate/up applies the RMSNorm as it reads its input
         # (skinny_gemm.skinny_residual / NormInput; see decode_layer). Tile counters for it:
         self.decode_fuse_norms = False
-        # With PDL: what the step's kernels prefetch to L2 for the kernels after them
-        # (l2_prefetch.PrefetchPlan; nothing unless the runner or a benchmark sets it).
-        self.decode_prefetch = PrefetchPlan()
         self.gemm_counters = torch.zeros(
             4096, dtype=torch.int32, device=hf_model.get_input_embeddings().weight.device
         )
@@ -351,10 +347,7 @@ class CompactLM(nn.Module):
         use_lora = row_scales is not None and len(self.lora) > 0
         in_scales = self._in_scales(row_scales, x.dtype) if use_lora else None
         counters = self.gemm_counters if self.decode_fuse_norms and self.decode_pdl else None
-        plan = self.decode_prefetch.as_tuple() if self.decode_pdl else PrefetchPlan().as_tuple()
         for i in range(s.n_layers):
-            # The next layer's q/k/v weight, for the down GEMM to prefetch (plan.qkv_in_down).
-            next_w_in = self.layer_tensors(i + 1, use_lora)[2] if i + 1 < s.n_layers else None
             k_cache, v_cache = self.k_caches[i], self.v_caches[i]
             if slots is None and b != k_cache.shape[0]:
                 k_cache, v_cache = k_cache[:b], v_cache[:b]
@@ -379,8 +372,6 @@ class CompactLM(nn.Module):
                 self.attn_rope,
                 self.decode_pdl,
                 counters,
-                plan,
-                next_w_in,
             )
         return self.decode_head(x)
 
@@ -507,8 +498,6 @@ def decode_layer(
     attn_rope: bool = False,
     pdl: bool = False,
     counters: torch.Tensor | None = None,
-    prefetch: tuple[int, ...] = PrefetchPlan().as_tuple(),
-    next_w_in: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One transformer block for one new token per row; a pure function of its tensors so
     one ``torch.compile`` of it serves every layer. Writes this token's K/V into the cache:
@@ -529,24 +518,18 @@ def decode_layer(
     reads its input through the RMSNorm, so no norm kernel runs between them (without LoRA
     on o, gate and up). The input norm stays a kernel of its own, which also sums the down
     GEMM's split-K pieces and adds the residual: as a prologue of the q/k/v GEMM it cost
-    more than the kernel (``benchmarks/results/decode_step_h200_fused*.json``).
-
-    ``prefetch`` (:meth:`PrefetchPlan.as_tuple`, with ``pdl``): what the kernels send to L2
-    for the kernels after them; ``next_w_in`` is the next layer's q/k/v weight for it."""
+    more than the kernel (``benchmarks/results/decode_step_h200_fused*.json``)."""
     b = x.shape[0]
     lo, lg, lu, ld = lora
     linear = _decode_linear(skinny, pdl)
     fuse = counters is not None and skinny and pdl
-    plan = PrefetchPlan.from_tuple(prefetch) if skinny and pdl else PrefetchPlan()
-    attn_pf, o_pf, stream_pf, down_pf = _prefetches(plan, w_o, w_gu, next_w_in)
     h = rms_norm(x, in_norm, eps)
     # The slot table, when rows read their cache row through it (more cache rows than rows).
     slots = batch_idx if k_cache.shape[0] != b else None
     if attn_splits and attn_rope:
         if skinny and bt is None and attn_splits == 1:
             # The base step: the attention kernel sums the q/k/v GEMM's split-K pieces itself.
-            pieces = skinny_pieces(h, w_in, b_in, pdl=pdl, prefetch=stream_pf)
-            q, k, v = pieces.split(list(qkv_sizes), dim=-1)
+            q, k, v = skinny_pieces(h, w_in, b_in, pdl=pdl).split(list(qkv_sizes), dim=-1)
         else:
             q, k, v = (
                 t.unsqueeze(0) for t in _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes, linear)
@@ -565,50 +548,19 @@ def decode_layer(
             attn_splits,
             slots,
             pdl=pdl and attn_splits == 1,
-            prefetch=attn_pf,
-            prefetch_kv=positions if plan.kv_in_attention else None,
         ).reshape(b, 1, n_heads * head_dim)
     else:
         q, k, v = _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes, linear)
         o = _attend(
             q, k, v, cos, sin, bias, batch_idx, slots, positions, k_cache, v_cache, attn_splits
         )
-    x, x_sumsq = _residual(x, o, w_o, b_o, lo, row_scales, linear, counters if fuse else None, o_pf)
+    x, x_sumsq = _residual(x, o, w_o, b_o, lo, row_scales, linear, counters if fuse else None)
     mlp_lora = (lg, lu, ld)
     post = NormInput(x_sumsq, post_norm, eps) if x_sumsq is not None else None
     return _mlp(
         x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny, pdl, post,
-        (stream_pf, down_pf),
+        counters if fuse else None,
     )  # fmt: skip
-
-
-def _prefetches(
-    plan: PrefetchPlan,
-    w_o: torch.Tensor,
-    w_gu: torch.Tensor,
-    next_w_in: torch.Tensor | None,
-) -> tuple[tuple[l2_prefetch.Region, ...], Prefetch, Prefetch, Prefetch]:
-    """What the attention (regions), the o GEMM, the q/k/v and gate/up GEMMs (only the
-    eviction mark) and the down GEMM send to L2, from the plan (see PrefetchPlan)."""
-    attn: list[l2_prefetch.Region] = []
-    if plan.o_in_attention:
-        attn.append(l2_prefetch.whole(w_o))
-    inter = w_gu.shape[0] // 2
-    if plan.gu_in_attention:
-        attn += l2_prefetch.gate_up_prefix(w_gu, inter, 0, plan.gu_in_attention)
-    o_regions = ()
-    if plan.gu_in_o:
-        o_regions = l2_prefetch.gate_up_prefix(w_gu, inter, plan.gu_in_attention, plan.gu_in_o)
-    ef = plan.evict_first
-    down = ()
-    if plan.qkv_in_down and next_w_in is not None:
-        down = (l2_prefetch.whole(next_w_in),)
-    return (
-        tuple(attn),
-        Prefetch(tuple(o_regions), evict_first=ef),
-        Prefetch(evict_first=ef),
-        Prefetch(down, at_end=True, evict_first=ef),
-    )
 
 
 def _residual(
@@ -620,7 +572,6 @@ def _residual(
     scales: torch.Tensor | None,
     linear: Callable[..., torch.Tensor],
     counters: torch.Tensor | None,
-    prefetch: Prefetch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``x + linear(inp)`` (+ its LoRA), and with ``counters`` (no LoRA here) as one PDL
     GEMM that also returns the new rows' partial sums of squares (else None)."""
@@ -629,7 +580,7 @@ def _residual(
     lead = x.shape[:-1]
     h, sumsq = skinny_residual(
         inp.reshape(-1, inp.shape[-1]), weight, bias, x.reshape(-1, x.shape[-1]), counters,
-        pdl=True, prefetch=prefetch,
+        pdl=True,
     )  # fmt: skip
     return h.reshape(*lead, h.shape[-1]), sumsq
 
@@ -765,25 +716,25 @@ def _mlp(
     skinny: bool = False,
     pdl: bool = False,
     normed: NormInput | None = None,
-    prefetch: tuple[Prefetch, Prefetch] | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Residual MLP half of a block: gate and up in one GEMM, per-row LoRA on any of them.
     ``skinny``: the weight-streaming kernels; without LoRA on gate/up, silu(gate) * up is
     the gate/up kernel's epilogue. ``normed`` (x's sums of squares) lets gate/up apply the
-    norm as it reads x (see decode_layer). ``prefetch``: gate/up's and down's (PDL)."""
+    norm as it reads x (see decode_layer). ``counters`` (tile counters) let gate/up run as
+    the stream-K kernel where its config asks for one (``GemmConfig.programs``)."""
     lg, lu, ld = lora
     linear = _decode_linear(skinny, pdl)
     gate_lora = lg is not None and row_scales is not None
     up_lora = lu is not None and row_scales is not None
     if skinny and not (gate_lora or up_lora):
-        gu_pf, down_pf = prefetch or (None, None)
-        if normed is not None:
-            act = skinny_silu_mul(x, w_gu, b_gu, pdl=pdl, norm=normed, prefetch=gu_pf)
+        h = x if normed is not None else rms_norm(x, post_norm, eps)
+        rows = h.numel() // h.shape[-1]
+        cfg = pick_config(rows, w_gu.shape[0] // 2, h.shape[-1], silu=True)
+        if counters is not None and cfg.programs > 0:
+            act = skinny_silu_stream(h, w_gu, b_gu, counters, cfg, pdl=pdl, norm=normed)
         else:
-            h = rms_norm(x, post_norm, eps)
-            act = skinny_silu_mul(h, w_gu, b_gu, pdl=pdl, prefetch=gu_pf)
-        if pdl and down_pf is not None:
-            linear = functools.partial(linear, prefetch=down_pf)
+            act = skinny_silu_mul(h, w_gu, b_gu, pdl=pdl, norm=normed)
         return x + _lin(act, w_down, b_down, ld, row_scales, linear)
     h = rms_norm(x, post_norm, eps)
     gu = linear(h, w_gu, b_gu)

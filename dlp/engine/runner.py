@@ -31,7 +31,6 @@ import torch
 from dlp.engine.decode_attention import pick_splits, triton_available
 from dlp.engine.greedy_kernel import greedy_tokens
 from dlp.engine.model import CompactLM, decode_layer, prefill_layer
-from dlp.engine.prefetch_plan import PrefetchPlan
 from dlp.engine.staging import StagingBuffer
 from dlp.errors import DlpError
 
@@ -181,7 +180,6 @@ class DecodeRunner:
         overlap: bool = False,
         gemm: str = "auto",
         queue_ahead: bool = False,
-        prefetch: str = "",
     ) -> None:
         self.model = model
         device = model.rope_cos.device
@@ -261,8 +259,6 @@ class DecodeRunner:
         model.decode_pdl = gemm == "triton_pdl"
         # ... with the norms inside the GEMMs (no norm kernels: model.decode_fuse_norms).
         model.decode_fuse_norms = model.decode_pdl
-        # ... and its latency-bound kernels prefetching to L2 for the ones after them.
-        model.decode_prefetch = PrefetchPlan.parse(prefetch) if model.decode_pdl else PrefetchPlan()
         if model.decode_pdl and compile_mode is not None:
             raise DlpError("decode_gemm 'triton_pdl' takes the default compile_mode")
         if model.decode_pdl and torch.cuda.get_device_capability(device)[0] < 9:

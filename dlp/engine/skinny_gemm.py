@@ -35,8 +35,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dlp.engine import l2_prefetch
-from dlp.engine.l2_prefetch import Prefetch
 from dlp.engine.triton_support import INTERPRET, tl, triton
 
 MAX_ROWS = 128  # beyond this the problem is no longer weight-bound: cuBLAS is the right tool
@@ -53,6 +51,9 @@ class GemmConfig:
     split_k: int
     num_warps: int = 4
     num_stages: int = 5
+    # gate/up only, > 0: a persistent "stream-K" grid of this many programs (see
+    # :func:`skinny_silu_stream`) instead of one program per output tile.
+    programs: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -151,16 +152,14 @@ def skinny_linear(
     bias: torch.Tensor | None = None,
     config: GemmConfig | None = None,
     pdl: bool = False,
-    prefetch: Prefetch | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, w, bias)`` for x ``[..., K]`` with few rows; falls back to F.linear where
     the kernel does not apply. Accumulates in fp32, rounds once to x's dtype. ``pdl``: a
     programmatic dependent launch (:func:`launch_partials`), through the ``dlp::skinny_pdl``
-    op under torch.compile; ``prefetch``: what it also sends to L2 (PDL launches only,
-    :mod:`dlp.engine.l2_prefetch`)."""
+    op under torch.compile."""
     if not supported(x, w):
         return F.linear(x, w, bias)
-    return _run(x, w, bias, w.shape[0], False, config, pdl, prefetch=prefetch)
+    return _run(x, w, bias, w.shape[0], False, config, pdl)
 
 
 def skinny_silu_mul(
@@ -170,7 +169,6 @@ def skinny_silu_mul(
     config: GemmConfig | None = None,
     pdl: bool = False,
     norm: NormInput | None = None,
-    prefetch: Prefetch | None = None,
 ) -> torch.Tensor:
     """``silu(gate) * up`` where ``[gate, up] = F.linear(x, w_gu, bias).chunk(2, -1)``: the
     MLP's merged gate/up weight ``[2 * inter, K]``. gate and up are rounded to x's dtype
@@ -179,7 +177,102 @@ def skinny_silu_mul(
     if not supported(x, w_gu):
         gu = F.linear(norm.apply(x) if norm is not None else x, w_gu, bias)
         return F.silu(gu[..., :inter]) * gu[..., inter:]
-    return _run(x, w_gu, bias, inter, True, config, pdl, norm, prefetch)
+    return _run(x, w_gu, bias, inter, True, config, pdl, norm)
+
+
+def skinny_silu_stream(
+    x: torch.Tensor,
+    w_gu: torch.Tensor,
+    bias: torch.Tensor | None,
+    counters: torch.Tensor,
+    config: GemmConfig,
+    pdl: bool = False,
+    norm: NormInput | None = None,
+) -> torch.Tensor:
+    """:func:`skinny_silu_mul` on a persistent grid of ``config.programs`` programs that share
+    the work evenly ("stream-K"): the (output tile, K step) pairs are laid end to end and cut
+    into equal runs, one per program, so every program streams the same number of weight
+    bytes and no wave of short-lived programs leaves SMs idle at the end (at the Qwen2-1.5B
+    gate/up shape, 280 tiles of 196 KB each make 2.1 waves on 132 SMs). A tile cut between
+    two programs is finished by the second of them to get there: each stores its fp32 partial
+    sums, counts itself in the tile's counter, and the one that finds the other done adds the
+    two (an fp32 ``a + b``, the same bits whichever comes last) and applies the epilogue.
+
+    ``counters``: int32 zeros, one per output tile (left at zero). Rows: at most 64 (one
+    tile of the batch); plain :func:`skinny_silu_mul` where the kernel does not apply."""
+    inter = w_gu.shape[0] // 2
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not supported(x, w_gu) or rows > 64 or config.programs < 1:
+        return skinny_silu_mul(x, w_gu, bias, None, pdl, norm)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    if pdl:
+        args = (config.block_n, config.block_k, config.programs, config.num_warps)
+        sumsq, gamma, eps = (norm.sumsq, norm.weight, norm.eps) if norm else (None, None, 0.0)
+        out = torch.ops.dlp.skinny_silu_stream_pdl(
+            x2, w_gu, bias, counters, inter, *args, config.num_stages, sumsq, gamma, eps
+        )
+    else:
+        out = launch_silu_stream(x2, w_gu, bias, counters, inter, config, False, norm)
+    return out.reshape(*lead, inter)
+
+
+def stream_programs(tiles: int, k_steps: int, programs: int) -> int:
+    """Programs of a stream-K launch: at most one per tile, so that every program's run of
+    (tile, K step) pairs is at least one tile long and a tile is shared by <= 2 programs."""
+    return max(1, min(programs, tiles))
+
+
+def launch_silu_stream(
+    x: torch.Tensor,
+    w_gu: torch.Tensor,
+    bias: torch.Tensor | None,
+    counters: torch.Tensor,
+    n: int,
+    cfg: GemmConfig,
+    pdl: bool,
+    norm: NormInput | None = None,
+) -> torch.Tensor:
+    """The stream-K gate/up kernel alone: ``silu(gate) * up`` ``[m, n]`` in x's dtype."""
+    pdl = pdl and not INTERPRET
+    m, k = x.shape
+    block_m = block_m_for(m)
+    if m > block_m:
+        raise ValueError(f"the stream-K gate/up kernel takes <= {block_m} rows, got {m}")
+    tiles = math.ceil(n / cfg.block_n)
+    k_steps = math.ceil(k / cfg.block_k)
+    if counters.dtype != torch.int32 or counters.numel() < tiles:
+        raise ValueError(f"counters must be int32 with >= {tiles} entries (one per tile)")
+    programs = stream_programs(tiles, k_steps, cfg.programs)
+    stage_bytes = (block_m + 2 * cfg.block_n) * cfg.block_k * x.element_size()
+    stages = max(2, min(cfg.num_stages, SHARED_MEMORY_BYTES // stage_bytes))
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    # Partial sums of the tiles cut between two programs: [tile, side, rows, gate | up].
+    scratch = torch.empty(
+        (tiles, 2, block_m, 2 * cfg.block_n), dtype=torch.float32, device=x.device
+    )
+    sumsq_in, gamma, eps = (norm.sumsq, norm.weight, norm.eps) if norm else (x, x, 0.0)
+    _silu_stream_kernel[(programs,)](
+        x, w_gu, bias if bias is not None else w_gu, out, scratch, counters, sumsq_in, gamma,
+        m, n, k, x.stride(0), w_gu.stride(0), out.stride(0),
+        n, sumsq_in.shape[0] if norm else 0, eps,
+        k_steps, tiles * k_steps, programs,
+        BLOCK_M=block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        HAS_BIAS=bias is not None,
+        EVEN_K=k % cfg.block_k == 0,
+        EVEN_N=n % cfg.block_n == 0,
+        UPCAST=INTERPRET,
+        PRECISION="ieee" if w_gu.dtype == torch.float32 else "tf32",
+        USE_GDC=pdl,
+        NORM_INPUT=norm is not None,
+        PARTS_PAD=triton_next_pow2(sumsq_in.shape[0]) if norm else 1,
+        num_warps=cfg.num_warps,
+        num_stages=stages,
+        **({"launch_pdl": True} if pdl else {}),
+    )  # fmt: skip
+    return out
 
 
 def skinny_pieces(
@@ -189,7 +282,6 @@ def skinny_pieces(
     config: GemmConfig | None = None,
     pdl: bool = False,
     norm: NormInput | None = None,
-    prefetch: Prefetch | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, w, bias)`` for x ``[..., K]`` as split-K pieces ``[pieces, rows, N]``
     whose sum is the product (fp32 pieces, or one piece in x's dtype), for a consumer that
@@ -198,7 +290,7 @@ def skinny_pieces(
     x2 = x.reshape(-1, x.shape[-1])
     if not supported(x2, w):
         return F.linear(norm.apply(x2) if norm is not None else x2, w, bias).unsqueeze(0)
-    out = _partials(x2, w, bias, w.shape[0], False, config, pdl, norm, prefetch)
+    out = _partials(x2, w, bias, w.shape[0], False, config, pdl, norm)
     return out if out.dim() == 3 else out.unsqueeze(0)
 
 
@@ -211,11 +303,10 @@ def _run(
     config: GemmConfig | None,
     pdl: bool = False,
     norm: NormInput | None = None,
-    prefetch: Prefetch | None = None,
 ) -> torch.Tensor:
     """x ``[..., K]`` as rows, the kernel, the split pieces summed: ``[..., n]``."""
     lead = x.shape[:-1]
-    out = _partials(x.reshape(-1, x.shape[-1]), w, bias, n, silu, config, pdl, norm, prefetch)
+    out = _partials(x.reshape(-1, x.shape[-1]), w, bias, n, silu, config, pdl, norm)
     return finish_partials(out, n, silu, x.dtype).reshape(*lead, n)
 
 
@@ -228,11 +319,9 @@ def _partials(
     config: GemmConfig | None,
     pdl: bool,
     norm: NormInput | None = None,
-    prefetch: Prefetch | None = None,
 ) -> torch.Tensor:
     """Rows x2 ``[M, K]`` through the kernel (its config picked unless given): the output of
-    :func:`launch_partials`, through the ``dlp::skinny_pdl`` op for a PDL launch (the only
-    one that prefetches)."""
+    :func:`launch_partials`, through the ``dlp::skinny_pdl`` op for a PDL launch."""
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     m, k = x2.shape
@@ -240,22 +329,8 @@ def _partials(
     if pdl:
         args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
         sumsq, gamma, eps = (norm.sumsq, norm.weight, norm.eps) if norm else (None, None, 0.0)
-        pf = _prefetch_op_args(prefetch)
-        return torch.ops.dlp.skinny_pdl(x2, w, bias, n, silu, *args, sumsq, gamma, eps, *pf)
+        return torch.ops.dlp.skinny_pdl(x2, w, bias, n, silu, *args, sumsq, gamma, eps)
     return launch_partials(x2, w, bias, m, n, k, cfg, silu, norm=norm)
-
-
-def _prefetch_op_args(prefetch: Prefetch | None) -> tuple:
-    """A :class:`Prefetch` as the PDL ops' last four arguments."""
-    p = prefetch or Prefetch()
-    tensors, ranges = l2_prefetch.op_args(p.regions)
-    return tensors, ranges, p.at_end, p.evict_first
-
-
-def _prefetch_from_op_args(
-    tensors: list[torch.Tensor], ranges: list[int], at_end: bool, evict_first: bool
-) -> Prefetch:
-    return Prefetch(tuple(l2_prefetch.from_op_args(tensors, ranges)), at_end, evict_first)
 
 
 def skinny_residual(
@@ -266,7 +341,6 @@ def skinny_residual(
     counters: torch.Tensor,
     config: GemmConfig | None = None,
     pdl: bool = False,
-    prefetch: Prefetch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``residual + F.linear(x, w, bias)`` (the product rounded to x's dtype first, as the
     eager ``x + linear(...)``) for rows x ``[M, K]`` and residual ``[M, N]``, with the new
@@ -285,8 +359,7 @@ def skinny_residual(
     cfg = config or pick_config(m, w.shape[0], k, False)
     if pdl:
         args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
-        pf = _prefetch_op_args(prefetch)
-        return torch.ops.dlp.skinny_residual_pdl(x, w, bias, residual, counters, *args, *pf)
+        return torch.ops.dlp.skinny_residual_pdl(x, w, bias, residual, counters, *args)
     return _launch_residual(x, w, bias, residual, counters, cfg, pdl=False)
 
 
@@ -298,7 +371,6 @@ def _launch_residual(
     counters: torch.Tensor,
     cfg: GemmConfig,
     pdl: bool,
-    prefetch: Prefetch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
     n = w.shape[0]
@@ -310,9 +382,7 @@ def _launch_residual(
     h = torch.empty((m, n), dtype=x.dtype, device=x.device)
     sumsq = torch.empty((math.ceil(n / cfg.block_n), m), dtype=torch.float32, device=x.device)
     residual_out = ResidualOut(residual, counters, h, sumsq)
-    launch_partials(
-        x, w, bias, m, n, k, cfg, False, pdl, scratch, residual=residual_out, prefetch=prefetch
-    )
+    launch_partials(x, w, bias, m, n, k, cfg, False, pdl, scratch, residual=residual_out)
     return h, sumsq
 
 
@@ -340,7 +410,6 @@ def launch_partials(
     out: torch.Tensor | None = None,
     norm: NormInput | None = None,
     residual: ResidualOut | None = None,
-    prefetch: Prefetch | None = None,
 ) -> torch.Tensor:
     """The kernel alone: ``[m, n]`` in x's dtype when K is not split, else fp32 partials
     ``[split, m, n]`` (``[split, m, 2n]``, gate then up, for ``silu``).
@@ -352,12 +421,9 @@ def launch_partials(
     wait, were slower: ``benchmarks/results/pdl_h200_prefetch.json``, ``pdl_h200_overlap.json``.)
     ``out`` is written in place when given. ``norm``: x is read through it;
     ``residual``: the pieces (always ``[split, m, n]`` fp32, into ``out``) are summed by the
-    kernel into ``residual.h`` and ``residual.sumsq`` (see :func:`skinny_residual`);
-    ``prefetch`` (PDL launches only): bytes for later kernels to L2, and evict-first loads."""
+    kernel into ``residual.h`` and ``residual.sumsq`` (see :func:`skinny_residual`)."""
     # Triton's CPU interpreter has no griddepcontrol (inline asm): a plain launch there.
     pdl = pdl and not INTERPRET
-    pf = prefetch if prefetch is not None and l2_prefetch.enabled(pdl) else Prefetch()
-    pf_args, pf_n = l2_prefetch.kernel_args(pf.regions, x)
     block_m = block_m_for(m)
     # Each pipeline stage holds an x tile and one (gate/up: two) weight tiles in shared
     # memory; fewer stages where they would not fit (fp32 tiles, gate/up at 64 x 128).
@@ -384,7 +450,6 @@ def launch_partials(
         x.stride(0), w.stride(0), out.stride(-2),
         out.stride(0) if out.dim() == 3 else 0,
         n, sumsq_in.shape[0] if norm else 0, eps,
-        *pf_args,
         BLOCK_M=block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
@@ -402,10 +467,6 @@ def launch_partials(
         RESIDUAL=residual is not None,
         PARTS_PAD=triton_next_pow2(sumsq_in.shape[0]) if norm else 1,
         SPLITS=split if residual is not None else 1,
-        PF_START=0 if pf.at_end else pf_n,
-        PF_END=pf_n if pf.at_end else 0,
-        PF_CHUNK=l2_prefetch.CHUNK_BYTES,
-        W_EVICT="evict_first" if pf.evict_first else "",
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}),
@@ -462,16 +523,11 @@ def _skinny_pdl(
     sumsq: torch.Tensor | None,
     gamma: torch.Tensor | None,
     eps: float,
-    pf: list[torch.Tensor],
-    pf_ranges: list[int],
-    pf_at_end: bool,
-    evict_first: bool,
 ) -> torch.Tensor:
     cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages)
     norm = NormInput(sumsq, gamma, eps) if sumsq is not None and gamma is not None else None
     m, k = x.shape
-    prefetch = _prefetch_from_op_args(pf, pf_ranges, pf_at_end, evict_first)
-    return launch_partials(x, w, bias, m, n, k, cfg, silu, True, None, norm, prefetch=prefetch)
+    return launch_partials(x, w, bias, m, n, k, cfg, silu, True, None, norm)
 
 
 @_skinny_pdl.register_fake
@@ -489,10 +545,6 @@ def _skinny_pdl_fake(
     sumsq: torch.Tensor | None,
     gamma: torch.Tensor | None,
     eps: float,
-    pf: list[torch.Tensor],
-    pf_ranges: list[int],
-    pf_at_end: bool,
-    evict_first: bool,
 ) -> torch.Tensor:
     cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages)
     shape = partials_shape(x.shape[0], n, x.shape[1], cfg, silu)
@@ -513,14 +565,9 @@ def _skinny_residual_pdl(
     split_k: int,
     num_warps: int,
     num_stages: int,
-    pf: list[torch.Tensor],
-    pf_ranges: list[int],
-    pf_at_end: bool,
-    evict_first: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages)
-    prefetch = _prefetch_from_op_args(pf, pf_ranges, pf_at_end, evict_first)
-    return _launch_residual(x, w, bias, residual, counters, cfg, pdl=True, prefetch=prefetch)
+    return _launch_residual(x, w, bias, residual, counters, cfg, pdl=True)
 
 
 @_skinny_residual_pdl.register_fake
@@ -535,17 +582,170 @@ def _skinny_residual_pdl_fake(
     split_k: int,
     num_warps: int,
     num_stages: int,
-    pf: list[torch.Tensor],
-    pf_ranges: list[int],
-    pf_at_end: bool,
-    evict_first: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     m, n = x.shape[0], w.shape[0]
     sumsq = x.new_empty((math.ceil(n / block_n), m), dtype=torch.float32)
     return x.new_empty((m, n)), sumsq
 
 
+# The stream-K gate/up's PDL launch (see dlp::skinny_pdl); it declares the tile counters it
+# uses (each back at zero when it returns).
+@torch.library.custom_op("dlp::skinny_silu_stream_pdl", mutates_args=("counters",))
+def _skinny_silu_stream_pdl(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    counters: torch.Tensor,
+    n: int,
+    block_n: int,
+    block_k: int,
+    programs: int,
+    num_warps: int,
+    num_stages: int,
+    sumsq: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    cfg = GemmConfig(block_n, block_k, 1, num_warps, num_stages, programs)
+    norm = NormInput(sumsq, gamma, eps) if sumsq is not None and gamma is not None else None
+    return launch_silu_stream(x, w, bias, counters, n, cfg, True, norm)
+
+
+@_skinny_silu_stream_pdl.register_fake
+def _skinny_silu_stream_pdl_fake(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    counters: torch.Tensor,
+    n: int,
+    block_n: int,
+    block_k: int,
+    programs: int,
+    num_warps: int,
+    num_stages: int,
+    sumsq: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    return x.new_empty((x.shape[0], n))
+
+
 if triton is not None:
+
+    @triton.jit
+    def _silu_stream_kernel(
+        X, W, Bias, Out, Scratch, Counters, XSumsq, Gamma,
+        M, N, K, stride_xm, stride_wn, stride_om,
+        UP_OFFSET, SUMSQ_PARTS, eps,
+        K_STEPS, UNITS, PROGRAMS,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        EVEN_N: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        USE_GDC: tl.constexpr,
+        NORM_INPUT: tl.constexpr,
+        PARTS_PAD: tl.constexpr,
+    ):  # fmt: skip
+        # See skinny_silu_stream. The loop over this program's tiles and the K steps of each
+        # are flattened by the compiler (tl.range flatten) into one pipelined loop, so the
+        # weight loads run on across tile boundaries. (No nested jit function: see below.)
+        pid = tl.program_id(0)
+        u_lo = pid * UNITS // PROGRAMS
+        u_hi = (pid + 1) * UNITS // PROGRAMS
+        rows = tl.arange(0, BLOCK_M)
+        kk = tl.arange(0, BLOCK_K)
+        nn = tl.arange(0, BLOCK_N)
+        m_ok = rows < M
+        x_ptrs = X + rows[:, None].to(tl.int64) * stride_xm + kk[None, :]
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()  # x (and the counters) belong to earlier kernels
+        if NORM_INPUT:  # as in _skinny_kernel: RMSNorm(x) * Gamma, rstd per row once
+            parts = tl.arange(0, PARTS_PAD)
+            part_ptrs = XSumsq + parts[:, None] * M + rows[None, :]
+            part_ok = (parts < SUMSQ_PARTS)[:, None] & m_ok[None, :]
+            sumsq = tl.sum(tl.load(part_ptrs, mask=part_ok, other=0.0), 0)
+            rstd = tl.math.rsqrt(sumsq / K + eps)
+        # This program's tiles: from the one holding unit u_lo to the one holding u_hi - 1.
+        t_lo = u_lo // K_STEPS
+        t_hi = (u_hi - 1) // K_STEPS + 1
+        for tile in tl.range(t_lo, t_hi, flatten=True):
+            first = tile * K_STEPS
+            s_lo = tl.maximum(u_lo - first, 0)
+            s_hi = tl.minimum(u_hi - first, K_STEPS)
+            cols = tile * BLOCK_N + nn
+            n_ok = cols < N
+            w_ptrs = W + cols[None, :].to(tl.int64) * stride_wn + kk[:, None]
+            up_ptrs = w_ptrs + UP_OFFSET * stride_wn
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for step in range(s_lo, s_hi):
+                k0 = step * BLOCK_K
+                if EVEN_K:
+                    x_mask = m_ok[:, None]
+                    w_mask = n_ok[None, :]
+                else:
+                    k_ok = (k0 + kk) < K
+                    x_mask = m_ok[:, None] & k_ok[None, :]
+                    w_mask = n_ok[None, :] & k_ok[:, None]
+                xt = tl.load(x_ptrs + k0, mask=x_mask, other=0.0)
+                if NORM_INPUT:
+                    if EVEN_K:
+                        gamma = tl.load(Gamma + k0 + kk)
+                    else:
+                        gamma = tl.load(Gamma + k0 + kk, mask=(k0 + kk) < K, other=0.0)
+                    xt_n = (xt.to(tl.float32) * rstd[:, None]).to(xt.dtype)
+                    xt = (xt_n.to(tl.float32) * gamma.to(tl.float32)[None, :]).to(xt.dtype)
+                if EVEN_K and EVEN_N:
+                    wt = tl.load(w_ptrs + k0)
+                    ut = tl.load(up_ptrs + k0)
+                else:
+                    wt = tl.load(w_ptrs + k0, mask=w_mask, other=0.0)
+                    ut = tl.load(up_ptrs + k0, mask=w_mask, other=0.0)
+                if UPCAST:  # Triton's CPU interpreter mis-multiplies bf16 dots: fp32 there
+                    xt = xt.to(tl.float32)
+                    wt = wt.to(tl.float32)
+                    ut = ut.to(tl.float32)
+                acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+                acc_up = tl.dot(xt, ut, acc_up, input_precision=PRECISION)
+            # This program's part of `tile` is done. Whole tile: the epilogue. Cut with the
+            # program before or after: store the part, count it; the second to count adds
+            # the other's part (fp32 a + b: the same bits either way) and finishes.
+            whole = (s_lo == 0) & (s_hi == K_STEPS)
+            side = tl.where(s_lo == 0, 0, 1)  # 0: holds the tile's first K steps
+            finish = whole
+            if not whole:
+                s_rows = (tile * 2 + side) * BLOCK_M + rows
+                s_ptrs = Scratch + s_rows[:, None] * (2 * BLOCK_N) + nn[None, :]
+                tl.store(s_ptrs, acc)
+                tl.store(s_ptrs + BLOCK_N, acc_up)
+                tl.debug_barrier()  # every thread's part is stored before the count
+                seen = tl.atomic_add(Counters + tile, 1, sem="acq_rel")
+                finish = seen == 1
+                if finish:
+                    o_rows = (tile * 2 + 1 - side) * BLOCK_M + rows
+                    o_ptrs = Scratch + o_rows[:, None] * (2 * BLOCK_N) + nn[None, :]
+                    # .cg: from L2, where the other program's part is (L1 is not coherent)
+                    acc += tl.load(o_ptrs, cache_modifier=".cg")
+                    acc_up += tl.load(o_ptrs + BLOCK_N, cache_modifier=".cg")
+                    tl.store(Counters + tile, 0)
+            if finish:
+                if HAS_BIAS:
+                    acc += tl.load(Bias + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                    up_b = tl.load(Bias + UP_OFFSET + cols, mask=n_ok, other=0.0)
+                    acc_up += up_b.to(tl.float32)[None, :]
+                # The eager path's roundings (see _skinny_kernel's FUSE_SILU).
+                dt = Out.dtype.element_ty
+                gate = acc.to(dt).to(tl.float32)
+                up = acc_up.to(dt).to(tl.float32)
+                act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+                o_ptrs = Out + rows[:, None] * stride_om + cols[None, :]
+                tl.store(o_ptrs, (act * up).to(dt), mask=m_ok[:, None] & n_ok[None, :])
+        if USE_GDC:
+            tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def _skinny_kernel(
@@ -554,7 +754,6 @@ if triton is not None:
         M, N, K, K_PER_SPLIT,
         stride_xm, stride_wn, stride_om, stride_os,
         UP_OFFSET, SUMSQ_PARTS, eps,
-        PF0, PF0_LO, PF0_HI, PF1, PF1_LO, PF1_HI, PF2, PF2_LO, PF2_HI,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -570,28 +769,12 @@ if triton is not None:
         RESIDUAL: tl.constexpr,
         PARTS_PAD: tl.constexpr,
         SPLITS: tl.constexpr,
-        PF_START: tl.constexpr,
-        PF_END: tl.constexpr,
-        PF_CHUNK: tl.constexpr,
-        W_EVICT: tl.constexpr,
     ):  # fmt: skip
         # One loop, no nested jit function: Inductor reads a user kernel's stores to learn
         # which inputs it mutates, and clones every input (the weights!) where it cannot.
-        # (The one helper, l2_prefetch.prefetch_share, is only reached with PF_START/PF_END
-        # > 0: PDL launches through custom ops, which Inductor does not analyse.)
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         pid_m = tl.program_id(2)
-        # Bytes for later kernels to L2 (l2_prefetch): the weights are never written in the
-        # step, so this needs no wait for the kernel before.
-        pf_pid = pid_n + tl.num_programs(0) * (pid_s + tl.num_programs(1) * pid_m)
-        pf_progs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-        if PF_START > 0:
-            l2_prefetch.prefetch_share(PF0, PF0_LO, PF0_HI, pf_pid, pf_progs, PF_CHUNK)
-        if PF_START > 1:
-            l2_prefetch.prefetch_share(PF1, PF1_LO, PF1_HI, pf_pid, pf_progs, PF_CHUNK)
-        if PF_START > 2:
-            l2_prefetch.prefetch_share(PF2, PF2_LO, PF2_HI, pf_pid, pf_progs, PF_CHUNK)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         kk = tl.arange(0, BLOCK_K)
@@ -640,28 +823,21 @@ if triton is not None:
                 xt_n = (xt.to(tl.float32) * rstd[:, None]).to(xt.dtype)
                 xt = (xt_n.to(tl.float32) * gamma.to(tl.float32)[None, :]).to(xt.dtype)
             if EVEN_K and EVEN_N:
-                wt = tl.load(w_ptrs + k0, eviction_policy=W_EVICT)
+                wt = tl.load(w_ptrs + k0)
             else:
-                wt = tl.load(w_ptrs + k0, mask=w_mask, other=0.0, eviction_policy=W_EVICT)
+                wt = tl.load(w_ptrs + k0, mask=w_mask, other=0.0)
             if UPCAST:  # Triton's CPU interpreter mis-multiplies bf16 dots: fp32 there
                 xt = xt.to(tl.float32)
                 wt = wt.to(tl.float32)
             acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
             if GATE_UP:
                 if EVEN_K and EVEN_N:
-                    ut = tl.load(up_ptrs + k0, eviction_policy=W_EVICT)
+                    ut = tl.load(up_ptrs + k0)
                 else:
-                    ut = tl.load(up_ptrs + k0, mask=w_mask, other=0.0, eviction_policy=W_EVICT)
+                    ut = tl.load(up_ptrs + k0, mask=w_mask, other=0.0)
                 if UPCAST:
                     ut = ut.to(tl.float32)
                 acc_up = tl.dot(xt, ut, acc_up, input_precision=PRECISION)
-        # After the loop (PF_END regions): the stream of this kernel's own weights is done.
-        if PF_END > 0:
-            l2_prefetch.prefetch_share(PF0, PF0_LO, PF0_HI, pf_pid, pf_progs, PF_CHUNK)
-        if PF_END > 1:
-            l2_prefetch.prefetch_share(PF1, PF1_LO, PF1_HI, pf_pid, pf_progs, PF_CHUNK)
-        if PF_END > 2:
-            l2_prefetch.prefetch_share(PF2, PF2_LO, PF2_HI, pf_pid, pf_progs, PF_CHUNK)
         if USE_GDC:
             tl.extra.cuda.gdc_launch_dependents()
         if HAS_BIAS:  # noqa: SIM102 - triton: `and` of a constexpr and a runtime value

@@ -200,15 +200,6 @@ def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
             decode_attention="triton_rope",
             decode_gemm="triton_pdl",
         ),
-        # ... with every L2 prefetch of the plan on (hints only: the same tokens).
-        "pdl_step_prefetch": dict(
-            compile=True,
-            cuda_graph=True,
-            compile_scope="step",
-            decode_attention="triton_rope",
-            decode_gemm="triton_pdl",
-            decode_prefetch="o,qkv,kv,gu=64k,guo=64k,ef",
-        ),
     }.items():
         engine = make_engine(
             model, None, adapters, device="cuda", max_batch=8, max_seq_len=128, **cfg
@@ -235,4 +226,45 @@ def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
     assert outputs["rope_spare_rows"] == outputs["eager"]
     assert outputs["pdl"] == outputs["eager"]
     assert outputs["pdl_step"] == outputs["eager"]
-    assert outputs["pdl_step_prefetch"] == outputs["eager"]
+
+
+def _engine_tokens(model, adapters, **cfg) -> list[list[int]]:
+    engine = make_engine(model, None, adapters, device="cuda", max_batch=8, max_seq_len=128, **cfg)
+
+    async def run():
+        async with engine:
+            return await asyncio.gather(*(engine.generate(r) for r in _requests()))
+
+    tokens = [r.token_ids for r in asyncio.run(run())]
+    if cfg.get("compile"):
+        assert engine.runner.captured and not engine.runner.compile_failed
+    return tokens
+
+
+def test_stream_k_gate_up_gives_the_eager_tokens(tmp_path, monkeypatch):
+    """fp32: the PDL whole-step engine with gate/up on the stream-K grid (tiles cut between
+    programs, finished through the tile counters) == the eager engine, token for token."""
+    from dlp.engine import skinny_gemm
+
+    model = tiny_model("qwen2").to("cuda")
+    adapters = write_adapters(model, tmp_path, ["t0", "t1", "t2"])
+    eager = _engine_tokens(model, adapters, compile=False, cuda_graph=False)
+    key = (model.config.intermediate_size, model.config.hidden_size, True)
+    # 3 programs over the tiny model's tiles: every program's run cuts a tile.
+    monkeypatch.setitem(skinny_gemm.MEASURED, key, skinny_gemm.GemmConfig(16, 32, 1, programs=3))
+    launches = []
+    launch = skinny_gemm.launch_silu_stream
+    monkeypatch.setattr(
+        skinny_gemm, "launch_silu_stream", lambda *a, **kw: launches.append(1) or launch(*a, **kw)
+    )
+    streamed = _engine_tokens(
+        model,
+        adapters,
+        compile=True,
+        cuda_graph=True,
+        compile_scope="step",
+        decode_attention="triton_rope",
+        decode_gemm="triton_pdl",
+    )
+    assert launches, "the stream-K kernel did not run"
+    assert streamed == eager

@@ -1,6 +1,6 @@
 """The PDL launches' torch ops (``dlp::skinny_pdl``, ``dlp::decode_attention_rope_pdl``,
-``dlp::greedy_pdl``, ``dlp::skinny_residual_pdl``): Inductor sees only their declared
-contracts, so those must be right.
+``dlp::greedy_pdl``, ``dlp::skinny_residual_pdl``, ``dlp::skinny_silu_stream_pdl``): Inductor
+sees only their declared contracts, so those must be right.
 ``torch.library.opcheck`` runs each op for real (under Triton's CPU interpreter, where the
 kernels launch without PDL) and against its fake: schema, declared mutations (the caches and
 nothing else), output shapes, dtypes and strides. The CUDA runs are in test_engine_cuda.py."""
@@ -16,6 +16,7 @@ CASES = {
     "skinny_silu": "silu",
     "skinny_normed": "normed",  # the input read through RMSNorm
     "skinny_residual": "residual",  # residual add + sums of squares; declares its counters
+    "skinny_silu_stream": "silu_stream",  # stream-K gate/up; declares its counters
     "rope": "rope",
     "rope_pieces": "rope_pieces",
     "greedy": "greedy",
@@ -30,21 +31,20 @@ _CHILD = """
 
     def args_for(kind):
         torch.manual_seed(0)
-        # L2 prefetch arguments (regions of a later kernel's weight; the interpreter launches
-        # without them, so they must not change the results or the declared contract).
-        later = torch.randn(24, 64).bfloat16()
-        pf = ([later], [0, 1024], False, True)
         if kind == "residual":
             x, w = torch.randn(5, 64).bfloat16(), torch.randn(40, 64).bfloat16()
             res, counters = torch.randn(5, 40).bfloat16(), torch.zeros(8, dtype=torch.int32)
-            cfg = (32, 16, 2, 4, 2)
-            return torch.ops.dlp.skinny_residual_pdl, (x, w, None, res, counters, *cfg, *pf)
+            return torch.ops.dlp.skinny_residual_pdl, (x, w, None, res, counters, 32, 16, 2, 4, 2)
+        if kind == "silu_stream":
+            x, w = torch.randn(5, 64).bfloat16(), torch.randn(96, 64).bfloat16()
+            counters = torch.zeros(8, dtype=torch.int32)
+            norm = (torch.rand(2, 5) * 64, torch.randn(64).bfloat16(), 1e-6)
+            args = (x, w, None, counters, 48, 16, 16, 2, 4, 2, *norm)
+            return torch.ops.dlp.skinny_silu_stream_pdl, args
         if kind == "normed":
             x, w = torch.randn(5, 64).bfloat16(), torch.randn(40, 64).bfloat16()
             norm = (torch.rand(2, 5) * 64, torch.randn(64).bfloat16(), 1e-6)
-            no_pf = ([], [], False, False)
-            args = (x, w, None, 40, False, 32, 16, 2, 4, 2, *norm, *no_pf)
-            return torch.ops.dlp.skinny_pdl, args
+            return torch.ops.dlp.skinny_pdl, (x, w, None, 40, False, 32, 16, 2, 4, 2, *norm)
         if kind in ("skinny", "skinny_one", "silu"):
             # bf16: the unsplit output keeps x's dtype, split pieces are fp32.
             x = torch.randn(5, 64).bfloat16()
@@ -54,8 +54,7 @@ _CHILD = """
             split = 1 if kind != "skinny" else 2
             cfg = (32, 16, split, 4, 2)
             no_norm = (None, None, 0.0)
-            args = (x, w, bias, n, kind == "silu", *cfg, *no_norm, *pf)
-            return torch.ops.dlp.skinny_pdl, args
+            return torch.ops.dlp.skinny_pdl, (x, w, bias, n, kind == "silu", *cfg, *no_norm)
         if kind == "greedy":
             return torch.ops.dlp.greedy_pdl, (torch.randn(3, 700),)
         b, h, kvh, d, s = 2, 4, 2, 16, 40
@@ -72,7 +71,7 @@ _CHILD = """
         caches = torch.randn(b, kvh, s, d), torch.randn(b, kvh, s, d)
         lengths = torch.tensor([40, 7])
         return torch.ops.dlp.decode_attention_rope_pdl, (
-            q, k, v, cos, sin, *caches, lengths, d**-0.5, None, [later], [0, 1024], lengths - 1
+            q, k, v, cos, sin, *caches, lengths, d**-0.5, None
         )
 
     out = {}
