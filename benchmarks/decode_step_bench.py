@@ -18,18 +18,21 @@ not bytes, so this compares, in one process on one model:
   step a programmatic dependent launch (``triton_pdl``, which also fuses the post-attention
   norm into the o and gate/up GEMMs; ``+unfused`` keeps its kernel).
 
-``--gemm-configs`` takes the GEMM configs a ``pdl_bench.py --sweep`` run found. A ``+skNxP``
-suffix on a PDL variant runs its gate/up GEMM as the stream-K kernel
-(``skinny_gemm.skinny_silu_stream``) with ``BLOCK_N`` = N and P programs, e.g.
-``step+rope+pdl+sk32x132``. ``--interleave N`` keeps every variant's graph and times them
-again in N alternating rounds, so that they are compared under the same conditions.
+``--gemm-configs`` takes the GEMM configs a ``pdl_bench.py --sweep`` run found.
+
+Each variant is captured as the engine's CUDA graph and timed by CUDA events (median of
+``--iters`` replays) with and without the LoRA path, on the same random KV cache, its logits
+compared with the first variant's. A profile of graph replays lists each variant's kernels
+per step. ``--interleave N`` keeps every variant's graph and times step (a) again in N
+alternating rounds, so that variants are also compared under the same conditions (the GPU's
+state drifts over a run: one variant timed first and last can differ by a few percent).
+JSON + PNG.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -123,12 +126,10 @@ def _variant(
 ) -> tuple[dict[str, Any], Any, Any]:
     import torch
 
-    from dlp.engine import skinny_gemm
     from dlp.engine.model import CompactLM
     from dlp.engine.runner import DecodeRunner
 
-    base, stream = split_variant(name)
-    scope, mode, attention, gemm = VARIANTS[base]
+    scope, mode, attention, gemm = VARIANTS[name]
     torch._dynamo.reset()  # each variant compiles from scratch, no cache-limit recompiles
     model = CompactLM(hf_model, a.batch, a.max_seq_len, lora)
     runner = DecodeRunner(
@@ -141,23 +142,11 @@ def _variant(
         attention=attention,
         gemm=gemm,
     )
-    if "unfused" in base.split("+"):
+    if "unfused" in name.split("+"):
         model.decode_fuse_norms = False
-    # The gate/up config of this shape, for this variant's compile (read when it traces).
-    gu_key = (hf_model.config.intermediate_size, hf_model.config.hidden_size, True)
-    saved = skinny_gemm.MEASURED.get(gu_key)
-    if stream is not None:
-        block_n, programs = stream
-        skinny_gemm.MEASURED[gu_key] = skinny_gemm.GemmConfig(block_n, 64, 1, programs=programs)
     start = time.perf_counter()
-    try:
-        with torch.no_grad():
-            runner._capture()
-    finally:
-        if saved is not None:
-            skinny_gemm.MEASURED[gu_key] = saved
-        else:
-            skinny_gemm.MEASURED.pop(gu_key, None)
+    with torch.no_grad():
+        runner._capture()
     out: dict[str, Any] = {
         "compile_scope": scope,
         "compile_mode": mode,
@@ -167,7 +156,6 @@ def _variant(
         "decode_gemm": model.decode_gemm,
         "decode_pdl": model.decode_pdl,
         "decode_fuse_norms": model.decode_fuse_norms,
-        "gate_up_stream": None if stream is None else {"block_n": stream[0], "programs": stream[1]},
         "compile_capture_s": time.perf_counter() - start,
         "compile_failed": runner.compile_failed,
     }
@@ -181,20 +169,6 @@ def _variant(
     runner.positions.fill_(a.position)
     logits, _ = runner.step(a.batch, lora=False)
     return out, logits.float().clone(), runner
-
-
-def split_variant(name: str) -> tuple[str, tuple[int, int] | None]:
-    """``"step+rope+pdl+sk32x132"`` -> (``"step+rope+pdl"``, (32, 132)): the variant of
-    :data:`VARIANTS` and its stream-K gate/up (BLOCK_N, programs), or None."""
-    parts = name.split("+")
-    streams = [p for p in parts if re.fullmatch(r"sk\d+x\d+", p)]
-    base = "+".join(p for p in parts if p not in streams)
-    if base not in VARIANTS or len(streams) > 1:
-        raise ValueError(f"unknown variant {name!r} (known: {', '.join(VARIANTS)}, +skNxP)")
-    if not streams:
-        return base, None
-    block_n, programs = (int(v) for v in streams[0][2:].split("x"))
-    return base, (block_n, programs)
 
 
 def interleaved_times(runners: dict[str, Any], rows: int, rounds: int, iters: int) -> dict:
@@ -278,11 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
-    for name in (n for n in a.variants.split(",") if n):
-        try:
-            split_variant(name)
-        except ValueError as exc:
-            p.error(str(exc))
+    unknown = [n for n in a.variants.split(",") if n and n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown} (known: {', '.join(VARIANTS)})")
 
     import torch
     from tqdm.auto import tqdm
