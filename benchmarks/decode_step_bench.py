@@ -58,8 +58,6 @@ VARIANTS: dict[str, tuple[str, str | None, str, str]] = {
     "layer+rope+pdl": ("layer", None, "triton_rope", "triton_pdl"),
     # PDL with the norm kernels (the runner fuses them into the GEMMs with triton_pdl).
     "step+rope+pdl+unfused": ("step", None, "triton_rope", "triton_pdl"),
-    # PDL with the GEMMs' weight tiles loaded by the copy engine (skinny_gemm.WEIGHT_TMA).
-    "step+rope+pdl+tma": ("step", None, "triton_rope", "triton_pdl"),
     "step": ("step", None, "matmul", "cublas"),
     "layer+kernel+autotune": ("layer", "max-autotune-no-cudagraphs", "triton", "cublas"),
     "step+kernel+autotune": ("step", "max-autotune-no-cudagraphs", "triton", "cublas"),
@@ -128,7 +126,6 @@ def _variant(
 ) -> tuple[dict[str, Any], Any, Any]:
     import torch
 
-    from dlp.engine import skinny_gemm
     from dlp.engine.model import CompactLM
     from dlp.engine.runner import DecodeRunner
 
@@ -148,13 +145,8 @@ def _variant(
     if "unfused" in name.split("+"):
         model.decode_fuse_norms = False
     start = time.perf_counter()
-    # The GEMM launches read WEIGHT_TMA when the graph is captured.
-    skinny_gemm.WEIGHT_TMA = "tma" in name.split("+")
-    try:
-        with torch.no_grad():
-            runner._capture()
-    finally:
-        skinny_gemm.WEIGHT_TMA = False
+    with torch.no_grad():
+        runner._capture()
     out: dict[str, Any] = {
         "compile_scope": scope,
         "compile_mode": mode,
@@ -164,7 +156,6 @@ def _variant(
         "decode_gemm": model.decode_gemm,
         "decode_pdl": model.decode_pdl,
         "decode_fuse_norms": model.decode_fuse_norms,
-        "weight_tma": "tma" in name.split("+"),
         "compile_capture_s": time.perf_counter() - start,
         "compile_failed": runner.compile_failed,
     }

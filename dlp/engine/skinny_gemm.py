@@ -95,10 +95,6 @@ MEASURED: dict[tuple[int, int, bool], GemmConfig] = {
     (14336, 4096, True): GemmConfig(64, 128, 1, num_stages=3),
     (4096, 14336, False): GemmConfig(64, 128, 2),
 }
-# Weight tiles through the Hopper copy engine (TMA: a tensor descriptor per weight, one
-# instruction a tile, zero fill past the edges) instead of per-thread loads; off unless set
-# (benchmarks/decode_step_bench.py ``+tma``). GPU only: the interpreter launches plainly.
-WEIGHT_TMA = False
 # The rule for other shapes: split K until the grid has this many programs. In the sweep the
 # best splits gave 96-128 programs at M = 64 (fewer programs leave SMs idle; more pieces
 # cost a wider fp32 sum).
@@ -346,12 +342,11 @@ def launch_partials(
         width = 2 * n if silu else n
         out = torch.empty((split, m, width), dtype=torch.float32, device=x.device)
     grid = (math.ceil(n / cfg.block_n), split, math.ceil(m / block_m))
-    w_desc = _weight_descriptor(w, cfg) if WEIGHT_TMA and not INTERPRET else w
     # Arguments a mode does not use point at x (never read).
     sumsq_in, gamma, eps = (norm.sumsq, norm.weight, norm.eps) if norm else (x, x, 0.0)
     res = residual or ResidualOut(x, x, x, x)
     _skinny_kernel[grid](
-        x, w, w_desc, bias if bias is not None else w, out,
+        x, w, bias if bias is not None else w, out,
         sumsq_in, gamma, res.residual, res.h, res.sumsq, res.counters,
         m, n, k, k_per_split,
         x.stride(0), w.stride(0), out.stride(-2),
@@ -370,7 +365,6 @@ def launch_partials(
         # F.linear token for token; bf16/fp16 ignore the setting.
         PRECISION="ieee" if w.dtype == torch.float32 else "tf32",
         USE_GDC=pdl,
-        W_TMA=w_desc is not w,
         NORM_INPUT=norm is not None,
         RESIDUAL=residual is not None,
         PARTS_PAD=triton_next_pow2(sumsq_in.shape[0]) if norm else 1,
@@ -380,13 +374,6 @@ def launch_partials(
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out
-
-
-def _weight_descriptor(w: torch.Tensor, cfg: GemmConfig):
-    """A TMA descriptor of the weight ``[N, K]`` in ``[block_n, block_k]`` tiles."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k])
 
 
 def split_pieces(k: int, cfg: GemmConfig) -> tuple[int, int]:
@@ -507,7 +494,7 @@ if triton is not None:
 
     @triton.jit
     def _skinny_kernel(
-        X, W, WDesc, Bias, Out,
+        X, W, Bias, Out,
         XSumsq, Gamma, Res, H, Sumsq, Counters,
         M, N, K, K_PER_SPLIT,
         stride_xm, stride_wn, stride_om, stride_os,
@@ -523,7 +510,6 @@ if triton is not None:
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
         USE_GDC: tl.constexpr,
-        W_TMA: tl.constexpr,
         NORM_INPUT: tl.constexpr,
         RESIDUAL: tl.constexpr,
         PARTS_PAD: tl.constexpr,
@@ -581,11 +567,7 @@ if triton is not None:
                     gamma = tl.load(Gamma + k0 + kk, mask=(k0 + kk) < k_hi, other=0.0)
                 xt_n = (xt.to(tl.float32) * rstd[:, None]).to(xt.dtype)
                 xt = (xt_n.to(tl.float32) * gamma.to(tl.float32)[None, :]).to(xt.dtype)
-            if W_TMA:
-                # [BLOCK_N, BLOCK_K] from the copy engine, zeros past the weight's edges; past
-                # this piece's K end, x's masked zeros cancel the next piece's columns.
-                wt = WDesc.load([pid_n * BLOCK_N, k0]).T
-            elif EVEN_K and EVEN_N:
+            if EVEN_K and EVEN_N:
                 wt = tl.load(w_ptrs + k0)
             else:
                 wt = tl.load(w_ptrs + k0, mask=w_mask, other=0.0)
@@ -594,9 +576,7 @@ if triton is not None:
                 wt = wt.to(tl.float32)
             acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
             if GATE_UP:
-                if W_TMA:
-                    ut = WDesc.load([UP_OFFSET + pid_n * BLOCK_N, k0]).T
-                elif EVEN_K and EVEN_N:
+                if EVEN_K and EVEN_N:
                     ut = tl.load(up_ptrs + k0)
                 else:
                     ut = tl.load(up_ptrs + k0, mask=w_mask, other=0.0)
