@@ -323,8 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if name in profiled:
             report["profiles"][name] = _profile(runner, a.batch)
-        if a.interleave:
-            runner.positions.fill_(a.position)
+        if a.interleave:  # (its positions are left at --position by _variant)
             kept[name] = runner
         del runner  # its caches and graphs (unless kept)
         torch.cuda.empty_cache()
