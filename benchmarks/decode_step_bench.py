@@ -18,14 +18,20 @@ not bytes, so this compares, in one process on one model:
   step a programmatic dependent launch (``triton_pdl``, which also fuses the post-attention
   norm into the o and gate/up GEMMs; ``+unfused`` keeps its kernel).
 
-``--gemm-configs`` takes the GEMM configs a ``pdl_bench.py --sweep`` run found.
+``--gemm-configs`` takes the GEMM configs a ``pdl_bench.py --sweep`` run found; a variant
+name may also carry one GEMM's config for itself, ``+ROLE=BNxBKxSPLITxWARPSxSTAGES`` with ROLE
+one of ``qkv``, ``qkvl`` (q/k/v with the LoRA A rows), ``o``, ``gu``, ``down`` (e.g.
+``step+rope+pdl+gu=64x64x1x4x5``), to compare configs inside the real step.
 
 Each variant is captured as the engine's CUDA graph and timed by CUDA events (median of
 ``--iters`` replays) with and without the LoRA path, on the same random KV cache, its logits
 compared with the first variant's. A profile of graph replays lists each variant's kernels
-per step. ``--interleave N`` keeps every variant's graph and times step (a) again in N
-alternating rounds, so that variants are also compared under the same conditions (the GPU's
-state drifts over a run: one variant timed first and last can differ by a few percent).
+per step, and a timeline of one replay from the profiler's trace: each kernel's start, end
+and the time it adds to the step (its end minus the previous kernel's end), summed per
+kernel of the layer (the layers' kernels repeat around the attention kernel).
+``--interleave N`` keeps every variant's graph and times step (a) again in N alternating
+rounds, so that variants are also compared under the same conditions (the GPU's state drifts
+over a run: one variant timed first and last can differ by a few percent).
 JSON + PNG.
 """
 
@@ -64,6 +70,38 @@ VARIANTS: dict[str, tuple[str, str | None, str, str]] = {
 }
 
 
+GEMM_ROLES = ("qkv", "qkvl", "o", "gu", "down")
+
+
+def split_variant(name: str) -> tuple[str, dict[str, Any]]:
+    """``base+role=BNxBKxSPLITxWxS...`` -> (base variant, {role: GemmConfig})."""
+    from dlp.engine.skinny_gemm import GemmConfig
+
+    parts = name.split("+")
+    overrides = {}
+    for part in [p for p in parts if "=" in p]:
+        role, _, spec = part.partition("=")
+        if role not in GEMM_ROLES:
+            raise ValueError(f"{part!r}: want ROLE=BNxBKxSPLITxWARPSxSTAGES, ROLE in {GEMM_ROLES}")
+        overrides[role] = GemmConfig.parse(spec)
+    return "+".join(p for p in parts if "=" not in p), overrides
+
+
+def role_keys(hf_config: Any, lora_rows: int) -> dict[str, tuple[int, int, bool]]:
+    """Each GEMM role's key (N, K, silu) in ``skinny_gemm.MEASURED`` for a model config."""
+    hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
+    heads, kvh = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
+    qkv = (heads + 2 * kvh) * head_dim
+    return {
+        "qkv": (qkv, hidden, False),
+        "qkvl": (qkv + lora_rows, hidden, False),
+        "o": (heads * head_dim, hidden, False),
+        "gu": (inter, hidden, True),
+        "down": (hidden, inter, False),
+    }
+
+
 def _fill_cache(model: Any, seed: int) -> None:
     """The same random K/V in every variant's cache, so their logits are comparable."""
     import torch
@@ -89,7 +127,10 @@ def _time_step(runner: Any, rows: int, lora: bool, iters: int) -> float:
 
 
 def _profile(runner: Any, rows: int, steps: int = 5) -> dict[str, Any]:
-    """Kernels of ``steps`` graph replays of the base step: per-step count and time."""
+    """Kernels of ``steps`` graph replays of the base step: per-step count and time, and the
+    timeline of the last replay (:func:`step_timeline`)."""
+    import tempfile
+
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -103,6 +144,10 @@ def _profile(runner: Any, rows: int, steps: int = 5) -> dict[str, Any]:
         if (getattr(e, "device_time_total", 0) or 0) > 0 and e.cpu_time_total == 0
     ]
     kernels.sort(key=lambda e: e.device_time_total, reverse=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
     return {
         "kernels_per_step": sum(e.count for e in kernels) / steps,
         "kernel_ms_per_step": sum(e.device_time_total for e in kernels) / steps / 1e3,
@@ -114,7 +159,55 @@ def _profile(runner: Any, rows: int, steps: int = 5) -> dict[str, Any]:
             }
             for e in kernels[:25]
         ],
+        "timeline": step_timeline(events, steps),
     }
+
+
+def step_timeline(events: list[dict[str, Any]], steps: int) -> dict[str, Any]:
+    """The GPU kernels of the last of ``steps`` equal replays in a chrome trace: each
+    kernel's start and end (us from the step's first kernel), and ``added_us``, how much it
+    moves the step's end (its end minus the latest end before it; under PDL a kernel starts
+    before its predecessor ends, so durations overlap and do not add up). ``by_position``
+    sums them per kernel of the layer: a kernel's position is its distance from the last
+    attention kernel before it (``pre``: before the first), so each layer's q/k/v GEMM, o
+    GEMM, ... land in one row each."""
+    kernels = sorted(
+        (e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"),
+        key=lambda e: e["ts"],
+    )
+    per_step = len(kernels) // steps if steps else 0
+    last = kernels[len(kernels) - per_step :] if per_step else []
+    if not last:
+        return {"kernels": [], "by_position": {}}
+    t0 = last[0]["ts"]
+    rows, latest_end, since_attention = [], t0, None
+    by_position: dict[str, dict[str, float]] = {}
+    for e in last:
+        name = e["name"]
+        if "attn" in name:
+            since_attention = 0
+        elif since_attention is not None:
+            since_attention += 1
+        end = e["ts"] + e["dur"]
+        added = max(0.0, end - latest_end)
+        latest_end = max(latest_end, end)
+        grid = e.get("args", {}).get("grid")
+        rows.append(
+            {
+                "name": name[:60],
+                "grid": grid,
+                "start_us": round(e["ts"] - t0, 2),
+                "end_us": round(end - t0, 2),
+                "added_us": round(added, 2),
+            }
+        )
+        position = "pre" if since_attention is None else str(since_attention)
+        key = f"{position}:{name[:40]}:{grid}"
+        slot = by_position.setdefault(key, {"count": 0, "added_us": 0.0, "dur_us": 0.0})
+        slot["count"] += 1
+        slot["added_us"] += added
+        slot["dur_us"] += e["dur"]
+    return {"step_us": round(latest_end - t0, 2), "kernels": rows, "by_position": by_position}
 
 
 def _variant(
@@ -124,12 +217,29 @@ def _variant(
     a: argparse.Namespace,
     compile_: bool = True,
 ) -> tuple[dict[str, Any], Any, Any]:
+    from dlp.engine import skinny_gemm as sg
+
+    base, overrides = split_variant(name)
+    keys = role_keys(hf_model.config, 2 * a.slots * a.rank)  # LoRA A rows: q and v, r each
+    measured = dict(sg.MEASURED)
+    # Configs are read when the step is traced (in _capture, and any lazy compile after it).
+    sg.MEASURED.update({keys[role]: cfg for role, cfg in overrides.items()})
+    try:
+        return _build_and_time(name, base, hf_model, lora, a, compile_)
+    finally:
+        sg.MEASURED.clear()
+        sg.MEASURED.update(measured)
+
+
+def _build_and_time(
+    name: str, base: str, hf_model: Any, lora: dict, a: argparse.Namespace, compile_: bool
+) -> tuple[dict[str, Any], Any, Any]:
     import torch
 
     from dlp.engine.model import CompactLM
     from dlp.engine.runner import DecodeRunner
 
-    scope, mode, attention, gemm = VARIANTS[name]
+    scope, mode, attention, gemm = VARIANTS[base]
     torch._dynamo.reset()  # each variant compiles from scratch, no cache-limit recompiles
     model = CompactLM(hf_model, a.batch, a.max_seq_len, lora)
     runner = DecodeRunner(
@@ -252,7 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
-    unknown = [n for n in a.variants.split(",") if n and n not in VARIANTS]
+    try:
+        unknown = [n for n in a.variants.split(",") if n and split_variant(n)[0] not in VARIANTS]
+    except ValueError as exc:
+        p.error(str(exc))
     if unknown:
         p.error(f"unknown variants {unknown} (known: {', '.join(VARIANTS)})")
 

@@ -55,6 +55,20 @@ class GemmConfig:
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def parse(cls, spec: str) -> GemmConfig:
+        """``"BNxBKxSPLITxWARPSxSTAGES"`` (the benchmarks' way to name a config)."""
+        try:
+            values = [int(v) for v in spec.split("x")]
+        except ValueError:
+            values = []
+        if len(values) != 5 or min(values) < 1:
+            raise ValueError(f"{spec!r}: a GEMM config is BNxBKxSPLITxWARPSxSTAGES, 5 ints >= 1")
+        return cls(*values)
+
+    def name(self) -> str:
+        return "x".join(str(v) for v in dataclasses.astuple(self))
+
 
 @dataclass(frozen=True)
 class NormInput:
@@ -312,6 +326,7 @@ def launch_partials(
     out: torch.Tensor | None = None,
     norm: NormInput | None = None,
     residual: ResidualOut | None = None,
+    trace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The kernel alone: ``[m, n]`` in x's dtype when K is not split, else fp32 partials
     ``[split, m, n]`` (``[split, m, 2n]``, gate then up, for ``silu``).
@@ -323,7 +338,10 @@ def launch_partials(
     wait, were slower: ``benchmarks/results/pdl_h200_prefetch.json``, ``pdl_h200_overlap.json``.)
     ``out`` is written in place when given. ``norm``: x is read through it;
     ``residual``: the pieces (always ``[split, m, n]`` fp32, into ``out``) are summed by the
-    kernel into ``residual.h`` and ``residual.sumsq`` (see :func:`skinny_residual`)."""
+    kernel into ``residual.h`` and ``residual.sumsq`` (see :func:`skinny_residual`).
+    ``trace``: int64 ``[programs, 4]``, where each program writes its SM and the GPU's
+    global timer (ns) at its start, after its K loop and at its end
+    (``benchmarks/gemm_timeline.py``: where a GEMM's time goes between its programs)."""
     # Triton's CPU interpreter has no griddepcontrol (inline asm): a plain launch there.
     pdl = pdl and not INTERPRET
     block_m = block_m_for(m)
@@ -345,9 +363,12 @@ def launch_partials(
     # Arguments a mode does not use point at x (never read).
     sumsq_in, gamma, eps = (norm.sumsq, norm.weight, norm.eps) if norm else (x, x, 0.0)
     res = residual or ResidualOut(x, x, x, x)
+    if trace is not None and (trace.dtype != torch.int64 or trace.numel() < 4 * math.prod(grid)):
+        raise ValueError(f"trace must be int64 with [programs={math.prod(grid)}, 4] entries")
     _skinny_kernel[grid](
         x, w, bias if bias is not None else w, out,
         sumsq_in, gamma, res.residual, res.h, res.sumsq, res.counters,
+        trace if trace is not None else x,
         m, n, k, k_per_split,
         x.stride(0), w.stride(0), out.stride(-2),
         out.stride(0) if out.dim() == 3 else 0,
@@ -369,6 +390,7 @@ def launch_partials(
         RESIDUAL=residual is not None,
         PARTS_PAD=triton_next_pow2(sumsq_in.shape[0]) if norm else 1,
         SPLITS=split if residual is not None else 1,
+        TRACE=trace is not None and not INTERPRET,  # inline asm: not in the interpreter
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}),
@@ -495,7 +517,7 @@ if triton is not None:
     @triton.jit
     def _skinny_kernel(
         X, W, Bias, Out,
-        XSumsq, Gamma, Res, H, Sumsq, Counters,
+        XSumsq, Gamma, Res, H, Sumsq, Counters, Trace,
         M, N, K, K_PER_SPLIT,
         stride_xm, stride_wn, stride_om, stride_os,
         UP_OFFSET, SUMSQ_PARTS, eps,
@@ -514,12 +536,22 @@ if triton is not None:
         RESIDUAL: tl.constexpr,
         PARTS_PAD: tl.constexpr,
         SPLITS: tl.constexpr,
+        TRACE: tl.constexpr,
     ):  # fmt: skip
         # One loop, no nested jit function: Inductor reads a user kernel's stores to learn
         # which inputs it mutates, and clones every input (the weights!) where it cannot.
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         pid_m = tl.program_id(2)
+        if TRACE:  # this program's SM and start time (ns)
+            program = (pid_m * tl.num_programs(1) + pid_s) * tl.num_programs(0) + pid_n
+            trace_at = Trace + program.to(tl.int64) * 4
+            sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], tl.int32, False, 1)
+            now = tl.inline_asm_elementwise(
+                "mov.u64 $0, %globaltimer;", "=l", [], tl.int64, False, 1
+            )
+            tl.store(trace_at, sm.to(tl.int64))
+            tl.store(trace_at + 1, now)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         kk = tl.arange(0, BLOCK_K)
@@ -583,6 +615,11 @@ if triton is not None:
                 if UPCAST:
                     ut = ut.to(tl.float32)
                 acc_up = tl.dot(xt, ut, acc_up, input_precision=PRECISION)
+        if TRACE:
+            now = tl.inline_asm_elementwise(
+                "mov.u64 $0, %globaltimer;", "=l", [], tl.int64, False, 1
+            )
+            tl.store(trace_at + 2, now)
         if USE_GDC:
             tl.extra.cuda.gdc_launch_dependents()
         if HAS_BIAS:  # noqa: SIM102 - triton: `and` of a constexpr and a runtime value
@@ -633,3 +670,9 @@ if triton is not None:
                 tl.store(Sumsq + pid_n * M + rows, tl.sum(hf * hf, 1), mask=m_ok)
         else:
             tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=out_ok)
+        if TRACE:
+            tl.debug_barrier()  # every thread's stores are issued
+            now = tl.inline_asm_elementwise(
+                "mov.u64 $0, %globaltimer;", "=l", [], tl.int64, False, 1
+            )
+            tl.store(trace_at + 3, now)

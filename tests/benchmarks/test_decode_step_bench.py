@@ -1,0 +1,87 @@
+"""The decode-step benchmark's pure parts (the benchmark itself needs a GPU): per-variant GEMM
+configs parsed from the variant name, the GEMM roles' table keys, and the timeline of one
+step read from a profiler trace."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "decode_step_bench", ROOT / "benchmarks" / "decode_step_bench.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variant_names_carry_gemm_configs() -> None:
+    from dlp.engine.skinny_gemm import GemmConfig
+
+    bench = _bench()
+    base, overrides = bench.split_variant("step+rope+pdl+gu=64x64x1x4x5+down=32x128x4x4x3")
+    assert base == "step+rope+pdl"
+    assert overrides == {"gu": GemmConfig(64, 64, 1, 4, 5), "down": GemmConfig(32, 128, 4, 4, 3)}
+    assert overrides["down"].name() == "32x128x4x4x3"
+    assert bench.split_variant("step+rope+pdl") == ("step+rope+pdl", {})
+    with pytest.raises(ValueError, match="ROLE"):
+        bench.split_variant("step+rope+pdl+mlp=64x64x1x4x5")
+    for bad in ("64x64", "64x64x1x4x0", "64xAx1x4x5"):
+        with pytest.raises(ValueError, match="BNxBK"):
+            bench.split_variant(f"step+rope+pdl+gu={bad}")
+
+
+def test_role_keys_are_the_measured_tables_keys() -> None:
+    from transformers import Qwen2Config
+
+    from dlp.engine.shapes import PUBLISHED_SHAPES
+    from dlp.engine.skinny_gemm import MEASURED
+
+    shape = PUBLISHED_SHAPES["qwen2-1.5b"]
+    config = Qwen2Config(**{k: v for k, v in shape.items() if k != "model_type"})
+    keys = _bench().role_keys(config, lora_rows=512)
+    # Every role of the 1.5B shape has a measured config: the keys are the table's.
+    assert set(keys.values()) <= set(MEASURED)
+    assert keys["gu"] == (config.intermediate_size, config.hidden_size, True)
+    assert keys["qkvl"][0] == keys["qkv"][0] + 512
+
+
+def _kernel(name: str, ts: float, dur: float, grid: list[int]) -> dict:
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"grid": grid}}
+
+
+def test_timeline_adds_up_overlapping_kernels_per_layer_position() -> None:
+    # Two replays of a two-layer step: norm, qkv, attention, o per layer; under PDL each
+    # kernel starts 1 us before the one before it ends.
+    def step(t0: float) -> list[dict]:
+        out, t = [], t0
+        for _ in range(2):
+            for name, dur in (("norm", 3.0), ("gemm", 5.0), ("_decode_attn_kernel", 9.0)):
+                out.append(_kernel(name, t, dur, [1, 1, 1]))
+                t += dur - 1.0
+            out.append(_kernel("gemm", t, 4.0, [24, 4, 1]))
+            t += 4.0
+        return out
+
+    events = step(0.0) + step(100.0) + [{"ph": "X", "cat": "cpu_op", "name": "x", "ts": 1}]
+    timeline = _bench().step_timeline(events, steps=2)
+    kernels = timeline["kernels"]
+    assert len(kernels) == 8 and kernels[0]["start_us"] == 0.0
+    # Added times tile the step: they sum to its span, and a kernel adds its end minus the
+    # previous end (4 us for a 5 us kernel that started 1 us early).
+    assert sum(k["added_us"] for k in kernels) == pytest.approx(timeline["step_us"])
+    assert kernels[1]["added_us"] == pytest.approx(4.0)
+    by = timeline["by_position"]
+    # Layer positions: before the first attention ("pre"), the attention (0), then after it.
+    assert by["pre:norm:[1, 1, 1]"]["count"] == 1
+    assert by["0:_decode_attn_kernel:[1, 1, 1]"]["count"] == 2
+    assert by["1:gemm:[24, 4, 1]"]["count"] == 2
+    assert by["3:gemm:[1, 1, 1]"] == {"count": 1, "added_us": 4.0, "dur_us": 5.0}
