@@ -27,10 +27,12 @@ from dlp.engine.decode_attention import decode_attention, decode_attention_rope
 from dlp.engine.fused_weights import bt_shape, fuse_layer, slot_b_blocks, slot_copies
 from dlp.engine.skinny_gemm import (
     NormInput,
+    pick_config,
     skinny_linear,
     skinny_pieces,
     skinny_residual,
     skinny_silu_mul,
+    skinny_silu_stream,
 )
 from dlp.errors import DlpError
 from dlp.lora.fused_ops import lora_delta
@@ -556,8 +558,9 @@ def decode_layer(
     mlp_lora = (lg, lu, ld)
     post = NormInput(x_sumsq, post_norm, eps) if x_sumsq is not None else None
     return _mlp(
-        x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny, pdl, post
-    )
+        x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny, pdl, post,
+        counters if fuse else None,
+    )  # fmt: skip
 
 
 def _residual(
@@ -713,20 +716,25 @@ def _mlp(
     skinny: bool = False,
     pdl: bool = False,
     normed: NormInput | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Residual MLP half of a block: gate and up in one GEMM, per-row LoRA on any of them.
     ``skinny``: the weight-streaming kernels; without LoRA on gate/up, silu(gate) * up is
     the gate/up kernel's epilogue. ``normed`` (x's sums of squares) lets gate/up apply the
-    norm as it reads x (see decode_layer)."""
+    norm as it reads x (see decode_layer). ``counters`` (tile counters) let gate/up run as
+    the stream-K kernel where its config asks for one (``GemmConfig.programs``)."""
     lg, lu, ld = lora
     linear = _decode_linear(skinny, pdl)
     gate_lora = lg is not None and row_scales is not None
     up_lora = lu is not None and row_scales is not None
     if skinny and not (gate_lora or up_lora):
-        if normed is not None:
-            act = skinny_silu_mul(x, w_gu, b_gu, pdl=pdl, norm=normed)
+        h = x if normed is not None else rms_norm(x, post_norm, eps)
+        rows = h.numel() // h.shape[-1]
+        cfg = pick_config(rows, w_gu.shape[0] // 2, h.shape[-1], silu=True)
+        if counters is not None and cfg.programs > 0:
+            act = skinny_silu_stream(h, w_gu, b_gu, counters, cfg, pdl=pdl, norm=normed)
         else:
-            act = skinny_silu_mul(rms_norm(x, post_norm, eps), w_gu, b_gu, pdl=pdl)
+            act = skinny_silu_mul(h, w_gu, b_gu, pdl=pdl, norm=normed)
         return x + _lin(act, w_down, b_down, ld, row_scales, linear)
     h = rms_norm(x, post_norm, eps)
     gu = linear(h, w_gu, b_gu)

@@ -51,23 +51,30 @@ class GemmConfig:
     split_k: int
     num_warps: int = 4
     num_stages: int = 5
+    # gate/up only, > 0: a persistent "stream-K" grid of this many programs (see
+    # :func:`skinny_silu_stream`) instead of one program per output tile.
+    programs: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
     @classmethod
     def parse(cls, spec: str) -> GemmConfig:
-        """``"BNxBKxSPLITxWARPSxSTAGES"`` (the benchmarks' way to name a config)."""
+        """``"BNxBKxSPLITxWARPSxSTAGES[xPROGRAMS]"`` (the benchmarks' way to name a config;
+        PROGRAMS: a stream-K gate/up grid)."""
         try:
             values = [int(v) for v in spec.split("x")]
         except ValueError:
             values = []
-        if len(values) != 5 or min(values) < 1:
-            raise ValueError(f"{spec!r}: a GEMM config is BNxBKxSPLITxWARPSxSTAGES, 5 ints >= 1")
+        if len(values) not in (5, 6) or min(values[:5], default=0) < 1 or min(values) < 0:
+            raise ValueError(
+                f"{spec!r}: a GEMM config is BNxBKxSPLITxWARPSxSTAGES[xPROGRAMS], ints >= 1"
+            )
         return cls(*values)
 
     def name(self) -> str:
-        return "x".join(str(v) for v in dataclasses.astuple(self))
+        values = dataclasses.astuple(self)
+        return "x".join(str(v) for v in (values if self.programs else values[:5]))
 
 
 @dataclass(frozen=True)
@@ -189,6 +196,116 @@ def skinny_silu_mul(
         gu = F.linear(norm.apply(x) if norm is not None else x, w_gu, bias)
         return F.silu(gu[..., :inter]) * gu[..., inter:]
     return _run(x, w_gu, bias, inter, True, config, pdl, norm)
+
+
+def skinny_silu_stream(
+    x: torch.Tensor,
+    w_gu: torch.Tensor,
+    bias: torch.Tensor | None,
+    counters: torch.Tensor,
+    config: GemmConfig,
+    pdl: bool = False,
+    norm: NormInput | None = None,
+) -> torch.Tensor:
+    """:func:`skinny_silu_mul` on a persistent grid of ``config.programs`` programs that share
+    the work evenly ("stream-K"): the (output tile, K step) pairs are laid end to end and cut
+    into equal runs, one per program, so every program streams the same number of weight
+    bytes and no SM idles while others finish. That also frees the tile width from the grid:
+    on the H200 a program streams its weights at a rate set by the bytes of one K step (a
+    128-wide tile: ~41 GB/s, a 32-wide one: ~12, ``benchmarks/results/gemm_timeline_h200.json``),
+    so wide tiles are fast, but the Qwen2-1.5B gate/up has only 70 of them at width 128, too
+    few for 132 SMs as one program per tile. A tile shared by several programs (runs shorter
+    than a tile: up to ``stream_programs``' slots) is finished by the last of them to get
+    there: each stores its fp32 partial sums in its slot and counts itself in the tile's
+    counter, and the last adds the slots in order (the same bits whichever comes last) and
+    applies the epilogue.
+
+    ``counters``: int32 zeros, one per output tile (left at zero). Rows: at most 64 (one
+    tile of the batch); plain :func:`skinny_silu_mul` where the kernel does not apply."""
+    inter = w_gu.shape[0] // 2
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not supported(x, w_gu) or rows > 64 or config.programs < 1:
+        return skinny_silu_mul(x, w_gu, bias, None, pdl, norm)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    if pdl:
+        args = (config.block_n, config.block_k, config.programs, config.num_warps)
+        sumsq, gamma, eps = (norm.sumsq, norm.weight, norm.eps) if norm else (None, None, 0.0)
+        out = torch.ops.dlp.skinny_silu_stream_pdl(
+            x2, w_gu, bias, counters, inter, *args, config.num_stages, sumsq, gamma, eps
+        )
+    else:
+        out = launch_silu_stream(x2, w_gu, bias, counters, inter, config, False, norm)
+    return out.reshape(*lead, inter)
+
+
+# The stream-K kernel's loop over tiles as one flattened loop (True) or a K loop per tile.
+STREAM_FLATTEN = False
+
+
+def stream_programs(tiles: int, k_steps: int, programs: int) -> tuple[int, int]:
+    """(programs, slots) of a stream-K launch: at most one program per (tile, K step) unit,
+    and the most programs that share one tile (each leaves its part of the tile in a slot):
+    runs of >= ``units // programs`` units meet a tile of ``k_steps`` units at most
+    ``ceil((k_steps - 1) / run) + 1`` times."""
+    units = tiles * k_steps
+    programs = max(1, min(programs, units))
+    run = units // programs
+    return programs, min(programs, -(-(k_steps - 1) // run) + 1)
+
+
+def launch_silu_stream(
+    x: torch.Tensor,
+    w_gu: torch.Tensor,
+    bias: torch.Tensor | None,
+    counters: torch.Tensor,
+    n: int,
+    cfg: GemmConfig,
+    pdl: bool,
+    norm: NormInput | None = None,
+) -> torch.Tensor:
+    """The stream-K gate/up kernel alone: ``silu(gate) * up`` ``[m, n]`` in x's dtype."""
+    pdl = pdl and not INTERPRET
+    m, k = x.shape
+    block_m = block_m_for(m)
+    if m > block_m:
+        raise ValueError(f"the stream-K gate/up kernel takes <= {block_m} rows, got {m}")
+    tiles = math.ceil(n / cfg.block_n)
+    k_steps = math.ceil(k / cfg.block_k)
+    if counters.dtype != torch.int32 or counters.numel() < tiles:
+        raise ValueError(f"counters must be int32 with >= {tiles} entries (one per tile)")
+    programs, slots = stream_programs(tiles, k_steps, cfg.programs)
+    stage_bytes = (block_m + 2 * cfg.block_n) * cfg.block_k * x.element_size()
+    stages = max(2, min(cfg.num_stages, SHARED_MEMORY_BYTES // stage_bytes))
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    # Partial sums of the tiles cut between programs: [tile, slot, rows, gate | up].
+    scratch = torch.empty(
+        (tiles, slots, block_m, 2 * cfg.block_n), dtype=torch.float32, device=x.device
+    )
+    sumsq_in, gamma, eps = (norm.sumsq, norm.weight, norm.eps) if norm else (x, x, 0.0)
+    _silu_stream_kernel[(programs,)](
+        x, w_gu, bias if bias is not None else w_gu, out, scratch, counters, sumsq_in, gamma,
+        m, n, k, x.stride(0), w_gu.stride(0), out.stride(0),
+        n, sumsq_in.shape[0] if norm else 0, eps,
+        k_steps, tiles * k_steps, programs,
+        BLOCK_M=block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        HAS_BIAS=bias is not None,
+        EVEN_K=k % cfg.block_k == 0,
+        EVEN_N=n % cfg.block_n == 0,
+        UPCAST=INTERPRET,
+        PRECISION="ieee" if w_gu.dtype == torch.float32 else "tf32",
+        USE_GDC=pdl,
+        NORM_INPUT=norm is not None,
+        PARTS_PAD=triton_next_pow2(sumsq_in.shape[0]) if norm else 1,
+        SLOTS=slots,
+        FLATTEN=STREAM_FLATTEN,
+        num_warps=cfg.num_warps,
+        num_stages=stages,
+        **({"launch_pdl": True} if pdl else {}),
+    )  # fmt: skip
+    return out
 
 
 def skinny_pieces(
@@ -512,7 +629,178 @@ def _skinny_residual_pdl_fake(
     return x.new_empty((m, n)), sumsq
 
 
+# The stream-K gate/up's PDL launch (see dlp::skinny_pdl); it declares the tile counters it
+# uses (each back at zero when it returns).
+@torch.library.custom_op("dlp::skinny_silu_stream_pdl", mutates_args=("counters",))
+def _skinny_silu_stream_pdl(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    counters: torch.Tensor,
+    n: int,
+    block_n: int,
+    block_k: int,
+    programs: int,
+    num_warps: int,
+    num_stages: int,
+    sumsq: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    cfg = GemmConfig(block_n, block_k, 1, num_warps, num_stages, programs)
+    norm = NormInput(sumsq, gamma, eps) if sumsq is not None and gamma is not None else None
+    return launch_silu_stream(x, w, bias, counters, n, cfg, True, norm)
+
+
+@_skinny_silu_stream_pdl.register_fake
+def _skinny_silu_stream_pdl_fake(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    counters: torch.Tensor,
+    n: int,
+    block_n: int,
+    block_k: int,
+    programs: int,
+    num_warps: int,
+    num_stages: int,
+    sumsq: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    return x.new_empty((x.shape[0], n))
+
+
 if triton is not None:
+
+    @triton.jit
+    def _silu_stream_kernel(
+        X, W, Bias, Out, Scratch, Counters, XSumsq, Gamma,
+        M, N, K, stride_xm, stride_wn, stride_om,
+        UP_OFFSET, SUMSQ_PARTS, eps,
+        K_STEPS, UNITS, PROGRAMS,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        EVEN_N: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        USE_GDC: tl.constexpr,
+        NORM_INPUT: tl.constexpr,
+        PARTS_PAD: tl.constexpr,
+        SLOTS: tl.constexpr,
+        FLATTEN: tl.constexpr,
+    ):  # fmt: skip
+        # See skinny_silu_stream. A pipelined K loop per tile of this program's run (at most
+        # two tiles where runs are shorter than a tile). FLATTEN asks the compiler for one
+        # loop over the tiles and their K steps (tl.range flatten), so the weight loads run
+        # on across the tile boundary: measured slower on the H200 (33 us against 23 for
+        # the tiled kernel at the 1.5B gate/up, results/gemm_stream_h200.json).
+        # (No nested jit function: see below.)
+        pid = tl.program_id(0)
+        u_lo = pid * UNITS // PROGRAMS
+        u_hi = (pid + 1) * UNITS // PROGRAMS
+        rows = tl.arange(0, BLOCK_M)
+        kk = tl.arange(0, BLOCK_K)
+        nn = tl.arange(0, BLOCK_N)
+        m_ok = rows < M
+        x_ptrs = X + rows[:, None].to(tl.int64) * stride_xm + kk[None, :]
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()  # x (and the counters) belong to earlier kernels
+        if NORM_INPUT:  # as in _skinny_kernel: RMSNorm(x) * Gamma, rstd per row once
+            parts = tl.arange(0, PARTS_PAD)
+            part_ptrs = XSumsq + parts[:, None] * M + rows[None, :]
+            part_ok = (parts < SUMSQ_PARTS)[:, None] & m_ok[None, :]
+            sumsq = tl.sum(tl.load(part_ptrs, mask=part_ok, other=0.0), 0)
+            rstd = tl.math.rsqrt(sumsq / K + eps)
+        # This program's tiles: from the one holding unit u_lo to the one holding u_hi - 1.
+        t_lo = u_lo // K_STEPS
+        t_hi = (u_hi - 1) // K_STEPS + 1
+        for tile in tl.range(t_lo, t_hi, flatten=FLATTEN):
+            first = tile * K_STEPS
+            s_lo = tl.maximum(u_lo - first, 0)
+            s_hi = tl.minimum(u_hi - first, K_STEPS)
+            cols = tile * BLOCK_N + nn
+            n_ok = cols < N
+            w_ptrs = W + cols[None, :].to(tl.int64) * stride_wn + kk[:, None]
+            up_ptrs = w_ptrs + UP_OFFSET * stride_wn
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for step in range(s_lo, s_hi):
+                k0 = step * BLOCK_K
+                if EVEN_K:
+                    x_mask = m_ok[:, None]
+                    w_mask = n_ok[None, :]
+                else:
+                    k_ok = (k0 + kk) < K
+                    x_mask = m_ok[:, None] & k_ok[None, :]
+                    w_mask = n_ok[None, :] & k_ok[:, None]
+                xt = tl.load(x_ptrs + k0, mask=x_mask, other=0.0)
+                if NORM_INPUT:
+                    if EVEN_K:
+                        gamma = tl.load(Gamma + k0 + kk)
+                    else:
+                        gamma = tl.load(Gamma + k0 + kk, mask=(k0 + kk) < K, other=0.0)
+                    xt_n = (xt.to(tl.float32) * rstd[:, None]).to(xt.dtype)
+                    xt = (xt_n.to(tl.float32) * gamma.to(tl.float32)[None, :]).to(xt.dtype)
+                if EVEN_K and EVEN_N:
+                    wt = tl.load(w_ptrs + k0)
+                    ut = tl.load(up_ptrs + k0)
+                else:
+                    wt = tl.load(w_ptrs + k0, mask=w_mask, other=0.0)
+                    ut = tl.load(up_ptrs + k0, mask=w_mask, other=0.0)
+                if UPCAST:  # Triton's CPU interpreter mis-multiplies bf16 dots: fp32 there
+                    xt = xt.to(tl.float32)
+                    wt = wt.to(tl.float32)
+                    ut = ut.to(tl.float32)
+                acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+                acc_up = tl.dot(xt, ut, acc_up, input_precision=PRECISION)
+            # This program's part of `tile` is done. Whole tile: the epilogue. Shared with
+            # other programs (runs shorter than a tile: up to SLOTS of them): store the part
+            # in this program's slot and count it; the last to count adds the parts in slot
+            # order (the same fp32 bits whichever finishes last) and finishes the tile.
+            # owner(u) = ((u + 1) * PROGRAMS - 1) // UNITS: the program whose run holds unit u.
+            first_owner = ((tile * K_STEPS + 1) * PROGRAMS - 1) // UNITS
+            last_owner = ((tile + 1) * K_STEPS * PROGRAMS - 1) // UNITS
+            sharers = last_owner - first_owner + 1
+            finish = sharers == 1
+            if sharers > 1:
+                slot_rows = (tile * SLOTS + pid - first_owner) * BLOCK_M + rows
+                s_ptrs = Scratch + slot_rows[:, None] * (2 * BLOCK_N) + nn[None, :]
+                tl.store(s_ptrs, acc)
+                tl.store(s_ptrs + BLOCK_N, acc_up)
+                tl.debug_barrier()  # every thread's part is stored before the count
+                seen = tl.atomic_add(Counters + tile, 1, sem="acq_rel")
+                finish = seen == sharers - 1
+                if finish:
+                    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                    acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                    for slot in tl.static_range(SLOTS):  # unrolled: the loads go out together
+                        o_rows = (tile * SLOTS + slot) * BLOCK_M + rows
+                        o_ptrs = Scratch + o_rows[:, None] * (2 * BLOCK_N) + nn[None, :]
+                        held = (slot < sharers) & m_ok
+                        # .cg: from L2, where the other programs' parts are (L1 is not coherent)
+                        acc += tl.load(o_ptrs, mask=held[:, None], other=0.0, cache_modifier=".cg")
+                        acc_up += tl.load(
+                            o_ptrs + BLOCK_N, mask=held[:, None], other=0.0, cache_modifier=".cg"
+                        )
+                    tl.store(Counters + tile, 0)
+            if finish:
+                if HAS_BIAS:
+                    acc += tl.load(Bias + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                    up_b = tl.load(Bias + UP_OFFSET + cols, mask=n_ok, other=0.0)
+                    acc_up += up_b.to(tl.float32)[None, :]
+                # The eager path's roundings (see _skinny_kernel's FUSE_SILU).
+                dt = Out.dtype.element_ty
+                gate = acc.to(dt).to(tl.float32)
+                up = acc_up.to(dt).to(tl.float32)
+                act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+                o_ptrs = Out + rows[:, None] * stride_om + cols[None, :]
+                tl.store(o_ptrs, (act * up).to(dt), mask=m_ok[:, None] & n_ok[None, :])
+        if USE_GDC:
+            tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def _skinny_kernel(

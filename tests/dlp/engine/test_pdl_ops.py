@@ -1,6 +1,6 @@
 """The PDL launches' torch ops (``dlp::skinny_pdl``, ``dlp::decode_attention_rope_pdl``,
-``dlp::greedy_pdl``, ``dlp::skinny_residual_pdl``): Inductor sees only their declared
-contracts, so those must be right.
+``dlp::greedy_pdl``, ``dlp::skinny_residual_pdl``, ``dlp::skinny_silu_stream_pdl``): Inductor
+sees only their declared contracts, so those must be right.
 ``torch.library.opcheck`` runs each op for real (under Triton's CPU interpreter, where the
 kernels launch without PDL) and against its fake: schema, declared mutations (the caches and
 nothing else), output shapes, dtypes and strides. The CUDA runs are in test_engine_cuda.py."""
@@ -16,6 +16,7 @@ CASES = {
     "skinny_silu": "silu",
     "skinny_normed": "normed",  # the input read through RMSNorm
     "skinny_residual": "residual",  # residual add + sums of squares; declares its counters
+    "skinny_silu_stream": "silu_stream",  # stream-K gate/up; declares its counters
     "rope": "rope",
     "rope_pieces": "rope_pieces",
     "greedy": "greedy",
@@ -34,6 +35,12 @@ _CHILD = """
             x, w = torch.randn(5, 64).bfloat16(), torch.randn(40, 64).bfloat16()
             res, counters = torch.randn(5, 40).bfloat16(), torch.zeros(8, dtype=torch.int32)
             return torch.ops.dlp.skinny_residual_pdl, (x, w, None, res, counters, 32, 16, 2, 4, 2)
+        if kind == "silu_stream":
+            x, w = torch.randn(5, 64).bfloat16(), torch.randn(96, 64).bfloat16()
+            counters = torch.zeros(8, dtype=torch.int32)
+            norm = (torch.rand(2, 5) * 64, torch.randn(64).bfloat16(), 1e-6)
+            args = (x, w, None, counters, 48, 16, 16, 2, 4, 2, *norm)
+            return torch.ops.dlp.skinny_silu_stream_pdl, args
         if kind == "normed":
             x, w = torch.randn(5, 64).bfloat16(), torch.randn(40, 64).bfloat16()
             norm = (torch.rand(2, 5) * 64, torch.randn(64).bfloat16(), 1e-6)

@@ -32,6 +32,7 @@ _CHILD = """
     import torch
     import torch.nn.functional as F
 
+    from dlp.engine import skinny_gemm
     from dlp.engine.model import CompactLM
     from dlp.engine.skinny_gemm import GemmConfig, skinny_linear, skinny_silu_mul
     from engine_helpers import tiny_model
@@ -74,7 +75,22 @@ _CHILD = """
             model.decode_pdl = model.decode_fuse_norms = model.attn_rope = True
             model.attn_splits = 1
             fused = model.decode(tokens, positions, None)
+            # ... and gate/up as the stream-K kernel (3 programs: tiles cut between them).
+            cfg = model.hf.config
+            key = (cfg.intermediate_size, cfg.hidden_size, True)
+            skinny_gemm.MEASURED[key] = GemmConfig(16, 32, 1, programs=3)
+            launches = []
+            launch = skinny_gemm.launch_silu_stream
+            skinny_gemm.launch_silu_stream = lambda *a, **kw: launches.append(1) or launch(*a, **kw)
+            streamed = model.decode(tokens, positions, None)
+            skinny_gemm.launch_silu_stream = launch
+            del skinny_gemm.MEASURED[key]
+            counters_zero = bool((model.gemm_counters == 0).all())
         results[f"decode_{kind}"] = {
+            "stream_err": err(streamed, plain),
+            "stream_argmax_same": bool((streamed.argmax(-1) == plain.argmax(-1)).all()),
+            "counters_zero": counters_zero,
+            "stream_launches": len(launches),
             "err": err(fast, plain),
             "argmax_same": bool((fast.argmax(-1) == plain.argmax(-1)).all()),
             "fused_err": err(fused, plain),
@@ -107,6 +123,10 @@ def test_decode_step_with_the_kernels_matches_f_linear(interpreted, kind):
     assert res["err"] < 1e-4 and res["argmax_same"], res
     # the norms fused into the GEMMs: the same step up to fp32 summation order
     assert res["fused_err"] < 1e-4 and res["fused_argmax_same"], res
+    # ... and gate/up on the stream-K grid (its tile counters left at zero for the next step)
+    assert res["stream_err"] < 1e-4 and res["stream_argmax_same"], res
+    assert res["counters_zero"], res
+    assert res["stream_launches"] == 2, res  # one per layer of the tiny model
 
 
 def test_pick_config_uses_the_measured_table_and_the_rule():
