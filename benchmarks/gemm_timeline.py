@@ -107,7 +107,7 @@ def bench_config(role: str, cfg: Any, device: Any, iters: int) -> dict[str, Any]
         sumsq = x.float().pow(2).reshape(ROWS, 24, k // 24).sum(-1).T.contiguous()
         norm = sg.NormInput(sumsq, torch.ones(k, device=device, dtype=torch.bfloat16), 1e-6)
     split, _ = sg.split_pieces(k, cfg)
-    tiles = math.ceil(n / cfg.block_n)
+    tiles = cfg.column_programs(n)
     scratch = None
     if role == "o":  # the residual epilogue, as skinny_residual launches it
         scratch = torch.empty((split, ROWS, n), dtype=torch.float32, device=device)
@@ -118,28 +118,13 @@ def bench_config(role: str, cfg: Any, device: Any, iters: int) -> dict[str, Any]
             torch.empty((tiles, ROWS), dtype=torch.float32, device=device),
         )
 
-    stream = role == "gu" and cfg.programs > 0
-    counters = torch.zeros(tiles, dtype=torch.int32, device=device)
-
     def launch(i: int, trace: torch.Tensor | None = None) -> torch.Tensor:
         w = ws[i % copies]
-        if stream:  # the stream-K gate/up (no trace: its programs' runs are equal by design)
-            return sg.launch_silu_stream(x, w, bias, counters, n, cfg, False, norm)
         return sg.launch_partials(
             x, w, bias, ROWS, n, k, cfg, silu, False, scratch, norm, residual, trace
         )
 
     us = graph_replay_us(launch, copies, iters)
-    if stream:
-        ws.clear()
-        torch.cuda.empty_cache()
-        return {
-            "role": role,
-            "config": cfg.as_dict(),
-            "weight_bytes": weight_bytes,
-            "graph_us": us,
-            "tb_per_s": weight_bytes / us / 1e6,
-        }
     programs = tiles * split
     launches = []
     for i in range(TRACED_LAUNCHES):
@@ -198,17 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         "--configs",
         default="qkv=32x64x4x4x5,o=64x64x4x4x5,gu=32x64x1x4x5,down=64x128x4x4x5",
         help="comma-separated ROLE=BNxBKxSPLITxWARPSxSTAGES[xPROGRAMS] (roles: qkv, o, gu,"
-        " down; PROGRAMS: gate/up as the stream-K kernel on that many programs)",
+        " down; PROGRAMS: the output columns shared evenly by that many programs)",
     )
     p.add_argument("--iters", type=int, default=30)
-    p.add_argument(
-        "--stream-flatten",
-        action="store_true",
-        help="time the stream-K gate/up configs also with its tile loop flattened",
-    )
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
-    from dlp.engine import skinny_gemm as sg
     from dlp.engine.skinny_gemm import GemmConfig
 
     specs = []
@@ -237,23 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    if a.stream_flatten:
-        specs += [(role, cfg, True) for role, cfg in specs if cfg.programs]
-    for role, cfg, *flatten in tqdm(specs, desc="configs"):
-        sg.STREAM_FLATTEN = bool(flatten)
+    for role, cfg in tqdm(specs, desc="configs"):
         try:
             run = bench_config(role, cfg, device, a.iters)
-            run["stream_flatten"] = bool(flatten)
         except Exception as exc:  # e.g. out of shared memory: keep the other configs
             report["runs"].append({"role": role, "config": cfg.as_dict(), "error": str(exc)[:300]})
             continue
         report["runs"].append(run)
-        if "traced" not in run:
-            print(
-                f"{role} {cfg.name()}{' flattened' if flatten else ''}:"
-                f" {run['graph_us']:.2f} us ({run['tb_per_s']:.2f} TB/s)"
-            )
-            continue
         t = run["traced"]
         print(
             f"{role} {cfg.name()}: {run['graph_us']:.2f} us ({run['tb_per_s']:.2f} TB/s);"

@@ -27,12 +27,10 @@ from dlp.engine.decode_attention import decode_attention, decode_attention_rope
 from dlp.engine.fused_weights import bt_shape, fuse_layer, slot_b_blocks, slot_copies
 from dlp.engine.skinny_gemm import (
     NormInput,
-    pick_config,
     skinny_linear,
     skinny_pieces,
     skinny_residual,
     skinny_silu_mul,
-    skinny_silu_stream,
 )
 from dlp.errors import DlpError
 from dlp.lora.fused_ops import lora_delta
@@ -347,6 +345,14 @@ class CompactLM(nn.Module):
         use_lora = row_scales is not None and len(self.lora) > 0
         in_scales = self._in_scales(row_scales, x.dtype) if use_lora else None
         counters = self.gemm_counters if self.decode_fuse_norms and self.decode_pdl else None
+        lengths = None
+        if self.attn_splits and self.attn_rope:
+            # The rope attention's per-row inputs, made once for all layers: made in each
+            # layer (views of cos/sin, positions + 1), Inductor copied them per attention op
+            # (16 small kernels a step on the H200, ~16 us:
+            # benchmarks/results/decode_step_h200_timeline.json).
+            cos, sin = cos.reshape(b, s.head_dim), sin.reshape(b, s.head_dim)
+            lengths = positions + 1
         for i in range(s.n_layers):
             k_cache, v_cache = self.k_caches[i], self.v_caches[i]
             if slots is None and b != k_cache.shape[0]:
@@ -372,6 +378,7 @@ class CompactLM(nn.Module):
                 self.attn_rope,
                 self.decode_pdl,
                 counters,
+                lengths,
             )
         return self.decode_head(x)
 
@@ -498,6 +505,7 @@ def decode_layer(
     attn_rope: bool = False,
     pdl: bool = False,
     counters: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One transformer block for one new token per row; a pure function of its tensors so
     one ``torch.compile`` of it serves every layer. Writes this token's K/V into the cache:
@@ -518,7 +526,10 @@ def decode_layer(
     reads its input through the RMSNorm, so no norm kernel runs between them (without LoRA
     on o, gate and up). The input norm stays a kernel of its own, which also sums the down
     GEMM's split-K pieces and adds the residual: as a prologue of the q/k/v GEMM it cost
-    more than the kernel (``benchmarks/results/decode_step_h200_fused*.json``)."""
+    more than the kernel (``benchmarks/results/decode_step_h200_fused*.json``).
+
+    With ``attn_rope``, cos / sin may come as rows ``[b, head_dim]`` and ``lengths``
+    (``positions + 1``) made once for every layer (:meth:`CompactLM.decode` does)."""
     b = x.shape[0]
     lo, lg, lu, ld = lora
     linear = _decode_linear(skinny, pdl)
@@ -539,11 +550,11 @@ def decode_layer(
             q.reshape(pieces, b, n_heads, head_dim),
             k.reshape(pieces, b, n_kv_heads, head_dim),
             v.reshape(pieces, b, n_kv_heads, head_dim),
-            cos.reshape(b, head_dim),
-            sin.reshape(b, head_dim),
+            cos if cos.dim() == 2 else cos.reshape(b, head_dim),
+            sin if sin.dim() == 2 else sin.reshape(b, head_dim),
             k_cache,
             v_cache,
-            positions + 1,
+            lengths if lengths is not None else positions + 1,
             head_dim**-0.5,
             attn_splits,
             slots,
@@ -558,9 +569,8 @@ def decode_layer(
     mlp_lora = (lg, lu, ld)
     post = NormInput(x_sumsq, post_norm, eps) if x_sumsq is not None else None
     return _mlp(
-        x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny, pdl, post,
-        counters if fuse else None,
-    )  # fmt: skip
+        x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny, pdl, post
+    )
 
 
 def _residual(
@@ -716,25 +726,20 @@ def _mlp(
     skinny: bool = False,
     pdl: bool = False,
     normed: NormInput | None = None,
-    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Residual MLP half of a block: gate and up in one GEMM, per-row LoRA on any of them.
     ``skinny``: the weight-streaming kernels; without LoRA on gate/up, silu(gate) * up is
     the gate/up kernel's epilogue. ``normed`` (x's sums of squares) lets gate/up apply the
-    norm as it reads x (see decode_layer). ``counters`` (tile counters) let gate/up run as
-    the stream-K kernel where its config asks for one (``GemmConfig.programs``)."""
+    norm as it reads x (see decode_layer)."""
     lg, lu, ld = lora
     linear = _decode_linear(skinny, pdl)
     gate_lora = lg is not None and row_scales is not None
     up_lora = lu is not None and row_scales is not None
     if skinny and not (gate_lora or up_lora):
-        h = x if normed is not None else rms_norm(x, post_norm, eps)
-        rows = h.numel() // h.shape[-1]
-        cfg = pick_config(rows, w_gu.shape[0] // 2, h.shape[-1], silu=True)
-        if counters is not None and cfg.programs > 0:
-            act = skinny_silu_stream(h, w_gu, b_gu, counters, cfg, pdl=pdl, norm=normed)
+        if normed is not None:
+            act = skinny_silu_mul(x, w_gu, b_gu, pdl=pdl, norm=normed)
         else:
-            act = skinny_silu_mul(h, w_gu, b_gu, pdl=pdl, norm=normed)
+            act = skinny_silu_mul(rms_norm(x, post_norm, eps), w_gu, b_gu, pdl=pdl)
         return x + _lin(act, w_down, b_down, ld, row_scales, linear)
     h = rms_norm(x, post_norm, eps)
     gu = linear(h, w_gu, b_gu)

@@ -51,8 +51,11 @@ class GemmConfig:
     split_k: int
     num_warps: int = 4
     num_stages: int = 5
-    # gate/up only, > 0: a persistent "stream-K" grid of this many programs (see
-    # :func:`skinny_silu_stream`) instead of one program per output tile.
+    # > 0: the output columns are shared evenly by this many programs (each at most block_n
+    # of them, masked) instead of one program per block_n-wide tile, so that a grid can fill
+    # the GPU's program slots evenly: at the Qwen2-1.5B gate/up, 280 tiles of 32 columns put
+    # 3 programs on 16 SMs and 2 on the others, and the 3-program SMs finish ~5 us after the
+    # rest (benchmarks/results/gemm_timeline_h200.json).
     programs: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -60,8 +63,7 @@ class GemmConfig:
 
     @classmethod
     def parse(cls, spec: str) -> GemmConfig:
-        """``"BNxBKxSPLITxWARPSxSTAGES[xPROGRAMS]"`` (the benchmarks' way to name a config;
-        PROGRAMS: a stream-K gate/up grid)."""
+        """``"BNxBKxSPLITxWARPSxSTAGES[xPROGRAMS]"`` (the benchmarks' way to name a config)."""
         try:
             values = [int(v) for v in spec.split("x")]
         except ValueError:
@@ -75,6 +77,16 @@ class GemmConfig:
     def name(self) -> str:
         values = dataclasses.astuple(self)
         return "x".join(str(v) for v in (values if self.programs else values[:5]))
+
+    def column_programs(self, n: int) -> int:
+        """Programs across ``n`` output columns: ``programs``, or one per block_n tile."""
+        if not self.programs:
+            return math.ceil(n / self.block_n)
+        if math.ceil(n / self.programs) > self.block_n:
+            raise ValueError(
+                f"{self.programs} programs over {n} columns: more than block_n={self.block_n} each"
+            )
+        return self.programs
 
 
 @dataclass(frozen=True)
@@ -107,7 +119,10 @@ MEASURED: dict[tuple[int, int, bool], GemmConfig] = {
     (2048, 1536, False): GemmConfig(32, 64, 4),
     (2560, 1536, False): GemmConfig(64, 128, 3),
     (1536, 1536, False): GemmConfig(64, 64, 4),
-    (8960, 1536, True): GemmConfig(32, 64, 1),
+    # gate/up: 264 programs (2 an SM) share the 8960 columns evenly (34 each in 64-wide
+    # tiles): the same bits as 280 tiles of 32, 0.8-0.9% faster in the PDL step
+    # (results/decode_step_h200_balanced.json, ..._hoisted.json).
+    (8960, 1536, True): GemmConfig(64, 64, 1, programs=264),
     (1536, 8960, False): GemmConfig(64, 128, 4),
     # Llama-3-8B
     (6144, 4096, False): GemmConfig(64, 128, 1),
@@ -198,116 +213,6 @@ def skinny_silu_mul(
     return _run(x, w_gu, bias, inter, True, config, pdl, norm)
 
 
-def skinny_silu_stream(
-    x: torch.Tensor,
-    w_gu: torch.Tensor,
-    bias: torch.Tensor | None,
-    counters: torch.Tensor,
-    config: GemmConfig,
-    pdl: bool = False,
-    norm: NormInput | None = None,
-) -> torch.Tensor:
-    """:func:`skinny_silu_mul` on a persistent grid of ``config.programs`` programs that share
-    the work evenly ("stream-K"): the (output tile, K step) pairs are laid end to end and cut
-    into equal runs, one per program, so every program streams the same number of weight
-    bytes and no SM idles while others finish. That also frees the tile width from the grid:
-    on the H200 a program streams its weights at a rate set by the bytes of one K step (a
-    128-wide tile: ~41 GB/s, a 32-wide one: ~12, ``benchmarks/results/gemm_timeline_h200.json``),
-    so wide tiles are fast, but the Qwen2-1.5B gate/up has only 70 of them at width 128, too
-    few for 132 SMs as one program per tile. A tile shared by several programs (runs shorter
-    than a tile: up to ``stream_programs``' slots) is finished by the last of them to get
-    there: each stores its fp32 partial sums in its slot and counts itself in the tile's
-    counter, and the last adds the slots in order (the same bits whichever comes last) and
-    applies the epilogue.
-
-    ``counters``: int32 zeros, one per output tile (left at zero). Rows: at most 64 (one
-    tile of the batch); plain :func:`skinny_silu_mul` where the kernel does not apply."""
-    inter = w_gu.shape[0] // 2
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not supported(x, w_gu) or rows > 64 or config.programs < 1:
-        return skinny_silu_mul(x, w_gu, bias, None, pdl, norm)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    if pdl:
-        args = (config.block_n, config.block_k, config.programs, config.num_warps)
-        sumsq, gamma, eps = (norm.sumsq, norm.weight, norm.eps) if norm else (None, None, 0.0)
-        out = torch.ops.dlp.skinny_silu_stream_pdl(
-            x2, w_gu, bias, counters, inter, *args, config.num_stages, sumsq, gamma, eps
-        )
-    else:
-        out = launch_silu_stream(x2, w_gu, bias, counters, inter, config, False, norm)
-    return out.reshape(*lead, inter)
-
-
-# The stream-K kernel's loop over tiles as one flattened loop (True) or a K loop per tile.
-STREAM_FLATTEN = False
-
-
-def stream_programs(tiles: int, k_steps: int, programs: int) -> tuple[int, int]:
-    """(programs, slots) of a stream-K launch: at most one program per (tile, K step) unit,
-    and the most programs that share one tile (each leaves its part of the tile in a slot):
-    runs of >= ``units // programs`` units meet a tile of ``k_steps`` units at most
-    ``ceil((k_steps - 1) / run) + 1`` times."""
-    units = tiles * k_steps
-    programs = max(1, min(programs, units))
-    run = units // programs
-    return programs, min(programs, -(-(k_steps - 1) // run) + 1)
-
-
-def launch_silu_stream(
-    x: torch.Tensor,
-    w_gu: torch.Tensor,
-    bias: torch.Tensor | None,
-    counters: torch.Tensor,
-    n: int,
-    cfg: GemmConfig,
-    pdl: bool,
-    norm: NormInput | None = None,
-) -> torch.Tensor:
-    """The stream-K gate/up kernel alone: ``silu(gate) * up`` ``[m, n]`` in x's dtype."""
-    pdl = pdl and not INTERPRET
-    m, k = x.shape
-    block_m = block_m_for(m)
-    if m > block_m:
-        raise ValueError(f"the stream-K gate/up kernel takes <= {block_m} rows, got {m}")
-    tiles = math.ceil(n / cfg.block_n)
-    k_steps = math.ceil(k / cfg.block_k)
-    if counters.dtype != torch.int32 or counters.numel() < tiles:
-        raise ValueError(f"counters must be int32 with >= {tiles} entries (one per tile)")
-    programs, slots = stream_programs(tiles, k_steps, cfg.programs)
-    stage_bytes = (block_m + 2 * cfg.block_n) * cfg.block_k * x.element_size()
-    stages = max(2, min(cfg.num_stages, SHARED_MEMORY_BYTES // stage_bytes))
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    # Partial sums of the tiles cut between programs: [tile, slot, rows, gate | up].
-    scratch = torch.empty(
-        (tiles, slots, block_m, 2 * cfg.block_n), dtype=torch.float32, device=x.device
-    )
-    sumsq_in, gamma, eps = (norm.sumsq, norm.weight, norm.eps) if norm else (x, x, 0.0)
-    _silu_stream_kernel[(programs,)](
-        x, w_gu, bias if bias is not None else w_gu, out, scratch, counters, sumsq_in, gamma,
-        m, n, k, x.stride(0), w_gu.stride(0), out.stride(0),
-        n, sumsq_in.shape[0] if norm else 0, eps,
-        k_steps, tiles * k_steps, programs,
-        BLOCK_M=block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        HAS_BIAS=bias is not None,
-        EVEN_K=k % cfg.block_k == 0,
-        EVEN_N=n % cfg.block_n == 0,
-        UPCAST=INTERPRET,
-        PRECISION="ieee" if w_gu.dtype == torch.float32 else "tf32",
-        USE_GDC=pdl,
-        NORM_INPUT=norm is not None,
-        PARTS_PAD=triton_next_pow2(sumsq_in.shape[0]) if norm else 1,
-        SLOTS=slots,
-        FLATTEN=STREAM_FLATTEN,
-        num_warps=cfg.num_warps,
-        num_stages=stages,
-        **({"launch_pdl": True} if pdl else {}),
-    )  # fmt: skip
-    return out
-
-
 def skinny_pieces(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -360,7 +265,7 @@ def _partials(
     m, k = x2.shape
     cfg = config or pick_config(m, n, k, silu)
     if pdl:
-        args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
+        args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages, cfg.programs)
         sumsq, gamma, eps = (norm.sumsq, norm.weight, norm.eps) if norm else (None, None, 0.0)
         return torch.ops.dlp.skinny_pdl(x2, w, bias, n, silu, *args, sumsq, gamma, eps)
     return launch_partials(x2, w, bias, m, n, k, cfg, silu, norm=norm)
@@ -391,7 +296,7 @@ def skinny_residual(
     m, k = x.shape
     cfg = config or pick_config(m, w.shape[0], k, False)
     if pdl:
-        args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
+        args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages, cfg.programs)
         return torch.ops.dlp.skinny_residual_pdl(x, w, bias, residual, counters, *args)
     return _launch_residual(x, w, bias, residual, counters, cfg, pdl=False)
 
@@ -407,13 +312,13 @@ def _launch_residual(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
     n = w.shape[0]
-    tiles = math.ceil(n / cfg.block_n) * math.ceil(m / block_m_for(m))
+    tiles = cfg.column_programs(n) * math.ceil(m / block_m_for(m))
     if counters.dtype != torch.int32 or counters.numel() < tiles:
         raise ValueError(f"counters must be int32 with >= {tiles} entries (one per tile)")
     split, _ = split_pieces(k, cfg)
     scratch = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     h = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    sumsq = torch.empty((math.ceil(n / cfg.block_n), m), dtype=torch.float32, device=x.device)
+    sumsq = torch.empty((cfg.column_programs(n), m), dtype=torch.float32, device=x.device)
     residual_out = ResidualOut(residual, counters, h, sumsq)
     launch_partials(x, w, bias, m, n, k, cfg, False, pdl, scratch, residual=residual_out)
     return h, sumsq
@@ -476,7 +381,7 @@ def launch_partials(
     elif out is None:
         width = 2 * n if silu else n
         out = torch.empty((split, m, width), dtype=torch.float32, device=x.device)
-    grid = (math.ceil(n / cfg.block_n), split, math.ceil(m / block_m))
+    grid = (cfg.column_programs(n), split, math.ceil(m / block_m))
     # Arguments a mode does not use point at x (never read).
     sumsq_in, gamma, eps = (norm.sumsq, norm.weight, norm.eps) if norm else (x, x, 0.0)
     res = residual or ResidualOut(x, x, x, x)
@@ -497,7 +402,8 @@ def launch_partials(
         GATE_UP=silu,
         FUSE_SILU=silu and split == 1,
         EVEN_K=k % cfg.block_k == 0,
-        EVEN_N=n % cfg.block_n == 0,
+        EVEN_N=n % cfg.block_n == 0 and not cfg.programs,
+        BALANCED=cfg.programs > 0,
         UPCAST=INTERPRET,
         # fp32 weights get exact fp32 dots (not tf32): the engine's fp32 path must match
         # F.linear token for token; bf16/fp16 ignore the setting.
@@ -561,11 +467,12 @@ def _skinny_pdl(
     split_k: int,
     num_warps: int,
     num_stages: int,
+    programs: int,
     sumsq: torch.Tensor | None,
     gamma: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
-    cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages)
+    cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages, programs)
     norm = NormInput(sumsq, gamma, eps) if sumsq is not None and gamma is not None else None
     m, k = x.shape
     return launch_partials(x, w, bias, m, n, k, cfg, silu, True, None, norm)
@@ -583,11 +490,12 @@ def _skinny_pdl_fake(
     split_k: int,
     num_warps: int,
     num_stages: int,
+    programs: int,
     sumsq: torch.Tensor | None,
     gamma: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
-    cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages)
+    cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages, programs)
     shape = partials_shape(x.shape[0], n, x.shape[1], cfg, silu)
     return x.new_empty(shape, dtype=x.dtype if len(shape) == 2 else torch.float32)
 
@@ -606,8 +514,9 @@ def _skinny_residual_pdl(
     split_k: int,
     num_warps: int,
     num_stages: int,
+    programs: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages)
+    cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages, programs)
     return _launch_residual(x, w, bias, residual, counters, cfg, pdl=True)
 
 
@@ -623,184 +532,14 @@ def _skinny_residual_pdl_fake(
     split_k: int,
     num_warps: int,
     num_stages: int,
+    programs: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     m, n = x.shape[0], w.shape[0]
-    sumsq = x.new_empty((math.ceil(n / block_n), m), dtype=torch.float32)
-    return x.new_empty((m, n)), sumsq
-
-
-# The stream-K gate/up's PDL launch (see dlp::skinny_pdl); it declares the tile counters it
-# uses (each back at zero when it returns).
-@torch.library.custom_op("dlp::skinny_silu_stream_pdl", mutates_args=("counters",))
-def _skinny_silu_stream_pdl(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    counters: torch.Tensor,
-    n: int,
-    block_n: int,
-    block_k: int,
-    programs: int,
-    num_warps: int,
-    num_stages: int,
-    sumsq: torch.Tensor | None,
-    gamma: torch.Tensor | None,
-    eps: float,
-) -> torch.Tensor:
-    cfg = GemmConfig(block_n, block_k, 1, num_warps, num_stages, programs)
-    norm = NormInput(sumsq, gamma, eps) if sumsq is not None and gamma is not None else None
-    return launch_silu_stream(x, w, bias, counters, n, cfg, True, norm)
-
-
-@_skinny_silu_stream_pdl.register_fake
-def _skinny_silu_stream_pdl_fake(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    counters: torch.Tensor,
-    n: int,
-    block_n: int,
-    block_k: int,
-    programs: int,
-    num_warps: int,
-    num_stages: int,
-    sumsq: torch.Tensor | None,
-    gamma: torch.Tensor | None,
-    eps: float,
-) -> torch.Tensor:
-    return x.new_empty((x.shape[0], n))
+    parts = GemmConfig(block_n, 1, 1, programs=programs).column_programs(n)
+    return x.new_empty((m, n)), x.new_empty((parts, m), dtype=torch.float32)
 
 
 if triton is not None:
-
-    @triton.jit
-    def _silu_stream_kernel(
-        X, W, Bias, Out, Scratch, Counters, XSumsq, Gamma,
-        M, N, K, stride_xm, stride_wn, stride_om,
-        UP_OFFSET, SUMSQ_PARTS, eps,
-        K_STEPS, UNITS, PROGRAMS,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        EVEN_K: tl.constexpr,
-        EVEN_N: tl.constexpr,
-        UPCAST: tl.constexpr,
-        PRECISION: tl.constexpr,
-        USE_GDC: tl.constexpr,
-        NORM_INPUT: tl.constexpr,
-        PARTS_PAD: tl.constexpr,
-        SLOTS: tl.constexpr,
-        FLATTEN: tl.constexpr,
-    ):  # fmt: skip
-        # See skinny_silu_stream. A pipelined K loop per tile of this program's run (at most
-        # two tiles where runs are shorter than a tile). FLATTEN asks the compiler for one
-        # loop over the tiles and their K steps (tl.range flatten), so the weight loads run
-        # on across the tile boundary: measured slower on the H200 (33 us against 23 for
-        # the tiled kernel at the 1.5B gate/up, results/gemm_stream_h200.json).
-        # (No nested jit function: see below.)
-        pid = tl.program_id(0)
-        u_lo = pid * UNITS // PROGRAMS
-        u_hi = (pid + 1) * UNITS // PROGRAMS
-        rows = tl.arange(0, BLOCK_M)
-        kk = tl.arange(0, BLOCK_K)
-        nn = tl.arange(0, BLOCK_N)
-        m_ok = rows < M
-        x_ptrs = X + rows[:, None].to(tl.int64) * stride_xm + kk[None, :]
-        if USE_GDC:
-            tl.extra.cuda.gdc_wait()  # x (and the counters) belong to earlier kernels
-        if NORM_INPUT:  # as in _skinny_kernel: RMSNorm(x) * Gamma, rstd per row once
-            parts = tl.arange(0, PARTS_PAD)
-            part_ptrs = XSumsq + parts[:, None] * M + rows[None, :]
-            part_ok = (parts < SUMSQ_PARTS)[:, None] & m_ok[None, :]
-            sumsq = tl.sum(tl.load(part_ptrs, mask=part_ok, other=0.0), 0)
-            rstd = tl.math.rsqrt(sumsq / K + eps)
-        # This program's tiles: from the one holding unit u_lo to the one holding u_hi - 1.
-        t_lo = u_lo // K_STEPS
-        t_hi = (u_hi - 1) // K_STEPS + 1
-        for tile in tl.range(t_lo, t_hi, flatten=FLATTEN):
-            first = tile * K_STEPS
-            s_lo = tl.maximum(u_lo - first, 0)
-            s_hi = tl.minimum(u_hi - first, K_STEPS)
-            cols = tile * BLOCK_N + nn
-            n_ok = cols < N
-            w_ptrs = W + cols[None, :].to(tl.int64) * stride_wn + kk[:, None]
-            up_ptrs = w_ptrs + UP_OFFSET * stride_wn
-            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            for step in range(s_lo, s_hi):
-                k0 = step * BLOCK_K
-                if EVEN_K:
-                    x_mask = m_ok[:, None]
-                    w_mask = n_ok[None, :]
-                else:
-                    k_ok = (k0 + kk) < K
-                    x_mask = m_ok[:, None] & k_ok[None, :]
-                    w_mask = n_ok[None, :] & k_ok[:, None]
-                xt = tl.load(x_ptrs + k0, mask=x_mask, other=0.0)
-                if NORM_INPUT:
-                    if EVEN_K:
-                        gamma = tl.load(Gamma + k0 + kk)
-                    else:
-                        gamma = tl.load(Gamma + k0 + kk, mask=(k0 + kk) < K, other=0.0)
-                    xt_n = (xt.to(tl.float32) * rstd[:, None]).to(xt.dtype)
-                    xt = (xt_n.to(tl.float32) * gamma.to(tl.float32)[None, :]).to(xt.dtype)
-                if EVEN_K and EVEN_N:
-                    wt = tl.load(w_ptrs + k0)
-                    ut = tl.load(up_ptrs + k0)
-                else:
-                    wt = tl.load(w_ptrs + k0, mask=w_mask, other=0.0)
-                    ut = tl.load(up_ptrs + k0, mask=w_mask, other=0.0)
-                if UPCAST:  # Triton's CPU interpreter mis-multiplies bf16 dots: fp32 there
-                    xt = xt.to(tl.float32)
-                    wt = wt.to(tl.float32)
-                    ut = ut.to(tl.float32)
-                acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-                acc_up = tl.dot(xt, ut, acc_up, input_precision=PRECISION)
-            # This program's part of `tile` is done. Whole tile: the epilogue. Shared with
-            # other programs (runs shorter than a tile: up to SLOTS of them): store the part
-            # in this program's slot and count it; the last to count adds the parts in slot
-            # order (the same fp32 bits whichever finishes last) and finishes the tile.
-            # owner(u) = ((u + 1) * PROGRAMS - 1) // UNITS: the program whose run holds unit u.
-            first_owner = ((tile * K_STEPS + 1) * PROGRAMS - 1) // UNITS
-            last_owner = ((tile + 1) * K_STEPS * PROGRAMS - 1) // UNITS
-            sharers = last_owner - first_owner + 1
-            finish = sharers == 1
-            if sharers > 1:
-                slot_rows = (tile * SLOTS + pid - first_owner) * BLOCK_M + rows
-                s_ptrs = Scratch + slot_rows[:, None] * (2 * BLOCK_N) + nn[None, :]
-                tl.store(s_ptrs, acc)
-                tl.store(s_ptrs + BLOCK_N, acc_up)
-                tl.debug_barrier()  # every thread's part is stored before the count
-                seen = tl.atomic_add(Counters + tile, 1, sem="acq_rel")
-                finish = seen == sharers - 1
-                if finish:
-                    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-                    acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-                    for slot in tl.static_range(SLOTS):  # unrolled: the loads go out together
-                        o_rows = (tile * SLOTS + slot) * BLOCK_M + rows
-                        o_ptrs = Scratch + o_rows[:, None] * (2 * BLOCK_N) + nn[None, :]
-                        held = (slot < sharers) & m_ok
-                        # .cg: from L2, where the other programs' parts are (L1 is not coherent)
-                        acc += tl.load(o_ptrs, mask=held[:, None], other=0.0, cache_modifier=".cg")
-                        acc_up += tl.load(
-                            o_ptrs + BLOCK_N, mask=held[:, None], other=0.0, cache_modifier=".cg"
-                        )
-                    tl.store(Counters + tile, 0)
-            if finish:
-                if HAS_BIAS:
-                    acc += tl.load(Bias + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-                    up_b = tl.load(Bias + UP_OFFSET + cols, mask=n_ok, other=0.0)
-                    acc_up += up_b.to(tl.float32)[None, :]
-                # The eager path's roundings (see _skinny_kernel's FUSE_SILU).
-                dt = Out.dtype.element_ty
-                gate = acc.to(dt).to(tl.float32)
-                up = acc_up.to(dt).to(tl.float32)
-                act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
-                o_ptrs = Out + rows[:, None] * stride_om + cols[None, :]
-                tl.store(o_ptrs, (act * up).to(dt), mask=m_ok[:, None] & n_ok[None, :])
-        if USE_GDC:
-            tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def _skinny_kernel(
@@ -817,6 +556,7 @@ if triton is not None:
         FUSE_SILU: tl.constexpr,
         EVEN_K: tl.constexpr,
         EVEN_N: tl.constexpr,
+        BALANCED: tl.constexpr,
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
         USE_GDC: tl.constexpr,
@@ -841,10 +581,15 @@ if triton is not None:
             tl.store(trace_at, sm.to(tl.int64))
             tl.store(trace_at + 1, now)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         kk = tl.arange(0, BLOCK_K)
         m_ok = rows < M
-        n_ok = cols < N
+        if BALANCED:  # this program's even share of the N columns (<= BLOCK_N of them)
+            col_lo = pid_n * N // tl.num_programs(0)
+            cols = col_lo + tl.arange(0, BLOCK_N)
+            n_ok = cols < (pid_n + 1) * N // tl.num_programs(0)
+        else:
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = cols < N
         k_lo = pid_s * K_PER_SPLIT
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
         # int64 weight offsets: N * K passes 2^31 for big vocabularies.

@@ -1,6 +1,6 @@
 """The PDL launches' torch ops (``dlp::skinny_pdl``, ``dlp::decode_attention_rope_pdl``,
-``dlp::greedy_pdl``, ``dlp::skinny_residual_pdl``, ``dlp::skinny_silu_stream_pdl``): Inductor
-sees only their declared contracts, so those must be right.
+``dlp::greedy_pdl``, ``dlp::skinny_residual_pdl``): Inductor sees only their declared
+contracts, so those must be right.
 ``torch.library.opcheck`` runs each op for real (under Triton's CPU interpreter, where the
 kernels launch without PDL) and against its fake: schema, declared mutations (the caches and
 nothing else), output shapes, dtypes and strides. The CUDA runs are in test_engine_cuda.py."""
@@ -16,7 +16,8 @@ CASES = {
     "skinny_silu": "silu",
     "skinny_normed": "normed",  # the input read through RMSNorm
     "skinny_residual": "residual",  # residual add + sums of squares; declares its counters
-    "skinny_silu_stream": "silu_stream",  # stream-K gate/up; declares its counters
+    "skinny_residual_balanced": "residual_balanced",  # columns shared evenly by 3 programs
+    "skinny_silu_balanced": "silu_balanced",
     "rope": "rope",
     "rope_pieces": "rope_pieces",
     "greedy": "greedy",
@@ -31,30 +32,26 @@ _CHILD = """
 
     def args_for(kind):
         torch.manual_seed(0)
-        if kind == "residual":
+        if kind in ("residual", "residual_balanced"):
             x, w = torch.randn(5, 64).bfloat16(), torch.randn(40, 64).bfloat16()
             res, counters = torch.randn(5, 40).bfloat16(), torch.zeros(8, dtype=torch.int32)
-            return torch.ops.dlp.skinny_residual_pdl, (x, w, None, res, counters, 32, 16, 2, 4, 2)
-        if kind == "silu_stream":
-            x, w = torch.randn(5, 64).bfloat16(), torch.randn(96, 64).bfloat16()
-            counters = torch.zeros(8, dtype=torch.int32)
-            norm = (torch.rand(2, 5) * 64, torch.randn(64).bfloat16(), 1e-6)
-            args = (x, w, None, counters, 48, 16, 16, 2, 4, 2, *norm)
-            return torch.ops.dlp.skinny_silu_stream_pdl, args
+            cfg = (32, 16, 2, 4, 2, 3 if kind == "residual_balanced" else 0)
+            return torch.ops.dlp.skinny_residual_pdl, (x, w, None, res, counters, *cfg)
         if kind == "normed":
             x, w = torch.randn(5, 64).bfloat16(), torch.randn(40, 64).bfloat16()
             norm = (torch.rand(2, 5) * 64, torch.randn(64).bfloat16(), 1e-6)
-            return torch.ops.dlp.skinny_pdl, (x, w, None, 40, False, 32, 16, 2, 4, 2, *norm)
-        if kind in ("skinny", "skinny_one", "silu"):
+            return torch.ops.dlp.skinny_pdl, (x, w, None, 40, False, 32, 16, 2, 4, 2, 0, *norm)
+        if kind in ("skinny", "skinny_one", "silu", "silu_balanced"):
             # bf16: the unsplit output keeps x's dtype, split pieces are fp32.
             x = torch.randn(5, 64).bfloat16()
-            w = torch.randn(96 if kind == "silu" else 40, 64).bfloat16()
+            silu = kind.startswith("silu")
+            w = torch.randn(96 if silu else 40, 64).bfloat16()
             bias = torch.randn(w.shape[0]).bfloat16()
-            n = w.shape[0] // 2 if kind == "silu" else w.shape[0]
+            n = w.shape[0] // 2 if silu else w.shape[0]
             split = 1 if kind != "skinny" else 2
-            cfg = (32, 16, split, 4, 2)
+            cfg = (32, 16, split, 4, 2, 5 if kind == "silu_balanced" else 0)
             no_norm = (None, None, 0.0)
-            return torch.ops.dlp.skinny_pdl, (x, w, bias, n, kind == "silu", *cfg, *no_norm)
+            return torch.ops.dlp.skinny_pdl, (x, w, bias, n, silu, *cfg, *no_norm)
         if kind == "greedy":
             return torch.ops.dlp.greedy_pdl, (torch.randn(3, 700),)
         b, h, kvh, d, s = 2, 4, 2, 16, 40

@@ -12,13 +12,15 @@ from __future__ import annotations
 import pytest
 from triton_interpreter import run_interpreted
 
-# name -> (dtype, rows, N, K, bias, config (block_n, block_k, split_k)): splits that do and
-# do not divide K, one piece, rows past one tile, ragged N.
+# name -> (dtype, rows, N, K, bias, config (block_n, block_k, split_k[, warps, stages,
+# programs])): splits that do and do not divide K, one piece, rows past one tile, ragged N,
+# columns shared evenly by a given number of programs (one sums-of-squares part each).
 CASES = {
     "f32_split3_ragged": ("float32", 5, 100, 192, True, (32, 64, 3)),
     "f32_unsplit": ("float32", 3, 64, 128, False, (32, 64, 1)),
     "f32_two_m_tiles": ("float32", 70, 64, 96, False, (32, 32, 2)),
     "bf16_split4": ("bfloat16", 17, 128, 256, True, (64, 64, 4)),
+    "f32_balanced_split2": ("float32", 6, 100, 128, True, (32, 32, 2, 4, 2, 5)),
 }
 
 _CHILD = """
@@ -100,11 +102,12 @@ def test_normed_input_matches_rms_norm_then_linear(interpreted, name):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_residual_gemm_matches_residual_plus_linear(interpreted, name):
-    dtype, m, n, _, _, (block_n, *_) = CASES[name]
+    dtype, m, n, _, _, (block_n, *rest) = CASES[name]
+    programs = rest[4] if len(rest) > 4 else 0
     got = interpreted[name]
     assert got["h_dtype"] == f"torch.{dtype}"
     # bf16: the product and the sum are each rounded once, as in the eager path
     assert got["h_err"] < (TOL[dtype] if dtype == "float32" else 0.07)
-    assert got["parts_shape"] == [-(-n // block_n), m]
+    assert got["parts_shape"] == [programs or -(-n // block_n), m]
     assert got["sumsq_err"] < 1e-3 * max(1.0, n)
     assert got["counters_zero"]  # every tile's counter is back at zero for the next kernel
