@@ -4,23 +4,12 @@ step read from a profiler trace."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from types import ModuleType
-
 import pytest
+from bench_modules import load
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "decode_step_bench", ROOT / "benchmarks" / "decode_step_bench.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _bench():
+    return load("decode_step_bench")
 
 
 def test_variant_names_carry_gemm_configs() -> None:

@@ -3,23 +3,13 @@ global timer): spans, programs sharing an SM, loop times and the tail."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
+from bench_modules import load
 
 
 def _probe():
-    spec = importlib.util.spec_from_file_location(
-        "gemm_timeline", ROOT / "benchmarks" / "gemm_timeline.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("gemm_timeline")
 
 
 def test_program_stats_of_a_traced_launch() -> None:

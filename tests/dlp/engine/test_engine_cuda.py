@@ -150,6 +150,17 @@ def _requests():
     return reqs
 
 
+def _engine_tokens(model, adapters, **cfg):
+    """The tokens of _requests() through an engine built with ``cfg``, and the engine."""
+    engine = make_engine(model, None, adapters, device="cuda", max_batch=8, max_seq_len=128, **cfg)
+
+    async def run():
+        async with engine:
+            return await asyncio.gather(*(engine.generate(r) for r in _requests()))
+
+    return [r.token_ids for r in asyncio.run(run())], engine
+
+
 def test_balanced_gate_up_columns_give_the_eager_tokens(tmp_path, monkeypatch):
     """fp32: the PDL whole-step engine with gate/up's columns shared evenly by 3 programs
     (``GemmConfig.programs``: masked, unaligned column ranges, as the 1.5B shape's default
@@ -160,29 +171,18 @@ def test_balanced_gate_up_columns_give_the_eager_tokens(tmp_path, monkeypatch):
     adapters = write_adapters(model, tmp_path, ["t0", "t1", "t2"])
     key = (model.config.intermediate_size, model.config.hidden_size, True)
     monkeypatch.setitem(skinny_gemm.MEASURED, key, skinny_gemm.GemmConfig(64, 32, 1, programs=3))
-    outputs = {}
-    for name, cfg in {
-        "eager": dict(compile=False, cuda_graph=False, decode_attention="matmul"),
-        "balanced": dict(
-            compile=True,
-            cuda_graph=True,
-            compile_scope="step",
-            decode_attention="triton_rope",
-            decode_gemm="triton_pdl",
-        ),
-    }.items():
-        engine = make_engine(
-            model, None, adapters, device="cuda", max_batch=8, max_seq_len=128, **cfg
-        )
-
-        async def run(engine=engine):
-            async with engine:
-                return await asyncio.gather(*(engine.generate(r) for r in _requests()))
-
-        outputs[name] = [r.token_ids for r in asyncio.run(run())]
-        if name == "balanced":
-            assert engine.runner.captured and not engine.runner.compile_failed
-    assert outputs["balanced"] == outputs["eager"]
+    eager, _ = _engine_tokens(model, adapters, compile=False, cuda_graph=False)
+    balanced, engine = _engine_tokens(
+        model,
+        adapters,
+        compile=True,
+        cuda_graph=True,
+        compile_scope="step",
+        decode_attention="triton_rope",
+        decode_gemm="triton_pdl",
+    )
+    assert engine.runner.captured and not engine.runner.compile_failed
+    assert balanced == eager
 
 
 def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
@@ -236,16 +236,7 @@ def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
             decode_gemm="triton_pdl",
         ),
     }.items():
-        engine = make_engine(
-            model, None, adapters, device="cuda", max_batch=8, max_seq_len=128, **cfg
-        )
-
-        async def run(engine=engine):
-            async with engine:
-                return await asyncio.gather(*(engine.generate(r) for r in _requests()))
-
-        results = asyncio.run(run())
-        outputs[name] = [r.token_ids for r in results]
+        outputs[name], engine = _engine_tokens(model, adapters, **cfg)
         if name != "eager":
             assert engine.runner.captured and engine.model.attn_splits >= 1
             assert engine.runner._prefill_graphs
