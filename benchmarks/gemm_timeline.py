@@ -5,8 +5,9 @@
 
 Each config of a decode-step GEMM (Qwen2-1.5B shape, M = 64, bf16, the mode the PDL step runs
 it in: q/k/v as split pieces with bias, o adding the residual, gate/up with silu * up reading
-its input through the RMSNorm, down as split pieces) is timed alone (CUDA graph, weights
-cycled through >= 512 MB so nothing comes from L2) and then launched with
+its input through the RMSNorm (``gu_plain``: the same without the norm), down as split
+pieces) is timed alone (CUDA graph, weights cycled through >= 512 MB so nothing comes from
+L2) and then launched with
 ``launch_partials(trace=...)``: every program writes its SM and the GPU's global timer at its
 start, after its K loop and at its end. From that: how long the launch takes to reach every
 program, the K loop's time per program and the bytes a program streams a microsecond, how
@@ -35,6 +36,8 @@ ROLES = {
     "qkv": (2048, 1536, False),
     "o": (1536, 1536, False),
     "gu": (8960, 1536, True),
+    # gate/up without the norm prologue: what reading x through the RMSNorm costs the kernel
+    "gu_plain": (8960, 1536, True),
     "down": (1536, 8960, False),
 }
 
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "--configs",
         default="qkv=32x64x4x4x5,o=64x64x4x4x5,gu=32x64x1x4x5,down=64x128x4x4x5",
         help="comma-separated ROLE=BNxBKxSPLITxWARPSxSTAGES[xPROGRAMS] (roles: qkv, o, gu,"
-        " down; PROGRAMS: the output columns shared evenly by that many programs)",
+        " gu_plain, down; PROGRAMS: the output columns shared evenly by that many programs)",
     )
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--out", type=Path, required=True)
