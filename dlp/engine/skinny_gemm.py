@@ -55,7 +55,8 @@ class GemmConfig:
     # of them, masked) instead of one program per block_n-wide tile, so that a grid can fill
     # the GPU's program slots evenly: at the Qwen2-1.5B gate/up, 280 tiles of 32 columns put
     # 3 programs on 16 SMs and 2 on the others, and the 3-program SMs finish ~5 us after the
-    # rest (benchmarks/results/gemm_timeline_h200.json).
+    # rest (benchmarks/results/gemm_timeline_h200.json). Alone an even grid is no faster
+    # (every program slows: the SMs share one total rate), in the PDL step it is (MEASURED).
     programs: int = 0
 
     def as_dict(self) -> dict[str, int]:
