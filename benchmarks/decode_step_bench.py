@@ -87,21 +87,6 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
     return "+".join(p for p in parts if "=" not in p), overrides
 
 
-def role_keys(hf_config: Any, lora_rows: int) -> dict[str, tuple[int, int, bool]]:
-    """Each GEMM role's key (N, K, silu) in ``skinny_gemm.MEASURED`` for a model config."""
-    hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
-    heads, kvh = hf_config.num_attention_heads, hf_config.num_key_value_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
-    qkv = (heads + 2 * kvh) * head_dim
-    return {
-        "qkv": (qkv, hidden, False),
-        "qkvl": (qkv + lora_rows, hidden, False),
-        "o": (heads * head_dim, hidden, False),
-        "gu": (inter, hidden, True),
-        "down": (hidden, inter, False),
-    }
-
-
 def _fill_cache(model: Any, seed: int) -> None:
     """The same random K/V in every variant's cache, so their logits are comparable."""
     import torch
@@ -218,9 +203,11 @@ def _variant(
     compile_: bool = True,
 ) -> tuple[dict[str, Any], Any, Any]:
     from dlp.engine import skinny_gemm as sg
+    from dlp.engine.shapes import decode_gemm_shapes
 
     base, overrides = split_variant(name)
-    keys = role_keys(hf_model.config, 2 * a.slots * a.rank)  # LoRA A rows: q and v, r each
+    # LoRA A rows: q and v, r each per slot
+    keys = decode_gemm_shapes(hf_model.config.to_dict(), 2 * a.slots * a.rank)
     measured = dict(sg.MEASURED)
     # Configs are read when the step is traced (in _capture, and any lazy compile after it).
     sg.MEASURED.update({keys[role]: cfg for role, cfg in overrides.items()})

@@ -44,20 +44,21 @@ STAGES = (3, 5)
 def layer_gemms(shape: str, lora_a_rows: int = 512) -> list[dict[str, Any]]:
     """(name, N, K, silu, bias) of one decoder layer's GEMMs for a published shape. With silu,
     N is the intermediate size (the weight has 2N rows)."""
-    from dlp.engine.shapes import PUBLISHED_SHAPES
+    from dlp.engine.shapes import PUBLISHED_SHAPES, decode_gemm_shapes
 
     cfg = PUBLISHED_SHAPES[shape]
-    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    heads, kvh = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    head_dim = hidden // heads
-    qkv = (heads + 2 * kvh) * head_dim
+    gemms = decode_gemm_shapes(cfg, lora_a_rows)
     bias = cfg["model_type"] == "qwen2"  # Qwen2 has q/k/v biases, Llama none
+    names = {"qkv": "qkv", "qkvl": "qkv+lora_a", "o": "o", "gu": "gate_up+silu", "down": "down"}
     return [
-        {"name": "qkv", "n": qkv, "k": hidden, "silu": False, "bias": bias},
-        {"name": "qkv+lora_a", "n": qkv + lora_a_rows, "k": hidden, "silu": False, "bias": bias},
-        {"name": "o", "n": hidden, "k": hidden, "silu": False, "bias": False},
-        {"name": "gate_up+silu", "n": inter, "k": hidden, "silu": True, "bias": False},
-        {"name": "down", "n": hidden, "k": inter, "silu": False, "bias": False},
+        {
+            "name": names[role],
+            "n": n,
+            "k": k,
+            "silu": silu,
+            "bias": bias and role in ("qkv", "qkvl"),
+        }
+        for role, (n, k, silu) in gemms.items()
     ]
 
 

@@ -31,15 +31,19 @@ ROWS = 64
 L2_DEFEAT_BYTES = 512 << 20
 TRACED_LAUNCHES = 5
 
-# role -> (N, K, silu) of the Qwen2-1.5B layer (N: output width; gate/up: the intermediate).
-ROLES = {
-    "qkv": (2048, 1536, False),
-    "o": (1536, 1536, False),
-    "gu": (8960, 1536, True),
-    # gate/up without the norm prologue: what reading x through the RMSNorm costs the kernel
-    "gu_plain": (8960, 1536, True),
-    "down": (1536, 8960, False),
-}
+SHAPE = "qwen2-1.5b"
+
+
+def gemm_roles() -> dict[str, tuple[int, int, bool]]:
+    """role -> (N, K, silu) of the SHAPE layer's decode GEMMs; ``gu_plain`` is gate/up
+    without the norm prologue (what reading x through the RMSNorm costs the kernel)."""
+    from dlp.engine.shapes import PUBLISHED_SHAPES, decode_gemm_shapes
+
+    shapes = decode_gemm_shapes(PUBLISHED_SHAPES[SHAPE])
+    return {role: shapes[role.removesuffix("_plain")] for role in ROLES}
+
+
+ROLES = ("qkv", "o", "gu", "gu_plain", "down")
 
 
 def program_stats(trace: Any, weight_bytes: int) -> dict[str, Any]:
@@ -94,7 +98,7 @@ def bench_config(role: str, cfg: Any, device: Any, iters: int) -> dict[str, Any]
     from dlp.engine import skinny_gemm as sg
     from dlp.engine.cuda_timing import graph_replay_us
 
-    n, k, silu = ROLES[role]
+    n, k, silu = gemm_roles()[role]
     rows_w = 2 * n if silu else n
     weight_bytes = rows_w * k * 2
     copies = max(2, math.ceil(L2_DEFEAT_BYTES / weight_bytes))

@@ -45,3 +45,22 @@ PUBLISHED_SHAPES: dict[str, dict[str, Any]] = {
         bos_token_id=128000,
     ),
 }
+
+
+def decode_gemm_shapes(
+    config: dict[str, Any], lora_rows: int = 0
+) -> dict[str, tuple[int, int, bool]]:
+    """One decoder layer's decode GEMMs for a transformers config dict, by role: (N, K, silu),
+    the keys of ``skinny_gemm.MEASURED`` (for silu, N is the intermediate size: the gate/up
+    weight has 2N rows). ``qkvl`` is q/k/v with ``lora_rows`` LoRA A rows appended."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kvh = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    qkv = (heads + 2 * kvh) * head_dim
+    return {
+        "qkv": (qkv, hidden, False),
+        "qkvl": (qkv + lora_rows, hidden, False),
+        "o": (heads * head_dim, hidden, False),
+        "gu": (inter, hidden, True),
+        "down": (hidden, inter, False),
+    }
