@@ -121,16 +121,11 @@ if triton is not None:
         ROPE: tl.constexpr,
         PIECES: tl.constexpr,
         USE_GDC: tl.constexpr,
-        EARLY_LAUNCH: tl.constexpr,
     ):  # fmt: skip
         # No nested @triton.jit helpers here: with one, Inductor cannot tell which arguments
         # a user kernel stores to and clones them all (the KV caches, with ROPE).
         # int64 row index: row * stride_kb overflows int32 for large caches.
         row = tl.program_id(0).to(tl.int64)
-        if EARLY_LAUNCH:
-            # The next kernel (the o GEMM, preloading its weights) may start right away: it
-            # streams its weights while this one runs and waits for it before reading o.
-            tl.extra.cuda.gdc_launch_dependents()
         if USE_GDC:  # a programmatic dependent launch: wait for the kernel before to finish
             tl.extra.cuda.gdc_wait()
         # The row's cache row: its own index, or its entry in the slot table.
@@ -231,7 +226,7 @@ if triton is not None:
                 pv_dot = tl.dot(pv, v, input_precision=PRECISION)
             acc = acc * alpha[:, None] + pv_dot
             m = m_new
-        if USE_GDC and not EARLY_LAUNCH:
+        if USE_GDC:
             tl.extra.cuda.gdc_launch_dependents()
 
         if ROPE:
@@ -324,7 +319,6 @@ def decode_attention_rope(
     slots: torch.Tensor | None = None,
     launch: LaunchConfig | None = None,
     pdl: bool = False,
-    early_launch: bool = False,
 ) -> torch.Tensor:
     """The decode step's rotary embedding, cache write and attention in one kernel (in the
     compiled step, two kernels a layer fewer than rope + cache write + :func:`decode_attention`).
@@ -338,9 +332,7 @@ def decode_attention_rope(
     q / k_new / v_new may also come as split-K pieces ``[pieces, b, ...]`` (views of one
     ``[pieces, b, width]`` tensor: one piece stride), which the kernel sums in fp32 and rounds
     to the cache dtype: the q/k/v GEMM's sum then costs no kernel of its own. The output is
-    in the cache dtype. ``pdl``: a programmatic dependent launch (splits = 1 only);
-    ``early_launch`` (with ``pdl``) lets the next PDL kernel launch as this one starts, not
-    after its key loop (for a next kernel that preloads weights: ``GemmConfig.preload``)."""
+    in the cache dtype. ``pdl``: a programmatic dependent launch (splits = 1 only)."""
     if q.dim() == 4:
         pieces = q.shape[0]
         if k_new.dim() != 4 or v_new.dim() != 4 or {t.shape[0] for t in (k_new, v_new)} != {pieces}:
@@ -363,7 +355,7 @@ def decode_attention_rope(
         if splits != 1:
             raise ValueError("pdl launches the unsplit kernel only (splits=1)")
         return torch.ops.dlp.decode_attention_rope_pdl(
-            q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, scale, slots, early_launch
+            q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, scale, slots
         )
     return _launch_rope(
         q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, scale, splits, slots, launch
@@ -384,16 +376,13 @@ def _launch_rope(
     slots: torch.Tensor | None,
     launch: LaunchConfig | None,
     pdl: bool = False,
-    early_launch: bool = False,
 ) -> torch.Tensor:
     """Pieces (a leading dim on q/k/v) become piece 0's views plus the piece count and stride."""
     pieces = (q.shape[0], q.stride(0)) if q.dim() == 4 else (1, 0)
     if q.dim() == 4:
         q, k_new, v_new = q[0], k_new[0], v_new[0]
     rope = (k_new, v_new, cos, sin)
-    return _launch(
-        q, k_cache, v_cache, lengths, scale, splits, slots, rope, launch, pdl, pieces, early_launch
-    )
+    return _launch(q, k_cache, v_cache, lengths, scale, splits, slots, rope, launch, pdl, pieces)
 
 
 # The PDL launch as an op Inductor does not look into (see skinny_gemm's ``dlp::skinny_pdl``):
@@ -410,12 +399,10 @@ def _rope_pdl(
     lengths: torch.Tensor,
     scale: float,
     slots: torch.Tensor | None,
-    early_launch: bool,
 ) -> torch.Tensor:
     return _launch_rope(
-        q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, scale, 1, slots, None, True,
-        early_launch,
-    )  # fmt: skip
+        q, k_new, v_new, cos, sin, k_cache, v_cache, lengths, scale, 1, slots, None, pdl=True
+    )
 
 
 @_rope_pdl.register_fake
@@ -430,7 +417,6 @@ def _rope_pdl_fake(
     lengths: torch.Tensor,
     scale: float,
     slots: torch.Tensor | None,
-    early_launch: bool,
 ) -> torch.Tensor:
     # The dtype rule of _launch: the cache dtype for pieces (fp32 sums), else q's.
     pieces = q.shape[0] if q.dim() == 4 else 1
@@ -449,7 +435,6 @@ def _launch(
     launch: LaunchConfig | None = None,
     pdl: bool = False,
     pieces: tuple[int, int] = (1, 0),
-    early_launch: bool = False,
 ) -> torch.Tensor:
     if triton is None:
         raise RuntimeError(
@@ -495,7 +480,6 @@ def _launch(
         # constexprs included.
         "PIECES": pieces[0],
         "USE_GDC": pdl,
-        "EARLY_LAUNCH": pdl and early_launch,
     }
     if splits == 1:
         part_acc = part_m = part_l = out  # unused: the kernel writes `out` directly

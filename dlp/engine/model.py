@@ -27,7 +27,6 @@ from dlp.engine.decode_attention import decode_attention, decode_attention_rope
 from dlp.engine.fused_weights import bt_shape, fuse_layer, slot_b_blocks, slot_copies
 from dlp.engine.skinny_gemm import (
     NormInput,
-    pick_config,
     skinny_linear,
     skinny_pieces,
     skinny_residual,
@@ -560,7 +559,6 @@ def decode_layer(
             attn_splits,
             slots,
             pdl=pdl and attn_splits == 1,
-            early_launch=fuse and _o_preloads(b, w_o, lo, row_scales),
         ).reshape(b, 1, n_heads * head_dim)
     else:
         q, k, v = _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes, linear)
@@ -595,20 +593,6 @@ def _residual(
         pdl=True,
     )  # fmt: skip
     return h.reshape(*lead, h.shape[-1]), sumsq
-
-
-def _o_preloads(
-    rows: int,
-    w_o: torch.Tensor,
-    lora: tuple[torch.Tensor, torch.Tensor] | None,
-    scales: torch.Tensor | None,
-) -> bool:
-    """True when the fused o GEMM (no LoRA on o) preloads its weights (GemmConfig.preload):
-    the attention before it then lets it launch at once, so the weights stream during the
-    attention instead of after it."""
-    if lora is not None and scales is not None:
-        return False
-    return bool(pick_config(rows, w_o.shape[0], w_o.shape[1]).preload)
 
 
 def _decode_linear(skinny: bool, pdl: bool) -> Callable[..., torch.Tensor]:

@@ -42,8 +42,6 @@ SM_COUNT_DEFAULT = 132  # H100 / H200
 # Shared memory the pipeline stages may take: an H100/H200 SM has 227 KB for one block;
 # Triton needs a little for itself.
 SHARED_MEMORY_BYTES = 216 * 1024
-# A preloading program holds its weight slice in registers: at most this many BLOCK_K steps.
-MAX_PRELOAD_STEPS = 4
 
 
 @dataclass(frozen=True)
@@ -60,40 +58,26 @@ class GemmConfig:
     # rest (benchmarks/results/gemm_timeline_h200.json). Alone an even grid is no faster
     # (every program slows: the SMs share one total rate), in the PDL step it is (MEASURED).
     programs: int = 0
-    # 1: each program loads its whole weight slice (at most MAX_PRELOAD_STEPS BLOCK_K steps)
-    # into registers *before* it waits for the kernel that writes x (PDL), then multiplies
-    # once x is there: no pipelined K loop. Weights are never written during a step, so a
-    # GEMM launched early (the rope attention lets the o GEMM start at once) streams its
-    # weights while the kernel before it still runs. Plain and residual GEMMs only.
-    preload: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
     @classmethod
     def parse(cls, spec: str) -> GemmConfig:
-        """``"BNxBKxSPLITxWARPSxSTAGES[xPROGRAMS[xPRELOAD]]"`` (the benchmarks' way to name a
-        config)."""
+        """``"BNxBKxSPLITxWARPSxSTAGES[xPROGRAMS]"`` (the benchmarks' way to name a config)."""
         try:
             values = [int(v) for v in spec.split("x")]
         except ValueError:
             values = []
-        if (
-            len(values) not in (5, 6, 7)
-            or min(values[:5], default=0) < 1
-            or min(values) < 0
-            or (len(values) == 7 and values[6] > 1)
-        ):
+        if len(values) not in (5, 6) or min(values[:5], default=0) < 1 or min(values) < 0:
             raise ValueError(
-                f"{spec!r}: a GEMM config is BNxBKxSPLITxWARPSxSTAGES[xPROGRAMS[xPRELOAD]],"
-                " ints >= 1 (PROGRAMS >= 0, PRELOAD 0 or 1)"
+                f"{spec!r}: a GEMM config is BNxBKxSPLITxWARPSxSTAGES[xPROGRAMS], ints >= 1"
             )
         return cls(*values)
 
     def name(self) -> str:
         values = dataclasses.astuple(self)
-        shown = 7 if self.preload else 6 if self.programs else 5
-        return "x".join(str(v) for v in values[:shown])
+        return "x".join(str(v) for v in (values if self.programs else values[:5]))
 
     def column_programs(self, n: int) -> int:
         """Programs across ``n`` output columns: ``programs``, or one per block_n tile."""
@@ -282,7 +266,7 @@ def _partials(
     m, k = x2.shape
     cfg = config or pick_config(m, n, k, silu)
     if pdl:
-        args = dataclasses.astuple(cfg)
+        args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages, cfg.programs)
         sumsq, gamma, eps = (norm.sumsq, norm.weight, norm.eps) if norm else (None, None, 0.0)
         return torch.ops.dlp.skinny_pdl(x2, w, bias, n, silu, *args, sumsq, gamma, eps)
     return launch_partials(x2, w, bias, m, n, k, cfg, silu, norm=norm)
@@ -313,7 +297,7 @@ def skinny_residual(
     m, k = x.shape
     cfg = config or pick_config(m, w.shape[0], k, False)
     if pdl:
-        args = dataclasses.astuple(cfg)
+        args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages, cfg.programs)
         return torch.ops.dlp.skinny_residual_pdl(x, w, bias, residual, counters, *args)
     return _launch_residual(x, w, bias, residual, counters, cfg, pdl=False)
 
@@ -393,7 +377,6 @@ def launch_partials(
     split, k_per_split = split_pieces(k, cfg)
     if residual is not None and silu:
         raise ValueError("a residual output is for plain GEMMs, not gate/up")
-    preload = preload_steps(k, cfg, silu, norm is not None)
     if out is None and split == 1 and residual is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     elif out is None:
@@ -432,7 +415,6 @@ def launch_partials(
         PARTS_PAD=triton_next_pow2(sumsq_in.shape[0]) if norm else 1,
         SPLITS=split if residual is not None else 1,
         TRACE=trace is not None and not INTERPRET,  # inline asm: not in the interpreter
-        PRELOAD=preload,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}),
@@ -447,24 +429,6 @@ def split_pieces(k: int, cfg: GemmConfig) -> tuple[int, int]:
     split = max(1, min(cfg.split_k, k_steps))
     k_per_split = math.ceil(k_steps / split) * cfg.block_k
     return math.ceil(k / k_per_split), k_per_split
-
-
-def preload_steps(k: int, cfg: GemmConfig, silu: bool = False, norm: bool = False) -> int:
-    """BLOCK_K steps a program loads before it waits (:attr:`GemmConfig.preload`), 0 without.
-    A preloading config needs a plain GEMM whose K pieces are each 1..MAX_PRELOAD_STEPS whole
-    BLOCK_K steps."""
-    if not cfg.preload:
-        return 0
-    split, k_per_split = split_pieces(k, cfg)
-    steps = k_per_split // cfg.block_k
-    if silu or norm:
-        raise ValueError("weight preloading is for plain and residual GEMMs, not gate/up or norm")
-    if k != split * k_per_split or steps > MAX_PRELOAD_STEPS:
-        raise ValueError(
-            f"preload needs K={k} in {split} pieces of whole BLOCK_K={cfg.block_k} steps, at"
-            f" most {MAX_PRELOAD_STEPS} a piece (got {k_per_split} a piece)"
-        )
-    return steps
 
 
 def partials_shape(m: int, n: int, k: int, cfg: GemmConfig, silu: bool) -> tuple[int, ...]:
@@ -505,12 +469,11 @@ def _skinny_pdl(
     num_warps: int,
     num_stages: int,
     programs: int,
-    preload: int,
     sumsq: torch.Tensor | None,
     gamma: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
-    cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages, programs, preload)
+    cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages, programs)
     norm = NormInput(sumsq, gamma, eps) if sumsq is not None and gamma is not None else None
     m, k = x.shape
     return launch_partials(x, w, bias, m, n, k, cfg, silu, True, None, norm)
@@ -529,12 +492,11 @@ def _skinny_pdl_fake(
     num_warps: int,
     num_stages: int,
     programs: int,
-    preload: int,
     sumsq: torch.Tensor | None,
     gamma: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
-    cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages, programs, preload)
+    cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages, programs)
     shape = partials_shape(x.shape[0], n, x.shape[1], cfg, silu)
     return x.new_empty(shape, dtype=x.dtype if len(shape) == 2 else torch.float32)
 
@@ -554,9 +516,8 @@ def _skinny_residual_pdl(
     num_warps: int,
     num_stages: int,
     programs: int,
-    preload: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages, programs, preload)
+    cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages, programs)
     return _launch_residual(x, w, bias, residual, counters, cfg, pdl=True)
 
 
@@ -573,7 +534,6 @@ def _skinny_residual_pdl_fake(
     num_warps: int,
     num_stages: int,
     programs: int,
-    preload: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     m, n = x.shape[0], w.shape[0]
     parts = GemmConfig(block_n, 1, 1, programs=programs).column_programs(n)
@@ -606,7 +566,6 @@ if triton is not None:
         PARTS_PAD: tl.constexpr,
         SPLITS: tl.constexpr,
         TRACE: tl.constexpr,
-        PRELOAD: tl.constexpr,
     ):  # fmt: skip
         # One loop, no nested jit function: Inductor reads a user kernel's stores to learn
         # which inputs it mutates, and clones every input (the weights!) where it cannot.
@@ -641,96 +600,55 @@ if triton is not None:
         # runs the kernel's Python with plain ints, fails on it and then clones every input.)
         up_rows = cols + UP_OFFSET
         up_ptrs = W + up_rows[None, :].to(tl.int64) * stride_wn + kk[:, None]
+        if USE_GDC:
+            # x (and, for the store, Out) belong to earlier kernels: wait for them from here.
+            tl.extra.cuda.gdc_wait()
+        if NORM_INPUT:
+            # x is the residual stream and the GEMM reads RMSNorm(x) * Gamma, computed here
+            # per tile: the row's sum of squares comes as SUMSQ_PARTS partial sums (written
+            # by the kernel that produced x), added in a fixed order.
+            # One load of every part (a loop of loads would wait out L2 latency per part).
+            parts = tl.arange(0, PARTS_PAD)
+            part_ptrs = XSumsq + parts[:, None] * M + rows[None, :]
+            part_ok = (parts < SUMSQ_PARTS)[:, None] & m_ok[None, :]
+            sumsq = tl.sum(tl.load(part_ptrs, mask=part_ok, other=0.0), 0)
+            rstd = tl.math.rsqrt(sumsq / K + eps)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        if PRELOAD > 0:
-            # The weight slice first, PRELOAD BLOCK_K steps of it, before the wait: no kernel
-            # of the step writes weights, so they may stream while the kernel before this one
-            # still runs (see GemmConfig.preload). Whole steps, no K masks (checked on launch).
-            w0 = tl.load(w_ptrs + k_lo, mask=n_ok[None, :], other=0.0)
-            if PRELOAD > 1:
-                w1 = tl.load(w_ptrs + k_lo + BLOCK_K, mask=n_ok[None, :], other=0.0)
-            if PRELOAD > 2:
-                w2 = tl.load(w_ptrs + k_lo + 2 * BLOCK_K, mask=n_ok[None, :], other=0.0)
-            if PRELOAD > 3:
-                w3 = tl.load(w_ptrs + k_lo + 3 * BLOCK_K, mask=n_ok[None, :], other=0.0)
-            if USE_GDC:  # x belongs to the kernel before: wait for it from here
-                tl.extra.cuda.gdc_wait()
-            # Every x step's load goes out before the first product: one L2 round trip.
-            x0 = tl.load(x_ptrs + k_lo, mask=m_ok[:, None], other=0.0)
-            if PRELOAD > 1:
-                x1 = tl.load(x_ptrs + k_lo + BLOCK_K, mask=m_ok[:, None], other=0.0)
-            if PRELOAD > 2:
-                x2 = tl.load(x_ptrs + k_lo + 2 * BLOCK_K, mask=m_ok[:, None], other=0.0)
-            if PRELOAD > 3:
-                x3 = tl.load(x_ptrs + k_lo + 3 * BLOCK_K, mask=m_ok[:, None], other=0.0)
-            if UPCAST:
-                x0 = x0.to(tl.float32)
-                w0 = w0.to(tl.float32)
-            acc = tl.dot(x0, w0, acc, input_precision=PRECISION)
-            if PRELOAD > 1:
-                if UPCAST:
-                    x1 = x1.to(tl.float32)
-                    w1 = w1.to(tl.float32)
-                acc = tl.dot(x1, w1, acc, input_precision=PRECISION)
-            if PRELOAD > 2:
-                if UPCAST:
-                    x2 = x2.to(tl.float32)
-                    w2 = w2.to(tl.float32)
-                acc = tl.dot(x2, w2, acc, input_precision=PRECISION)
-            if PRELOAD > 3:
-                if UPCAST:
-                    x3 = x3.to(tl.float32)
-                    w3 = w3.to(tl.float32)
-                acc = tl.dot(x3, w3, acc, input_precision=PRECISION)
-        else:
-            if USE_GDC:
-                # x (and, for the store, Out) belong to earlier kernels: wait for them from here.
-                tl.extra.cuda.gdc_wait()
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            # w is read as [BLOCK_K, BLOCK_N] (K contiguous), so x @ w is a plain dot.
+            if EVEN_K:
+                x_mask = m_ok[:, None]
+                w_mask = n_ok[None, :]
+            else:
+                k_ok = (k0 + kk) < k_hi
+                x_mask = m_ok[:, None] & k_ok[None, :]
+                w_mask = n_ok[None, :] & k_ok[:, None]
+            xt = tl.load(x_ptrs + k0, mask=x_mask, other=0.0)
             if NORM_INPUT:
-                # x is the residual stream and the GEMM reads RMSNorm(x) * Gamma, computed here
-                # per tile: the row's sum of squares comes as SUMSQ_PARTS partial sums (written
-                # by the kernel that produced x), added in a fixed order.
-                # One load of every part (a loop of loads would wait out L2 latency per part).
-                parts = tl.arange(0, PARTS_PAD)
-                part_ptrs = XSumsq + parts[:, None] * M + rows[None, :]
-                part_ok = (parts < SUMSQ_PARTS)[:, None] & m_ok[None, :]
-                sumsq = tl.sum(tl.load(part_ptrs, mask=part_ok, other=0.0), 0)
-                rstd = tl.math.rsqrt(sumsq / K + eps)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                # w is read as [BLOCK_K, BLOCK_N] (K contiguous), so x @ w is a plain dot.
+                # rms_norm's roundings: x * rstd to x's dtype, then times the weight.
                 if EVEN_K:
-                    x_mask = m_ok[:, None]
-                    w_mask = n_ok[None, :]
+                    gamma = tl.load(Gamma + k0 + kk)
                 else:
-                    k_ok = (k0 + kk) < k_hi
-                    x_mask = m_ok[:, None] & k_ok[None, :]
-                    w_mask = n_ok[None, :] & k_ok[:, None]
-                xt = tl.load(x_ptrs + k0, mask=x_mask, other=0.0)
-                if NORM_INPUT:
-                    # rms_norm's roundings: x * rstd to x's dtype, then times the weight.
-                    if EVEN_K:
-                        gamma = tl.load(Gamma + k0 + kk)
-                    else:
-                        gamma = tl.load(Gamma + k0 + kk, mask=(k0 + kk) < k_hi, other=0.0)
-                    xt_n = (xt.to(tl.float32) * rstd[:, None]).to(xt.dtype)
-                    xt = (xt_n.to(tl.float32) * gamma.to(tl.float32)[None, :]).to(xt.dtype)
+                    gamma = tl.load(Gamma + k0 + kk, mask=(k0 + kk) < k_hi, other=0.0)
+                xt_n = (xt.to(tl.float32) * rstd[:, None]).to(xt.dtype)
+                xt = (xt_n.to(tl.float32) * gamma.to(tl.float32)[None, :]).to(xt.dtype)
+            if EVEN_K and EVEN_N:
+                wt = tl.load(w_ptrs + k0)
+            else:
+                wt = tl.load(w_ptrs + k0, mask=w_mask, other=0.0)
+            if UPCAST:  # Triton's CPU interpreter mis-multiplies bf16 dots: fp32 there
+                xt = xt.to(tl.float32)
+                wt = wt.to(tl.float32)
+            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+            if GATE_UP:
                 if EVEN_K and EVEN_N:
-                    wt = tl.load(w_ptrs + k0)
+                    ut = tl.load(up_ptrs + k0)
                 else:
-                    wt = tl.load(w_ptrs + k0, mask=w_mask, other=0.0)
-                if UPCAST:  # Triton's CPU interpreter mis-multiplies bf16 dots: fp32 there
-                    xt = xt.to(tl.float32)
-                    wt = wt.to(tl.float32)
-                acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-                if GATE_UP:
-                    if EVEN_K and EVEN_N:
-                        ut = tl.load(up_ptrs + k0)
-                    else:
-                        ut = tl.load(up_ptrs + k0, mask=w_mask, other=0.0)
-                    if UPCAST:
-                        ut = ut.to(tl.float32)
-                    acc_up = tl.dot(xt, ut, acc_up, input_precision=PRECISION)
+                    ut = tl.load(up_ptrs + k0, mask=w_mask, other=0.0)
+                if UPCAST:
+                    ut = ut.to(tl.float32)
+                acc_up = tl.dot(xt, ut, acc_up, input_precision=PRECISION)
         if TRACE:
             now = tl.inline_asm_elementwise(
                 "mov.u64 $0, %globaltimer;", "=l", [], tl.int64, False, 1

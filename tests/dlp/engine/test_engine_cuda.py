@@ -185,31 +185,6 @@ def test_balanced_gate_up_columns_give_the_eager_tokens(tmp_path, monkeypatch):
     assert balanced == eager
 
 
-def test_preloading_o_gemm_gives_the_eager_tokens(tmp_path, monkeypatch):
-    """fp32: the PDL whole-step engine with the o GEMM preloading its weights before its wait
-    (``GemmConfig.preload``) and the rope attention letting it launch at once == the eager
-    engine, token for token (a race between them would show as wrong tokens)."""
-    from dlp.engine import skinny_gemm
-
-    model = tiny_model("qwen2").to("cuda")
-    adapters = write_adapters(model, tmp_path, ["t0", "t1", "t2"])
-    hidden = model.config.hidden_size
-    cfg = skinny_gemm.GemmConfig(32, 32, 1, 4, 2, preload=1)
-    monkeypatch.setitem(skinny_gemm.MEASURED, (hidden, hidden, False), cfg)
-    eager, _ = _engine_tokens(model, adapters, compile=False, cuda_graph=False)
-    preloaded, engine = _engine_tokens(
-        model,
-        adapters,
-        compile=True,
-        cuda_graph=True,
-        compile_scope="step",
-        decode_attention="triton_rope",
-        decode_gemm="triton_pdl",
-    )
-    assert engine.runner.captured and not engine.runner.compile_failed
-    assert preloaded == eager
-
-
 def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
     """fp32: compiled + graphs + Triton attention == eager matmul attention, token for token,
     through prefill graphs (several buckets, LoRA scales staged) and decode graphs, with

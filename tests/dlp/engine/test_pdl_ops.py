@@ -17,12 +17,9 @@ CASES = {
     "skinny_normed": "normed",  # the input read through RMSNorm
     "skinny_residual": "residual",  # residual add + sums of squares; declares its counters
     "skinny_residual_balanced": "residual_balanced",  # columns shared evenly by 3 programs
-    "skinny_residual_preload": "residual_preload",  # weights loaded before the wait
-    "skinny_preload": "skinny_preload",
     "skinny_silu_balanced": "silu_balanced",
     "rope": "rope",
     "rope_pieces": "rope_pieces",
-    "rope_early": "rope_early",  # lets the next kernel launch at its start
     "greedy": "greedy",
 }
 
@@ -35,26 +32,24 @@ _CHILD = """
 
     def args_for(kind):
         torch.manual_seed(0)
-        if kind in ("residual", "residual_balanced", "residual_preload"):
+        if kind in ("residual", "residual_balanced"):
             x, w = torch.randn(5, 64).bfloat16(), torch.randn(40, 64).bfloat16()
             res, counters = torch.randn(5, 40).bfloat16(), torch.zeros(8, dtype=torch.int32)
-            programs = 3 if kind == "residual_balanced" else 0
-            cfg = (32, 16, 2, 4, 2, programs, int(kind == "residual_preload"))
+            cfg = (32, 16, 2, 4, 2, 3 if kind == "residual_balanced" else 0)
             return torch.ops.dlp.skinny_residual_pdl, (x, w, None, res, counters, *cfg)
         if kind == "normed":
             x, w = torch.randn(5, 64).bfloat16(), torch.randn(40, 64).bfloat16()
             norm = (torch.rand(2, 5) * 64, torch.randn(64).bfloat16(), 1e-6)
-            return torch.ops.dlp.skinny_pdl, (x, w, None, 40, False, 32, 16, 2, 4, 2, 0, 0, *norm)
-        if kind in ("skinny", "skinny_one", "silu", "silu_balanced", "skinny_preload"):
+            return torch.ops.dlp.skinny_pdl, (x, w, None, 40, False, 32, 16, 2, 4, 2, 0, *norm)
+        if kind in ("skinny", "skinny_one", "silu", "silu_balanced"):
             # bf16: the unsplit output keeps x's dtype, split pieces are fp32.
             x = torch.randn(5, 64).bfloat16()
             silu = kind.startswith("silu")
             w = torch.randn(96 if silu else 40, 64).bfloat16()
             bias = torch.randn(w.shape[0]).bfloat16()
             n = w.shape[0] // 2 if silu else w.shape[0]
-            split = 2 if kind in ("skinny", "skinny_preload") else 1
-            programs = 5 if kind == "silu_balanced" else 0
-            cfg = (32, 16, split, 4, 2, programs, int(kind == "skinny_preload"))
+            split = 1 if kind != "skinny" else 2
+            cfg = (32, 16, split, 4, 2, 5 if kind == "silu_balanced" else 0)
             no_norm = (None, None, 0.0)
             return torch.ops.dlp.skinny_pdl, (x, w, bias, n, silu, *cfg, *no_norm)
         if kind == "greedy":
@@ -73,7 +68,7 @@ _CHILD = """
         caches = torch.randn(b, kvh, s, d), torch.randn(b, kvh, s, d)
         lengths = torch.tensor([40, 7])
         return torch.ops.dlp.decode_attention_rope_pdl, (
-            q, k, v, cos, sin, *caches, lengths, d**-0.5, None, kind == "rope_early"
+            q, k, v, cos, sin, *caches, lengths, d**-0.5, None
         )
 
     out = {}
