@@ -16,7 +16,8 @@ not bytes, so this compares, in one process on one model:
 - ``gemm``: cuBLAS (``F.linear``), or the weight-streaming Triton GEMMs
   (``dlp.engine.skinny_gemm``, silu * up fused into gate/up), also with every kernel of the
   step a programmatic dependent launch (``triton_pdl``, which also fuses the post-attention
-  norm into the o and gate/up GEMMs; ``+unfused`` keeps its kernel).
+  norm into the o and gate/up GEMMs; ``+unfused`` keeps its kernel, ``+prescaled`` has o
+  write its rows times the norm weight and gate/up apply the rstd after its product).
 
 ``--gemm-configs`` takes the GEMM configs a ``pdl_bench.py --sweep`` run found; a variant
 name may also carry one GEMM's config for itself, ``+ROLE=BNxBKxSPLITxWARPSxSTAGES`` with ROLE
@@ -64,6 +65,7 @@ VARIANTS: dict[str, tuple[str, str | None, str, str]] = {
     "layer+rope+pdl": ("layer", None, "triton_rope", "triton_pdl"),
     # PDL with the norm kernels (the runner fuses them into the GEMMs with triton_pdl).
     "step+rope+pdl+unfused": ("step", None, "triton_rope", "triton_pdl"),
+    "step+rope+pdl+prescaled": ("step", None, "triton_rope", "triton_pdl"),
     "step": ("step", None, "matmul", "cublas"),
     "layer+kernel+autotune": ("layer", "max-autotune-no-cudagraphs", "triton", "cublas"),
     "step+kernel+autotune": ("step", "max-autotune-no-cudagraphs", "triton", "cublas"),
@@ -241,6 +243,8 @@ def _build_and_time(
     )
     if "unfused" in name.split("+"):
         model.decode_fuse_norms = False
+    if "prescaled" in name.split("+"):
+        model.decode_prescale_norm = model.decode_fuse_norms
     start = time.perf_counter()
     with torch.no_grad():
         runner._capture()

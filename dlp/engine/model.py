@@ -167,6 +167,9 @@ class CompactLM(nn.Module):
         # leaves the rows' sums of squares, gate/up applies the RMSNorm as it reads its input
         # (skinny_gemm.skinny_residual / NormInput; see decode_layer). Tile counters for it:
         self.decode_fuse_norms = False
+        # With it: o writes its rows times the post-attention norm's weight too, and gate/up
+        # applies the rstd after its product instead of normalising every x tile it loads.
+        self.decode_prescale_norm = False
         self.gemm_counters = torch.zeros(
             4096, dtype=torch.int32, device=hf_model.get_input_embeddings().weight.device
         )
@@ -379,6 +382,7 @@ class CompactLM(nn.Module):
                 self.decode_pdl,
                 counters,
                 lengths,
+                self.decode_prescale_norm,
             )
         return self.decode_head(x)
 
@@ -506,6 +510,7 @@ def decode_layer(
     pdl: bool = False,
     counters: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
+    prescale: bool = False,
 ) -> torch.Tensor:
     """One transformer block for one new token per row; a pure function of its tensors so
     one ``torch.compile`` of it serves every layer. Writes this token's K/V into the cache:
@@ -526,7 +531,9 @@ def decode_layer(
     reads its input through the RMSNorm, so no norm kernel runs between them (without LoRA
     on o, gate and up). The input norm stays a kernel of its own, which also sums the down
     GEMM's split-K pieces and adds the residual: as a prologue of the q/k/v GEMM it cost
-    more than the kernel (``benchmarks/results/decode_step_h200_fused*.json``).
+    more than the kernel (``benchmarks/results/decode_step_h200_fused*.json``). With
+    ``prescale`` the o GEMM also writes its rows times the norm's weight and gate/up reads
+    those, applying each row's rstd after its product (no norm arithmetic in its K steps).
 
     With ``attn_rope``, cos / sin may come as rows ``[b, head_dim]`` and ``lengths``
     (``positions + 1``) made once for every layer (:meth:`CompactLM.decode` does)."""
@@ -565,9 +572,12 @@ def decode_layer(
         o = _attend(
             q, k, v, cos, sin, bias, batch_idx, slots, positions, k_cache, v_cache, attn_splits
         )
-    x, x_sumsq = _residual(x, o, w_o, b_o, lo, row_scales, linear, counters if fuse else None)
+    x, x_sumsq, x_scaled = _residual(
+        x, o, w_o, b_o, lo, row_scales, linear, counters if fuse else None,
+        post_norm if prescale else None,
+    )  # fmt: skip
     mlp_lora = (lg, lu, ld)
-    post = NormInput(x_sumsq, post_norm, eps) if x_sumsq is not None else None
+    post = NormInput(x_sumsq, post_norm, eps, x_scaled) if x_sumsq is not None else None
     return _mlp(
         x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny, pdl, post
     )
@@ -582,17 +592,21 @@ def _residual(
     scales: torch.Tensor | None,
     linear: Callable[..., torch.Tensor],
     counters: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    norm_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``x + linear(inp)`` (+ its LoRA), and with ``counters`` (no LoRA here) as one PDL
-    GEMM that also returns the new rows' partial sums of squares (else None)."""
+    GEMM that also returns the new rows' partial sums of squares (else None), and with
+    ``norm_weight`` the new rows times it (NormInput.prescaled; else None)."""
     if counters is None or (lora is not None and scales is not None):
-        return x + _lin(inp, weight, bias, lora, scales, linear), None
+        return x + _lin(inp, weight, bias, lora, scales, linear), None, None
     lead = x.shape[:-1]
-    h, sumsq = skinny_residual(
+    h, sumsq, scaled = skinny_residual(
         inp.reshape(-1, inp.shape[-1]), weight, bias, x.reshape(-1, x.shape[-1]), counters,
-        pdl=True,
+        pdl=True, scale=norm_weight,
     )  # fmt: skip
-    return h.reshape(*lead, h.shape[-1]), sumsq
+    if scaled is not None:
+        scaled = scaled.reshape(*lead, scaled.shape[-1])
+    return h.reshape(*lead, h.shape[-1]), sumsq, scaled
 
 
 def _decode_linear(skinny: bool, pdl: bool) -> Callable[..., torch.Tensor]:

@@ -42,6 +42,10 @@ AUTO_KERNEL_MIN_SEQ = 512
 # decode_gemm "auto": the weight-streaming Triton GEMMs (skinny_gemm) on CUDA. Off until
 # benchmarks/gemm_bench.py and decode_step_bench.py measure them faster than cuBLAS.
 AUTO_SKINNY_GEMM = False
+# triton_pdl with the fused norm: the o GEMM also writes its rows times the post-attention
+# norm's weight and gate/up applies each row's rstd after its product, so gate/up's K steps
+# do no norm arithmetic (CompactLM.decode_prescale_norm). Off until measured faster.
+PRESCALE_NORM = False
 # Above this many padded tokens a prefill's GPU time (~16 ms on an H200 for Qwen2-1.5B)
 # covers its host time: run it directly, without a bucket's padding.
 PREFILL_GRAPH_TOKENS = 4096
@@ -259,6 +263,8 @@ class DecodeRunner:
         model.decode_pdl = gemm == "triton_pdl"
         # ... with the norms inside the GEMMs (no norm kernels: model.decode_fuse_norms).
         model.decode_fuse_norms = model.decode_pdl
+        # ... and gate/up reading o's rows prescaled by the norm weight (PRESCALE_NORM).
+        model.decode_prescale_norm = model.decode_fuse_norms and PRESCALE_NORM
         if model.decode_pdl and compile_mode is not None:
             raise DlpError("decode_gemm 'triton_pdl' takes the default compile_mode")
         if model.decode_pdl and torch.cuda.get_device_capability(device)[0] < 9:
@@ -528,6 +534,7 @@ class DecodeRunner:
             self.model.decode_gemm = False
             self.model.decode_pdl = False
             self.model.decode_fuse_norms = False
+            self.model.decode_prescale_norm = False
             self._capture()
         if self.graph_tokens:
             try:

@@ -101,11 +101,19 @@ class NormInput:
     sumsq: torch.Tensor
     weight: torch.Tensor
     eps: float
+    # x * weight, rounded to x's dtype (skinny_residual(scale=weight) writes it): the GEMM
+    # then reads this as it is and scales each row's product by rstd after its K loop, so
+    # its K steps do no norm arithmetic (the rstd is applied after the product, not before:
+    # other roundings than rms_norm's, same precision).
+    prescaled: torch.Tensor | None = None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """The norm in plain torch (where the kernel does not apply)."""
         mean = self.sumsq.sum(0)[:, None] / x.shape[-1]
-        return self.weight * (x.float() * torch.rsqrt(mean + self.eps)).to(x.dtype)
+        rstd = torch.rsqrt(mean + self.eps)
+        if self.prescaled is not None:
+            return (self.prescaled.float() * rstd).to(x.dtype)
+        return self.weight * (x.float() * rstd).to(x.dtype)
 
 
 def row_sumsq(x: torch.Tensor) -> torch.Tensor:
@@ -211,6 +219,8 @@ def skinny_silu_mul(
     if not supported(x, w_gu):
         gu = F.linear(norm.apply(x) if norm is not None else x, w_gu, bias)
         return F.silu(gu[..., :inter]) * gu[..., inter:]
+    if norm is not None and norm.prescaled is not None:
+        x = norm.prescaled  # the kernel reads x * weight and applies rstd after the product
     return _run(x, w_gu, bias, inter, True, config, pdl, norm)
 
 
@@ -268,7 +278,8 @@ def _partials(
     if pdl:
         args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages, cfg.programs)
         sumsq, gamma, eps = (norm.sumsq, norm.weight, norm.eps) if norm else (None, None, 0.0)
-        return torch.ops.dlp.skinny_pdl(x2, w, bias, n, silu, *args, sumsq, gamma, eps)
+        after = norm is not None and norm.prescaled is not None
+        return torch.ops.dlp.skinny_pdl(x2, w, bias, n, silu, *args, sumsq, gamma, eps, after)
     return launch_partials(x2, w, bias, m, n, k, cfg, silu, norm=norm)
 
 
@@ -280,26 +291,32 @@ def skinny_residual(
     counters: torch.Tensor,
     config: GemmConfig | None = None,
     pdl: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``residual + F.linear(x, w, bias)`` (the product rounded to x's dtype first, as the
     eager ``x + linear(...)``) for rows x ``[M, K]`` and residual ``[M, N]``, with the new
     rows' partial sums of squares ``[parts, M]`` fp32 for the next GEMM's
     :class:`NormInput`: the residual add and the sums that the norm kernel after a split-K
     GEMM would compute happen in the GEMM's last piece per tile.
 
-    ``counters``: int32 zeros, at least one per output tile (left at zero). Plain torch where
-    the kernel does not apply."""
+    ``counters``: int32 zeros, at least one per output tile (left at zero). ``scale`` [N]:
+    also ``h * scale`` rounded to x's dtype (the next GEMM's :attr:`NormInput.prescaled`),
+    else None third. Plain torch where the kernel does not apply."""
     if not supported(x, w):
         h = residual + F.linear(x, w, bias)
-        return h, row_sumsq(h)
+        return h, row_sumsq(h), None if scale is None else (h.float() * scale.float()).to(h.dtype)
     x = x.contiguous()
     residual = residual.contiguous()
     m, k = x.shape
     cfg = config or pick_config(m, w.shape[0], k, False)
     if pdl:
         args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages, cfg.programs)
-        return torch.ops.dlp.skinny_residual_pdl(x, w, bias, residual, counters, *args)
-    return _launch_residual(x, w, bias, residual, counters, cfg, pdl=False)
+        h, sumsq, scaled = torch.ops.dlp.skinny_residual_pdl(
+            x, w, bias, residual, counters, *args, scale
+        )
+    else:
+        h, sumsq, scaled = _launch_residual(x, w, bias, residual, counters, cfg, False, scale)
+    return h, sumsq, scaled if scale is not None else None
 
 
 def _launch_residual(
@@ -310,7 +327,9 @@ def _launch_residual(
     counters: torch.Tensor,
     cfg: GemmConfig,
     pdl: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The residual launch: (h, sumsq, h * scale), the last empty without ``scale``."""
     m, k = x.shape
     n = w.shape[0]
     tiles = cfg.column_programs(n) * math.ceil(m / block_m_for(m))
@@ -320,20 +339,23 @@ def _launch_residual(
     scratch = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     h = torch.empty((m, n), dtype=x.dtype, device=x.device)
     sumsq = torch.empty((cfg.column_programs(n), m), dtype=torch.float32, device=x.device)
-    residual_out = ResidualOut(residual, counters, h, sumsq)
+    scaled = torch.empty((m, n) if scale is not None else (0,), dtype=x.dtype, device=x.device)
+    residual_out = ResidualOut(residual, counters, h, sumsq, scale, scaled)
     launch_partials(x, w, bias, m, n, k, cfg, False, pdl, scratch, residual=residual_out)
-    return h, sumsq
+    return h, sumsq, scaled
 
 
 @dataclass(frozen=True)
 class ResidualOut:
     """Buffers of a :func:`skinny_residual` launch: the residual read, the tile counters,
-    and the outputs ``h`` ``[M, N]`` and ``sumsq`` ``[N tiles, M]``."""
+    and the outputs ``h`` ``[M, N]`` and ``sumsq`` ``[N tiles, M]`` (and ``scaled``)."""
 
     residual: torch.Tensor
     counters: torch.Tensor
     h: torch.Tensor
     sumsq: torch.Tensor
+    scale: torch.Tensor | None = None  # with it, also h * scale into ``scaled``
+    scaled: torch.Tensor | None = None
 
 
 def launch_partials(
@@ -386,11 +408,13 @@ def launch_partials(
     # Arguments a mode does not use point at x (never read).
     sumsq_in, gamma, eps = (norm.sumsq, norm.weight, norm.eps) if norm else (x, x, 0.0)
     res = residual or ResidualOut(x, x, x, x)
+    has_scale = res.scale is not None
     if trace is not None and (trace.dtype != torch.int64 or trace.numel() < 4 * math.prod(grid)):
         raise ValueError(f"trace must be int64 with [programs={math.prod(grid)}, 4] entries")
     _skinny_kernel[grid](
         x, w, bias if bias is not None else w, out,
         sumsq_in, gamma, res.residual, res.h, res.sumsq, res.counters,
+        res.scale if has_scale else x, res.scaled if has_scale else x,
         trace if trace is not None else x,
         m, n, k, k_per_split,
         x.stride(0), w.stride(0), out.stride(-2),
@@ -411,6 +435,8 @@ def launch_partials(
         PRECISION="ieee" if w.dtype == torch.float32 else "tf32",
         USE_GDC=pdl,
         NORM_INPUT=norm is not None,
+        NORM_AFTER=norm is not None and norm.prescaled is not None,
+        HAS_SCALE=has_scale,
         RESIDUAL=residual is not None,
         PARTS_PAD=triton_next_pow2(sumsq_in.shape[0]) if norm else 1,
         SPLITS=split if residual is not None else 1,
@@ -472,9 +498,12 @@ def _skinny_pdl(
     sumsq: torch.Tensor | None,
     gamma: torch.Tensor | None,
     eps: float,
+    norm_after: bool = False,
 ) -> torch.Tensor:
     cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages, programs)
-    norm = NormInput(sumsq, gamma, eps) if sumsq is not None and gamma is not None else None
+    norm = None
+    if sumsq is not None and gamma is not None:
+        norm = NormInput(sumsq, gamma, eps, x if norm_after else None)
     m, k = x.shape
     return launch_partials(x, w, bias, m, n, k, cfg, silu, True, None, norm)
 
@@ -495,6 +524,7 @@ def _skinny_pdl_fake(
     sumsq: torch.Tensor | None,
     gamma: torch.Tensor | None,
     eps: float,
+    norm_after: bool = False,
 ) -> torch.Tensor:
     cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages, programs)
     shape = partials_shape(x.shape[0], n, x.shape[1], cfg, silu)
@@ -516,9 +546,10 @@ def _skinny_residual_pdl(
     num_warps: int,
     num_stages: int,
     programs: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cfg = GemmConfig(block_n, block_k, split_k, num_warps, num_stages, programs)
-    return _launch_residual(x, w, bias, residual, counters, cfg, pdl=True)
+    return _launch_residual(x, w, bias, residual, counters, cfg, True, scale)
 
 
 @_skinny_residual_pdl.register_fake
@@ -534,10 +565,12 @@ def _skinny_residual_pdl_fake(
     num_warps: int,
     num_stages: int,
     programs: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m, n = x.shape[0], w.shape[0]
     parts = GemmConfig(block_n, 1, 1, programs=programs).column_programs(n)
-    return x.new_empty((m, n)), x.new_empty((parts, m), dtype=torch.float32)
+    scaled = x.new_empty((m, n) if scale is not None else (0,))
+    return x.new_empty((m, n)), x.new_empty((parts, m), dtype=torch.float32), scaled
 
 
 if triton is not None:
@@ -545,7 +578,7 @@ if triton is not None:
     @triton.jit
     def _skinny_kernel(
         X, W, Bias, Out,
-        XSumsq, Gamma, Res, H, Sumsq, Counters, Trace,
+        XSumsq, Gamma, Res, H, Sumsq, Counters, Scale, HScaled, Trace,
         M, N, K, K_PER_SPLIT,
         stride_xm, stride_wn, stride_om, stride_os,
         UP_OFFSET, SUMSQ_PARTS, eps,
@@ -562,6 +595,8 @@ if triton is not None:
         PRECISION: tl.constexpr,
         USE_GDC: tl.constexpr,
         NORM_INPUT: tl.constexpr,
+        NORM_AFTER: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
         RESIDUAL: tl.constexpr,
         PARTS_PAD: tl.constexpr,
         SPLITS: tl.constexpr,
@@ -625,7 +660,7 @@ if triton is not None:
                 x_mask = m_ok[:, None] & k_ok[None, :]
                 w_mask = n_ok[None, :] & k_ok[:, None]
             xt = tl.load(x_ptrs + k0, mask=x_mask, other=0.0)
-            if NORM_INPUT:
+            if NORM_INPUT and not NORM_AFTER:
                 # rms_norm's roundings: x * rstd to x's dtype, then times the weight.
                 if EVEN_K:
                     gamma = tl.load(Gamma + k0 + kk)
@@ -656,6 +691,10 @@ if triton is not None:
             tl.store(trace_at + 2, now)
         if USE_GDC:
             tl.extra.cuda.gdc_launch_dependents()
+        if NORM_AFTER:  # x came as x * Gamma: the norm's rstd scales the product instead
+            acc = acc * rstd[:, None]
+            if GATE_UP:
+                acc_up = acc_up * rstd[:, None]
         if HAS_BIAS:  # noqa: SIM102 - triton: `and` of a constexpr and a runtime value
             if pid_s == 0:  # the bias belongs to one piece of a split sum only
                 acc += tl.load(Bias + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -701,6 +740,9 @@ if triton is not None:
                 h = (res.to(tl.float32) + total.to(dt).to(tl.float32)).to(dt)
                 tl.store(H + res_ptrs, h, mask=out_ok)
                 hf = h.to(tl.float32)
+                if HAS_SCALE:  # h * Scale for the next GEMM's prescaled input
+                    g = tl.load(Scale + cols, mask=n_ok, other=0.0).to(tl.float32)
+                    tl.store(HScaled + res_ptrs, (hf * g[None, :]).to(dt), mask=out_ok)
                 tl.store(Sumsq + pid_n * M + rows, tl.sum(hf * hf, 1), mask=m_ok)
         else:
             tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=out_ok)

@@ -185,6 +185,30 @@ def test_balanced_gate_up_columns_give_the_eager_tokens(tmp_path, monkeypatch):
     assert balanced == eager
 
 
+def test_prescaled_norm_gives_the_eager_tokens(tmp_path, monkeypatch):
+    """fp32: the PDL whole-step engine with gate/up reading o's rows prescaled by the norm
+    weight and applying the rstd after its product (``runner.PRESCALE_NORM``) == the eager
+    engine, token for token."""
+    from dlp.engine import runner
+
+    monkeypatch.setattr(runner, "PRESCALE_NORM", True)
+    model = tiny_model("qwen2").to("cuda")
+    adapters = write_adapters(model, tmp_path, ["t0", "t1", "t2"])
+    eager, _ = _engine_tokens(model, adapters, compile=False, cuda_graph=False)
+    prescaled, engine = _engine_tokens(
+        model,
+        adapters,
+        compile=True,
+        cuda_graph=True,
+        compile_scope="step",
+        decode_attention="triton_rope",
+        decode_gemm="triton_pdl",
+    )
+    assert engine.runner.captured and not engine.runner.compile_failed
+    assert engine.runner.model.decode_prescale_norm
+    assert prescaled == eager
+
+
 def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
     """fp32: compiled + graphs + Triton attention == eager matmul attention, token for token,
     through prefill graphs (several buckets, LoRA scales staged) and decode graphs, with

@@ -17,6 +17,8 @@ CASES = {
     "skinny_normed": "normed",  # the input read through RMSNorm
     "skinny_residual": "residual",  # residual add + sums of squares; declares its counters
     "skinny_residual_balanced": "residual_balanced",  # columns shared evenly by 3 programs
+    "skinny_residual_scaled": "residual_scaled",  # also h * scale (the prescaled norm input)
+    "skinny_normed_after": "normed_after",  # prescaled input, rstd after the product
     "skinny_silu_balanced": "silu_balanced",
     "rope": "rope",
     "rope_pieces": "rope_pieces",
@@ -32,15 +34,18 @@ _CHILD = """
 
     def args_for(kind):
         torch.manual_seed(0)
-        if kind in ("residual", "residual_balanced"):
+        if kind in ("residual", "residual_balanced", "residual_scaled"):
             x, w = torch.randn(5, 64).bfloat16(), torch.randn(40, 64).bfloat16()
             res, counters = torch.randn(5, 40).bfloat16(), torch.zeros(8, dtype=torch.int32)
             cfg = (32, 16, 2, 4, 2, 3 if kind == "residual_balanced" else 0)
-            return torch.ops.dlp.skinny_residual_pdl, (x, w, None, res, counters, *cfg)
-        if kind == "normed":
+            scale = torch.randn(40).bfloat16() if kind == "residual_scaled" else None
+            return torch.ops.dlp.skinny_residual_pdl, (x, w, None, res, counters, *cfg, scale)
+        if kind in ("normed", "normed_after"):
             x, w = torch.randn(5, 64).bfloat16(), torch.randn(40, 64).bfloat16()
             norm = (torch.rand(2, 5) * 64, torch.randn(64).bfloat16(), 1e-6)
-            return torch.ops.dlp.skinny_pdl, (x, w, None, 40, False, 32, 16, 2, 4, 2, 0, *norm)
+            cfg = (32, 16, 2, 4, 2, 0)
+            after = kind == "normed_after"
+            return torch.ops.dlp.skinny_pdl, (x, w, None, 40, False, *cfg, *norm, after)
         if kind in ("skinny", "skinny_one", "silu", "silu_balanced"):
             # bf16: the unsplit output keeps x's dtype, split pieces are fp32.
             x = torch.randn(5, 64).bfloat16()

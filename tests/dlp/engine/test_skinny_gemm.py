@@ -83,11 +83,16 @@ _CHILD = """
             model.decode_pdl = model.decode_fuse_norms = model.attn_rope = True
             model.attn_splits = 1
             fused = model.decode(tokens, positions, None)
+            # ... with gate/up reading o's prescaled rows, the rstd after its product
+            model.decode_prescale_norm = True
+            prescaled = model.decode(tokens, positions, None)
         results[f"decode_{kind}"] = {
             "err": err(fast, plain),
             "argmax_same": bool((fast.argmax(-1) == plain.argmax(-1)).all()),
             "fused_err": err(fused, plain),
             "fused_argmax_same": bool((fused.argmax(-1) == plain.argmax(-1)).all()),
+            "prescaled_err": err(prescaled, plain),
+            "prescaled_argmax_same": bool((prescaled.argmax(-1) == plain.argmax(-1)).all()),
         }
     print(json.dumps(results))
 """
@@ -119,6 +124,8 @@ def test_decode_step_with_the_kernels_matches_f_linear(interpreted, kind):
     assert res["err"] < 1e-4 and res["argmax_same"], res
     # the norms fused into the GEMMs: the same step up to fp32 summation order
     assert res["fused_err"] < 1e-4 and res["fused_argmax_same"], res
+    # ... and with the rstd applied after gate/up's product (NormInput.prescaled)
+    assert res["prescaled_err"] < 1e-4 and res["prescaled_argmax_same"], res
 
 
 def test_pick_config_uses_the_measured_table_and_the_rule():

@@ -60,7 +60,15 @@ _CHILD = """
         b2 = torch.randn(n).to(dt) if bias else None
         res = torch.randn(m, n).to(dt)
         counters = torch.zeros(64, dtype=torch.int32)
-        h, parts = skinny_residual(x2, w2, b2, res, counters, cfg)
+        h, parts, none = skinny_residual(x2, w2, b2, res, counters, cfg)
+        gamma2 = gamma[:n] if k >= n else (1 + 0.1 * torch.randn(n)).to(dt)
+        h_s, parts_s, scaled = skinny_residual(x2, w2, b2, res, counters, cfg, scale=gamma2)
+        # gate/up reading h * gamma2 and applying rstd after the product, against rms_norm
+        norm_after = NormInput(parts_s, gamma2, 1e-6, prescaled=scaled)
+        w3 = (torch.randn(2 * n, n) * n**-0.5).to(dt)
+        gu3 = F.linear(rms_norm(h, gamma2, 1e-6).float(), w3.float()).to(dt)
+        act_after_ref = F.silu(gu3[:, :n]) * gu3[:, n:]
+        act_after = skinny_silu_mul(h_s, w3, None, cfg, norm=norm_after)
         h_ref = res + F.linear(x2.float(), w2.float(), None if b2 is None else b2.float()).to(dt)
         results[name] = {
             "pieces_err": err(pieces.sum(0), ref),
@@ -72,6 +80,13 @@ _CHILD = """
             # the parts of h's sums of squares add up to the row's (of h as returned)
             "sumsq_err": err(parts.sum(0), row_sumsq(h)[0]),
             "counters_zero": bool((counters == 0).all()),
+            "third_none": none is None,
+            # with scale: the same h and sums, and h * scale rounded once
+            "scaled_same_h": bool(torch.equal(h_s, h) and torch.equal(parts_s, parts)),
+            "scaled_err": err(scaled, (h.float() * gamma2.float()).to(dt)),
+            "scaled_max": scaled.float().abs().max().item(),
+            "act_after_err": err(act_after, act_after_ref),
+            "act_after_ref_max": act_after_ref.float().abs().max().item(),
             # and they feed a normed GEMM like rms_norm of h does
             "chain_err": err(
                 skinny_pieces(h, w2, None, cfg, norm=NormInput(parts, gamma[:n], 1e-6)).sum(0),
@@ -111,3 +126,18 @@ def test_residual_gemm_matches_residual_plus_linear(interpreted, name):
     assert got["parts_shape"] == [programs or -(-n // block_n), m]
     assert got["sumsq_err"] < 1e-3 * max(1.0, n)
     assert got["counters_zero"]  # every tile's counter is back at zero for the next kernel
+    assert got["third_none"]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_prescaled_rows_and_the_rstd_after_the_product(interpreted, name):
+    """skinny_residual(scale=g) also writes h * g (one rounding); gate/up reading it with the
+    rstd applied after its product (NormInput.prescaled) matches rms_norm then the GEMM up to
+    where the roundings fall (bf16: a rounding step of gate/up, as the fused modes above)."""
+    dtype = CASES[name][0]
+    got = interpreted[name]
+    assert got["scaled_same_h"]
+    # fp32: exact; bf16: within two rounding steps (the interpreter emulates bf16 casts)
+    assert got["scaled_err"] <= (0.0 if dtype == "float32" else got["scaled_max"] * 2**-6)
+    tol = 4 * TOL[dtype] if dtype == "float32" else got["act_after_ref_max"] * 2**-6
+    assert got["act_after_err"] < tol, got
