@@ -16,8 +16,9 @@ not bytes, so this compares, in one process on one model:
 - ``gemm``: cuBLAS (``F.linear``), or the weight-streaming Triton GEMMs
   (``dlp.engine.skinny_gemm``, silu * up fused into gate/up), also with every kernel of the
   step a programmatic dependent launch (``triton_pdl``, which also fuses the post-attention
-  norm into the o and gate/up GEMMs; ``+unfused`` keeps its kernel, ``+prescaled`` has o
-  write its rows times the norm weight and gate/up apply the rstd after its product).
+  norm into the o and gate/up GEMMs; ``+unfused`` keeps its kernel; by default o writes its
+  rows times the norm weight and gate/up applies the rstd after its product, which
+  ``+unprescaled`` turns off: gate/up then normalises each x tile it loads).
 
 ``--gemm-configs`` takes the GEMM configs a ``pdl_bench.py --sweep`` run found; a variant
 name may also carry one GEMM's config for itself, ``+ROLE=BNxBKxSPLITxWARPSxSTAGES`` with ROLE
@@ -66,6 +67,7 @@ VARIANTS: dict[str, tuple[str, str | None, str, str]] = {
     # PDL with the norm kernels (the runner fuses them into the GEMMs with triton_pdl).
     "step+rope+pdl+unfused": ("step", None, "triton_rope", "triton_pdl"),
     "step+rope+pdl+prescaled": ("step", None, "triton_rope", "triton_pdl"),
+    "step+rope+pdl+unprescaled": ("step", None, "triton_rope", "triton_pdl"),
     "step": ("step", None, "matmul", "cublas"),
     "layer+kernel+autotune": ("layer", "max-autotune-no-cudagraphs", "triton", "cublas"),
     "step+kernel+autotune": ("step", "max-autotune-no-cudagraphs", "triton", "cublas"),
@@ -76,13 +78,21 @@ GEMM_ROLES = ("qkv", "qkvl", "o", "gu", "down")
 
 
 def split_variant(name: str) -> tuple[str, dict[str, Any]]:
-    """``base+role=BNxBKxSPLITxWxS...`` -> (base variant, {role: GemmConfig})."""
+    """``base+role=BNxBKxSPLITxWxS...`` -> (base variant, {role: GemmConfig}); a part
+    ``argmax=CHUNKSxBLOCK`` sets the greedy kernels' pieces a row and logits a load
+    (``dlp.engine.greedy_kernel``), as ``{"argmax": (chunks, block)}``."""
     from dlp.engine.skinny_gemm import GemmConfig
 
     parts = name.split("+")
-    overrides = {}
+    overrides: dict[str, Any] = {}
     for part in [p for p in parts if "=" in p]:
         role, _, spec = part.partition("=")
+        if role == "argmax":
+            sizes = spec.split("x")
+            if len(sizes) != 2 or not all(v.isdigit() and int(v) > 0 for v in sizes):
+                raise ValueError(f"{part!r}: want argmax=CHUNKSxBLOCK, ints > 0")
+            overrides[role] = (int(sizes[0]), int(sizes[1]))
+            continue
         if role not in GEMM_ROLES:
             raise ValueError(f"{part!r}: want ROLE=BNxBKxSPLITxWARPSxSTAGES, ROLE in {GEMM_ROLES}")
         overrides[role] = GemmConfig.parse(spec)
@@ -204,20 +214,26 @@ def _variant(
     a: argparse.Namespace,
     compile_: bool = True,
 ) -> tuple[dict[str, Any], Any, Any]:
+    from dlp.engine import greedy_kernel as gk
     from dlp.engine import skinny_gemm as sg
     from dlp.engine.shapes import decode_gemm_shapes
 
     base, overrides = split_variant(name)
+    argmax = overrides.pop("argmax", (gk.CHUNKS, gk.BLOCK))
     # LoRA A rows: q and v, r each per slot
     keys = decode_gemm_shapes(hf_model.config.to_dict(), 2 * a.slots * a.rank)
     measured = dict(sg.MEASURED)
-    # Configs are read when the step is traced (in _capture, and any lazy compile after it).
+    greedy = gk.CHUNKS, gk.BLOCK
+    # Configs are read when the step is traced (in _capture, and any lazy compile after it);
+    # the greedy kernels' sizes when the graph captures their launch.
     sg.MEASURED.update({keys[role]: cfg for role, cfg in overrides.items()})
+    gk.CHUNKS, gk.BLOCK = argmax
     try:
         return _build_and_time(name, base, hf_model, lora, a, compile_)
     finally:
         sg.MEASURED.clear()
         sg.MEASURED.update(measured)
+        gk.CHUNKS, gk.BLOCK = greedy
 
 
 def _build_and_time(
@@ -245,6 +261,8 @@ def _build_and_time(
         model.decode_fuse_norms = False
     if "prescaled" in name.split("+"):
         model.decode_prescale_norm = model.decode_fuse_norms
+    if "unprescaled" in name.split("+"):
+        model.decode_prescale_norm = False
     start = time.perf_counter()
     with torch.no_grad():
         runner._capture()

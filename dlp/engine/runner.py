@@ -44,8 +44,10 @@ AUTO_KERNEL_MIN_SEQ = 512
 AUTO_SKINNY_GEMM = False
 # triton_pdl with the fused norm: the o GEMM also writes its rows times the post-attention
 # norm's weight and gate/up applies each row's rstd after its product, so gate/up's K steps
-# do no norm arithmetic (CompactLM.decode_prescale_norm). Off until measured faster.
-PRESCALE_NORM = False
+# do no norm arithmetic (CompactLM.decode_prescale_norm). On the H200 (Qwen2-1.5B step (a),
+# with gate/up at one 128-wide program an SM): 1.619-1.665 ms against 1.673-1.704 ms with
+# the norm inside gate/up's K steps (benchmarks/results/decode_step_h200_prescaled2.json).
+PRESCALE_NORM = True
 # Above this many padded tokens a prefill's GPU time (~16 ms on an H200 for Qwen2-1.5B)
 # covers its host time: run it directly, without a bucket's padding.
 PREFILL_GRAPH_TOKENS = 4096

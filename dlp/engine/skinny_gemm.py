@@ -128,10 +128,12 @@ MEASURED: dict[tuple[int, int, bool], GemmConfig] = {
     (2048, 1536, False): GemmConfig(32, 64, 4),
     (2560, 1536, False): GemmConfig(64, 128, 3),
     (1536, 1536, False): GemmConfig(64, 64, 4),
-    # gate/up: 264 programs (2 an SM) share the 8960 columns evenly (34 each in 64-wide
-    # tiles): the same bits as 280 tiles of 32, 0.8-0.9% faster in the PDL step
-    # (results/decode_step_h200_balanced.json, ..._hoisted.json).
-    (8960, 1536, True): GemmConfig(64, 64, 1, programs=264),
+    # gate/up: one program an SM (132, 8 warps) shares the 8960 columns evenly (68 each in
+    # 128-wide tiles). With a plain input (the prescaled norm, or a norm kernel before it)
+    # its x tiles join the weights' pipeline in shared memory, and 2 programs an SM at 64
+    # columns and 5 stages no longer fit; measured in the PDL step against the 264-program
+    # grid that served the norm inside the K steps (results/decode_step_h200_prescaled2.json).
+    (8960, 1536, True): GemmConfig(128, 64, 1, num_warps=8, num_stages=4, programs=132),
     (1536, 8960, False): GemmConfig(64, 128, 4),
     # Llama-3-8B
     (6144, 4096, False): GemmConfig(64, 128, 1),

@@ -26,6 +26,13 @@ def test_variant_names_carry_gemm_configs() -> None:
     for bad in ("64x64", "64x64x1x4x0", "64xAx1x4x5"):
         with pytest.raises(ValueError, match="BNxBK"):
             bench.split_variant(f"step+rope+pdl+gu={bad}")
+    # the greedy kernels' sizes: pieces a row x logits a load
+    base, overrides = bench.split_variant("step+rope+pdl+unprescaled+argmax=32x8192")
+    assert base == "step+rope+pdl+unprescaled" and base in bench.VARIANTS
+    assert overrides == {"argmax": (32, 8192)}
+    for bad in ("32", "32x0", "ax8"):
+        with pytest.raises(ValueError, match="CHUNKSxBLOCK"):
+            bench.split_variant(f"step+rope+pdl+argmax={bad}")
 
 
 def _kernel(name: str, ts: float, dur: float, grid: list[int]) -> dict:
