@@ -18,7 +18,10 @@ Two modes take the RMSNorm between two GEMMs into the GEMMs, so no norm kernel r
 them (the PDL decode step does this around the MLP's norm): :func:`skinny_residual` adds
 the residual to its product, its split-K pieces summed by the last piece of each tile to
 finish, and leaves each row's partial sums of squares; a GEMM given those as a
-:class:`NormInput` reads its input through the norm, tile by tile.
+:class:`NormInput` reads its input through the norm, tile by tile. With ``scale`` the
+residual GEMM also writes its rows times the norm's weight, and a GEMM given those
+(``NormInput.prescaled``) reads them as they are and applies each row's rstd after its
+product: no norm arithmetic in its K steps (the PDL step's default, ``runner.PRESCALE_NORM``).
 
 Configs (:class:`GemmConfig`) come from :func:`pick_config`: the best measured on the H200 per
 shape where one was measured (``benchmarks/gemm_bench.py``), else a rule that aims for a few
