@@ -161,52 +161,52 @@ def _engine_tokens(model, adapters, **cfg):
     return [r.token_ids for r in asyncio.run(run())], engine
 
 
+# The engine's fastest decode step: one compiled graph, every kernel a PDL launch.
+PDL_STEP = dict(
+    compile=True,
+    cuda_graph=True,
+    compile_scope="step",
+    decode_attention="triton_rope",
+    decode_gemm="triton_pdl",
+)
+
+
+def _eager_and_pdl_step_tokens(model, adapters):
+    """The tokens of the eager engine and of the PDL whole-step engine (captured, no
+    fallback to the eager step), and the latter engine."""
+    eager, _ = _engine_tokens(model, adapters, compile=False, cuda_graph=False)
+    fast, engine = _engine_tokens(model, adapters, **PDL_STEP)
+    assert engine.runner.captured and not engine.runner.compile_failed
+    return eager, fast, engine
+
+
 def test_balanced_gate_up_columns_give_the_eager_tokens(tmp_path, monkeypatch):
     """fp32: the PDL whole-step engine with gate/up's columns shared evenly by 3 programs
     (``GemmConfig.programs``: masked, unaligned column ranges, as the 1.5B shape's default
-    264) == the eager engine, token for token."""
+    132) == the eager engine, token for token."""
     from dlp.engine import skinny_gemm
 
     model = tiny_model("qwen2").to("cuda")
     adapters = write_adapters(model, tmp_path, ["t0", "t1", "t2"])
     key = (model.config.intermediate_size, model.config.hidden_size, True)
     monkeypatch.setitem(skinny_gemm.MEASURED, key, skinny_gemm.GemmConfig(64, 32, 1, programs=3))
-    eager, _ = _engine_tokens(model, adapters, compile=False, cuda_graph=False)
-    balanced, engine = _engine_tokens(
-        model,
-        adapters,
-        compile=True,
-        cuda_graph=True,
-        compile_scope="step",
-        decode_attention="triton_rope",
-        decode_gemm="triton_pdl",
-    )
-    assert engine.runner.captured and not engine.runner.compile_failed
+    eager, balanced, _ = _eager_and_pdl_step_tokens(model, adapters)
     assert balanced == eager
 
 
-def test_prescaled_norm_gives_the_eager_tokens(tmp_path, monkeypatch):
+@pytest.mark.parametrize("prescale", [True, False])
+def test_prescaled_norm_gives_the_eager_tokens(tmp_path, monkeypatch, prescale):
     """fp32: the PDL whole-step engine with gate/up reading o's rows prescaled by the norm
-    weight and applying the rstd after its product (``runner.PRESCALE_NORM``) == the eager
-    engine, token for token."""
+    weight and applying the rstd after its product (``runner.PRESCALE_NORM``, the default),
+    and with the norm inside gate/up's K steps instead, == the eager engine, token for token."""
     from dlp.engine import runner
 
-    monkeypatch.setattr(runner, "PRESCALE_NORM", True)
+    monkeypatch.setattr(runner, "PRESCALE_NORM", prescale)
     model = tiny_model("qwen2").to("cuda")
     adapters = write_adapters(model, tmp_path, ["t0", "t1", "t2"])
-    eager, _ = _engine_tokens(model, adapters, compile=False, cuda_graph=False)
-    prescaled, engine = _engine_tokens(
-        model,
-        adapters,
-        compile=True,
-        cuda_graph=True,
-        compile_scope="step",
-        decode_attention="triton_rope",
-        decode_gemm="triton_pdl",
-    )
-    assert engine.runner.captured and not engine.runner.compile_failed
-    assert engine.runner.model.decode_prescale_norm
-    assert prescaled == eager
+    eager, fast, engine = _eager_and_pdl_step_tokens(model, adapters)
+    assert engine.runner.model.decode_prescale_norm == prescale
+    assert fast == eager
 
 
 def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
