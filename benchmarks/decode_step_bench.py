@@ -18,9 +18,7 @@ not bytes, so this compares, in one process on one model:
   step a programmatic dependent launch (``triton_pdl``, which also fuses the post-attention
   norm into the o and gate/up GEMMs; ``+unfused`` keeps its kernel; by default o writes its
   rows times the norm weight and gate/up applies the rstd after its product, which
-  ``+unprescaled`` turns off: gate/up then normalises each x tile it loads; and the down
-  GEMM adds the residual and q/k/v applies the input norm's rstd after its product, so no
-  norm kernel runs between blocks, which ``+unchained`` turns off).
+  ``+unprescaled`` turns off: gate/up then normalises each x tile it loads).
 
 ``--gemm-configs`` takes the GEMM configs a ``pdl_bench.py --sweep`` run found; a variant
 name may also carry one GEMM's config for itself, ``+ROLE=BNxBKxSPLITxWARPSxSTAGES`` with ROLE
@@ -70,8 +68,6 @@ VARIANTS: dict[str, tuple[str, str | None, str, str]] = {
     "step+rope+pdl+unfused": ("step", None, "triton_rope", "triton_pdl"),
     "step+rope+pdl+prescaled": ("step", None, "triton_rope", "triton_pdl"),
     "step+rope+pdl+unprescaled": ("step", None, "triton_rope", "triton_pdl"),
-    # The input norm chained through down and q/k/v (the runner's default), or not.
-    "step+rope+pdl+unchained": ("step", None, "triton_rope", "triton_pdl"),
     "step": ("step", None, "matmul", "cublas"),
     "layer+kernel+autotune": ("layer", "max-autotune-no-cudagraphs", "triton", "cublas"),
     "step+kernel+autotune": ("step", "max-autotune-no-cudagraphs", "triton", "cublas"),
@@ -267,8 +263,6 @@ def _build_and_time(
         model.decode_prescale_norm = model.decode_fuse_norms
     if "unprescaled" in name.split("+"):
         model.decode_prescale_norm = False
-    if "unchained" in name.split("+"):
-        model.decode_chain_norms = False
     start = time.perf_counter()
     with torch.no_grad():
         runner._capture()
@@ -281,7 +275,6 @@ def _build_and_time(
         "decode_gemm": model.decode_gemm,
         "decode_pdl": model.decode_pdl,
         "decode_fuse_norms": model.decode_fuse_norms,
-        "decode_chain_norms": model.decode_chain_norms,
         "compile_capture_s": time.perf_counter() - start,
         "compile_failed": runner.compile_failed,
     }

@@ -170,11 +170,6 @@ class CompactLM(nn.Module):
         # With it: o writes its rows times the post-attention norm's weight too, and gate/up
         # applies the rstd after its product instead of normalising every x tile it loads.
         self.decode_prescale_norm = False
-        # With it: the input norm too. Each block's down GEMM adds the residual and writes its
-        # rows times the next block's input-norm weight, and the next q/k/v GEMM applies the
-        # rstd after its product: no norm kernel between blocks (steps without LoRA on o or
-        # the MLP; see decode_layer's carry / next_norm).
-        self.decode_chain_norms = False
         self.gemm_counters = torch.zeros(
             4096, dtype=torch.int32, device=hf_model.get_input_embeddings().weight.device
         )
@@ -361,17 +356,11 @@ class CompactLM(nn.Module):
             # benchmarks/results/decode_step_h200_timeline.json).
             cos, sin = cos.reshape(b, s.head_dim), sin.reshape(b, s.head_dim)
             lengths = positions + 1
-        chain = self._chains_norms(use_lora)
-        carry = None
         for i in range(s.n_layers):
             k_cache, v_cache = self.k_caches[i], self.v_caches[i]
             if slots is None and b != k_cache.shape[0]:
                 k_cache, v_cache = k_cache[:b], v_cache[:b]
-            # The last block ends plainly: the final norm kernel sums its down GEMM's pieces.
-            next_norm = (
-                self.layers[i + 1]["in_norm"].weight if chain and i + 1 < s.n_layers else None
-            )
-            out = layer_fn(
+            x = layer_fn(
                 x,
                 cos,
                 sin,
@@ -394,26 +383,8 @@ class CompactLM(nn.Module):
                 counters,
                 lengths,
                 self.decode_prescale_norm,
-                carry,
-                next_norm,
             )
-            if next_norm is not None:
-                x, sumsq, scaled = out
-                carry = (sumsq, scaled)
-            else:
-                x, carry = out, None
         return self.decode_head(x)
-
-    def _chains_norms(self, use_lora: bool) -> bool:
-        """Whether this step chains the input norm through the GEMMs (decode_chain_norms): the
-        fused, prescaled PDL path, and no LoRA on o, gate, up or down (q/k/v LoRA is fine:
-        its A rows are part of the q/k/v GEMM, read through the same norm)."""
-        if not (self.decode_chain_norms and self.decode_prescale_norm and self.decode_fuse_norms):
-            return False
-        if not (self.decode_pdl and self.decode_gemm) or self.shape.n_layers < 2:
-            return False
-        unchained = ("o_proj", "gate_proj", "up_proj", "down_proj")
-        return not (use_lora and any(name.endswith(unchained) for name in self.lora))
 
     # --- prefill: whole prompts of new requests into fresh rows --------------------
 
@@ -540,9 +511,7 @@ def decode_layer(
     counters: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
     prescale: bool = False,
-    carry: tuple[torch.Tensor, torch.Tensor] | None = None,
-    next_norm: torch.Tensor | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """One transformer block for one new token per row; a pure function of its tensors so
     one ``torch.compile`` of it serves every layer. Writes this token's K/V into the cache:
     row r's cache row is ``batch_idx[r]`` (r itself, or a slot table when the cache has
@@ -567,39 +536,21 @@ def decode_layer(
     those, applying each row's rstd after its product (no norm arithmetic in its K steps).
 
     With ``attn_rope``, cos / sin may come as rows ``[b, head_dim]`` and ``lengths``
-    (``positions + 1``) made once for every layer (:meth:`CompactLM.decode` does).
-
-    The input norm chained the same way (with ``counters``, no LoRA on o, gate, up or down):
-    with ``next_norm`` (the next block's input-norm weight) the down GEMM adds the residual
-    and the block returns ``(x, sumsq, x * next_norm)``, which the next block takes as
-    ``carry``: its q/k/v GEMM reads the prescaled rows and applies each row's rstd after its
-    product, and no input-norm kernel runs (:attr:`CompactLM.decode_chain_norms`)."""
+    (``positions + 1``) made once for every layer (:meth:`CompactLM.decode` does)."""
     b = x.shape[0]
     lo, lg, lu, ld = lora
     linear = _decode_linear(skinny, pdl)
     fuse = counters is not None and skinny and pdl
-    chained_in = None
-    if carry is not None:
-        if not fuse:
-            raise ValueError("a carried input norm needs the PDL GEMMs and their counters")
-        chained_in = NormInput(carry[0], in_norm, eps, carry[1])
-        # q/k/v reads x * in_norm and applies the rstd after its product.
-        h = carry[1]
-        linear_in = functools.partial(skinny_linear, pdl=True, norm=chained_in)
-    else:
-        h = rms_norm(x, in_norm, eps)
-        linear_in = linear
+    h = rms_norm(x, in_norm, eps)
     # The slot table, when rows read their cache row through it (more cache rows than rows).
     slots = batch_idx if k_cache.shape[0] != b else None
     if attn_splits and attn_rope:
         if skinny and bt is None and attn_splits == 1:
             # The base step: the attention kernel sums the q/k/v GEMM's split-K pieces itself.
-            q, k, v = skinny_pieces(h, w_in, b_in, pdl=pdl, norm=chained_in).split(
-                list(qkv_sizes), dim=-1
-            )
+            q, k, v = skinny_pieces(h, w_in, b_in, pdl=pdl).split(list(qkv_sizes), dim=-1)
         else:
             q, k, v = (
-                t.unsqueeze(0) for t in _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes, linear_in)
+                t.unsqueeze(0) for t in _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes, linear)
             )
         pieces = q.shape[0]
         o = decode_attention_rope(
@@ -617,7 +568,7 @@ def decode_layer(
             pdl=pdl and attn_splits == 1,
         ).reshape(b, 1, n_heads * head_dim)
     else:
-        q, k, v = _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes, linear_in)
+        q, k, v = _qkv(h, w_in, b_in, bt, in_scales, qkv_sizes, linear)
         o = _attend(
             q, k, v, cos, sin, bias, batch_idx, slots, positions, k_cache, v_cache, attn_splits
         )
@@ -627,15 +578,9 @@ def decode_layer(
     )  # fmt: skip
     mlp_lora = (lg, lu, ld)
     post = NormInput(x_sumsq, post_norm, eps, x_scaled) if x_sumsq is not None else None
-    chain_out = None
-    if next_norm is not None:
-        if not fuse or x_sumsq is None:
-            raise ValueError("next_norm needs the fused post-attention norm (PDL, no LoRA on o)")
-        chain_out = (counters, next_norm)
     return _mlp(
-        x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny, pdl, post,
-        chain_out,
-    )  # fmt: skip
+        x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny, pdl, post
+    )
 
 
 def _residual(
@@ -795,13 +740,11 @@ def _mlp(
     skinny: bool = False,
     pdl: bool = False,
     normed: NormInput | None = None,
-    chain: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Residual MLP half of a block: gate and up in one GEMM, per-row LoRA on any of them.
     ``skinny``: the weight-streaming kernels; without LoRA on gate/up, silu(gate) * up is
     the gate/up kernel's epilogue. ``normed`` (x's sums of squares) lets gate/up apply the
-    norm as it reads x (see decode_layer). ``chain`` (counters, next norm weight): down adds
-    the residual itself and this returns (x, sumsq, x * next norm weight)."""
+    norm as it reads x (see decode_layer)."""
     lg, lu, ld = lora
     linear = _decode_linear(skinny, pdl)
     gate_lora = lg is not None and row_scales is not None
@@ -811,18 +754,7 @@ def _mlp(
             act = skinny_silu_mul(x, w_gu, b_gu, pdl=pdl, norm=normed)
         else:
             act = skinny_silu_mul(rms_norm(x, post_norm, eps), w_gu, b_gu, pdl=pdl)
-        if chain is not None:
-            if ld is not None and row_scales is not None:
-                raise ValueError("a chained input norm takes no LoRA on down")
-            counters, next_norm = chain
-            x, sumsq, scaled = _residual(
-                x, act, w_down, b_down, None, None, linear, counters, next_norm
-            )
-            assert sumsq is not None and scaled is not None  # the fused path: both written
-            return x, sumsq, scaled
         return x + _lin(act, w_down, b_down, ld, row_scales, linear)
-    if chain is not None:
-        raise ValueError("a chained input norm needs gate/up as one skinny kernel (no LoRA)")
     h = rms_norm(x, post_norm, eps)
     gu = linear(h, w_gu, b_gu)
     inter = w_gu.shape[0] // 2

@@ -48,10 +48,6 @@ AUTO_SKINNY_GEMM = False
 # with gate/up at one 128-wide program an SM): 1.619-1.665 ms against 1.673-1.704 ms with
 # the norm inside gate/up's K steps (benchmarks/results/decode_step_h200_prescaled2.json).
 PRESCALE_NORM = True
-# ... and the input norm chained the same way: each block's down GEMM adds the residual and
-# writes its rows times the next block's input-norm weight, and q/k/v applies the rstd
-# after its product, so no norm kernel runs between blocks (CompactLM.decode_chain_norms).
-CHAIN_INPUT_NORM = True
 # Above this many padded tokens a prefill's GPU time (~16 ms on an H200 for Qwen2-1.5B)
 # covers its host time: run it directly, without a bucket's padding.
 PREFILL_GRAPH_TOKENS = 4096
@@ -271,8 +267,6 @@ class DecodeRunner:
         model.decode_fuse_norms = model.decode_pdl
         # ... and gate/up reading o's rows prescaled by the norm weight (PRESCALE_NORM).
         model.decode_prescale_norm = model.decode_fuse_norms and PRESCALE_NORM
-        # ... and the input norm through down and q/k/v too (CHAIN_INPUT_NORM).
-        model.decode_chain_norms = model.decode_prescale_norm and CHAIN_INPUT_NORM
         if model.decode_pdl and compile_mode is not None:
             raise DlpError("decode_gemm 'triton_pdl' takes the default compile_mode")
         if model.decode_pdl and torch.cuda.get_device_capability(device)[0] < 9:
@@ -543,7 +537,6 @@ class DecodeRunner:
             self.model.decode_pdl = False
             self.model.decode_fuse_norms = False
             self.model.decode_prescale_norm = False
-            self.model.decode_chain_norms = False
             self._capture()
         if self.graph_tokens:
             try:

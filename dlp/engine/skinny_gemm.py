@@ -113,10 +113,9 @@ class NormInput:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """The norm in plain torch (where the kernel does not apply)."""
         mean = self.sumsq.sum(0)[:, None] / x.shape[-1]
-        # [M, 1] as x's rows (x may be [b, 1, K] where sumsq counts its b rows)
-        rstd = torch.rsqrt(mean + self.eps).reshape(*x.shape[:-1], 1)
+        rstd = torch.rsqrt(mean + self.eps)
         if self.prescaled is not None:
-            return (self.prescaled.reshape(x.shape).float() * rstd).to(x.dtype)
+            return (self.prescaled.float() * rstd).to(x.dtype)
         return self.weight * (x.float() * rstd).to(x.dtype)
 
 
@@ -200,15 +199,14 @@ def skinny_linear(
     bias: torch.Tensor | None = None,
     config: GemmConfig | None = None,
     pdl: bool = False,
-    norm: NormInput | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, w, bias)`` for x ``[..., K]`` with few rows; falls back to F.linear where
     the kernel does not apply. Accumulates in fp32, rounds once to x's dtype. ``pdl``: a
     programmatic dependent launch (:func:`launch_partials`), through the ``dlp::skinny_pdl``
-    op under torch.compile. ``norm``: x is read through it."""
+    op under torch.compile."""
     if not supported(x, w):
-        return F.linear(norm.apply(x) if norm is not None else x, w, bias)
-    return _run(_norm_source(x, norm), w, bias, w.shape[0], False, config, pdl, norm)
+        return F.linear(x, w, bias)
+    return _run(x, w, bias, w.shape[0], False, config, pdl)
 
 
 def skinny_silu_mul(
@@ -226,7 +224,9 @@ def skinny_silu_mul(
     if not supported(x, w_gu):
         gu = F.linear(norm.apply(x) if norm is not None else x, w_gu, bias)
         return F.silu(gu[..., :inter]) * gu[..., inter:]
-    return _run(_norm_source(x, norm), w_gu, bias, inter, True, config, pdl, norm)
+    if norm is not None and norm.prescaled is not None:
+        x = norm.prescaled  # the kernel reads x * weight and applies rstd after the product
+    return _run(x, w_gu, bias, inter, True, config, pdl, norm)
 
 
 def skinny_pieces(
@@ -244,17 +244,8 @@ def skinny_pieces(
     x2 = x.reshape(-1, x.shape[-1])
     if not supported(x2, w):
         return F.linear(norm.apply(x2) if norm is not None else x2, w, bias).unsqueeze(0)
-    x2 = _norm_source(x2, norm)
     out = _partials(x2, w, bias, w.shape[0], False, config, pdl, norm)
     return out if out.dim() == 3 else out.unsqueeze(0)
-
-
-def _norm_source(x: torch.Tensor, norm: NormInput | None) -> torch.Tensor:
-    """What the kernel reads for x: with a prescaled norm, x * weight (the rstd then scales
-    the product), else x itself (read through the norm or as it is)."""
-    if norm is not None and norm.prescaled is not None:
-        return norm.prescaled.reshape(x.shape)
-    return x
 
 
 def _run(
