@@ -39,6 +39,7 @@ __all__ = [
     "decode_attention_reference",
     "decode_attention_rope",
     "pick_splits",
+    "rope_rows",
     "triton_available",
 ]
 
@@ -259,6 +260,22 @@ if triton is not None:
             tl.store(acc_ptrs, acc, mask=g_ok[:, None])
 
     @triton.jit
+    def _rope_rows_kernel(
+        RopeCos, RopeSin, Positions, Cos, Sin, Lengths, stride_table,
+        D: tl.constexpr,
+        D_PAD: tl.constexpr,
+    ):  # fmt: skip
+        # One program a row: its table rows and its length.
+        row = tl.program_id(0)
+        pos = tl.load(Positions + row)
+        dims = tl.arange(0, D_PAD)
+        ok = dims < D
+        at = pos.to(tl.int64) * stride_table + dims
+        tl.store(Cos + row * D + dims, tl.load(RopeCos + at, mask=ok), mask=ok)
+        tl.store(Sin + row * D + dims, tl.load(RopeSin + at, mask=ok), mask=ok)
+        tl.store(Lengths + row, pos + 1)
+
+    @triton.jit
     def _combine_kernel(
         PartAcc, PartM, PartL, Out,
         stride_ob, stride_oh,
@@ -286,6 +303,49 @@ if triton is not None:
         out = tl.sum(acc * w[:, None], 0) / tl.sum(l_sum * w, 0)
         o_ptrs = Out + row * stride_ob + head * stride_oh + dims
         tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+
+
+def rope_rows(
+    rope_cos: torch.Tensor, rope_sin: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rope attention's per-row inputs, made once a step for every layer: each row's cos
+    and sin ``[b, d]`` (rows ``positions`` of the model's tables ``[S, d]``) and its number of
+    valid keys ``positions + 1``.
+
+    On CUDA (and under the interpreter) this is one kernel behind the ``dlp::rope_rows`` op.
+    Made by plain indexing inside a compiled step, Inductor does not keep these rows as one
+    buffer: it copies them again for each attention op that reads them (groups of four
+    layers a kernel, 14 kernels and ~14 us a step on the H200,
+    ``benchmarks/results/decode_step_h200_chained.json``); an op's outputs are buffers it
+    passes as they are."""
+    if triton is None or not (positions.is_cuda or _INTERPRET):
+        return rope_cos[positions], rope_sin[positions], positions + 1
+    return torch.ops.dlp.rope_rows(rope_cos, rope_sin, positions)
+
+
+@torch.library.custom_op("dlp::rope_rows", mutates_args=())
+def _rope_rows_op(
+    rope_cos: torch.Tensor, rope_sin: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, d = positions.shape[0], rope_cos.shape[1]
+    if rope_cos.shape != rope_sin.shape or rope_cos.stride(1) != 1 or rope_sin.stride(1) != 1:
+        raise ValueError("rope_cos and rope_sin need one shape [S, d], contiguous rows")
+    cos = rope_cos.new_empty((b, d))
+    sin = rope_sin.new_empty((b, d))
+    lengths = torch.empty_like(positions)
+    _rope_rows_kernel[(b,)](
+        rope_cos, rope_sin, positions, cos, sin, lengths, rope_cos.stride(0),
+        D=d, D_PAD=triton.next_power_of_2(d),
+    )  # fmt: skip
+    return cos, sin, lengths
+
+
+@_rope_rows_op.register_fake
+def _rope_rows_fake(
+    rope_cos: torch.Tensor, rope_sin: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, d = positions.shape[0], rope_cos.shape[1]
+    return rope_cos.new_empty((b, d)), rope_sin.new_empty((b, d)), torch.empty_like(positions)
 
 
 def decode_attention(

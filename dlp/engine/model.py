@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlp.engine.decode_attention import decode_attention, decode_attention_rope
+from dlp.engine.decode_attention import decode_attention, decode_attention_rope, rope_rows
 from dlp.engine.fused_weights import bt_shape, fuse_layer, slot_b_blocks, slot_copies
 from dlp.engine.skinny_gemm import (
     NormInput,
@@ -350,12 +350,9 @@ class CompactLM(nn.Module):
         counters = self.gemm_counters if self.decode_fuse_norms and self.decode_pdl else None
         lengths = None
         if self.attn_splits and self.attn_rope:
-            # The rope attention's per-row inputs, made once for all layers: made in each
-            # layer (views of cos/sin, positions + 1), Inductor copied them per attention op
-            # (16 small kernels a step on the H200, ~16 us:
-            # benchmarks/results/decode_step_h200_timeline.json).
-            cos, sin = cos.reshape(b, s.head_dim), sin.reshape(b, s.head_dim)
-            lengths = positions + 1
+            # The rope attention's per-row inputs, made once for all layers (made in each
+            # layer or by plain indexing here, Inductor copies them per attention op).
+            cos, sin, lengths = rope_rows(self.rope_cos, self.rope_sin, positions)
         for i in range(s.n_layers):
             k_cache, v_cache = self.k_caches[i], self.v_caches[i]
             if slots is None and b != k_cache.shape[0]:

@@ -80,8 +80,9 @@ def interpreted():
     """Every kernel case of this module in one TRITON_INTERPRET=1 child (one interpreter
     start): part ("kernel", "rope", "step") -> case name -> its numbers."""
     pytest.importorskip("triton")
-    script = _CHILD + _ROPE_CHILD + _STEP_CHILD + _CHILD_MAIN
-    return run_interpreted(script, {"kernel": CASES, "rope": ROPE_CASES, "step": STEP_CASES})
+    script = _CHILD + _ROPE_CHILD + _STEP_CHILD + _ROWS_CHILD + _CHILD_MAIN
+    cases = {"kernel": CASES, "rope": ROPE_CASES, "step": STEP_CASES, "rows": ROWS_CASES}
+    return run_interpreted(script, cases)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -224,8 +225,30 @@ _STEP_CHILD = """
             }
         return results
 """
+_ROWS_CHILD = """
+    from dlp.engine.decode_attention import rope_rows
+
+    def rows_results(cases):
+        results = {}
+        for name, (s, d, dtype, positions) in cases.items():
+            torch.manual_seed(2)
+            cos_t = torch.randn(s, d).to(getattr(torch, dtype))
+            sin_t = torch.randn(s, d).to(getattr(torch, dtype))
+            pos = torch.tensor(positions[0], dtype=getattr(torch, positions[1]))
+            cos, sin, lengths = rope_rows(cos_t, sin_t, pos)
+            results[name] = {
+                "cos_same": torch.equal(cos, cos_t[pos]),
+                "sin_same": torch.equal(sin, sin_t[pos]),
+                "lengths": lengths.tolist(),
+                "lengths_dtype": str(lengths.dtype),
+                "shapes": [list(cos.shape), list(sin.shape)],
+            }
+        return results
+"""
 _CHILD_MAIN = """
-    parts = {"kernel": kernel_results, "rope": rope_results, "step": step_results}
+    parts = {
+        "kernel": kernel_results, "rope": rope_results, "step": step_results, "rows": rows_results
+    }
     print(json.dumps({part: parts[part](cases) for part, cases in json.loads(sys.argv[1]).items()}))
 """
 # name -> (model kind, spare cache rows, slot table or None)
@@ -234,6 +257,25 @@ STEP_CASES = {
     "llama": ("llama", 0, None),  # llama3 rope scaling: cos/sin from HF's own tables
     "llama_slots": ("llama", 2, [4, 0, 2]),
 }
+
+
+# name -> (table rows, head dim, dtype, (positions, their dtype))
+ROWS_CASES = {
+    "bf16_d128": (96, 128, "bfloat16", ([0, 40, 95, 40], "int64")),
+    "f32_d24_int32": (10, 24, "float32", ([9, 0, 3], "int32")),  # d padded to 32 in the kernel
+}
+
+
+@pytest.mark.parametrize("name", list(ROWS_CASES))
+def test_rope_rows_are_the_table_rows_and_lengths(interpreted, name):
+    """The rope attention's per-row inputs (one kernel behind the dlp::rope_rows op): each
+    row's cos/sin table row at its position, and position + 1 in the positions' dtype."""
+    _, d, _, (positions, pos_dtype) = ROWS_CASES[name]
+    res = interpreted["rows"][name]
+    assert res["cos_same"] and res["sin_same"], res
+    assert res["lengths"] == [p + 1 for p in positions], res
+    assert res["lengths_dtype"] == f"torch.{pos_dtype}"
+    assert res["shapes"] == [[len(positions), d]] * 2
 
 
 @pytest.mark.parametrize("name", list(STEP_CASES))
