@@ -80,18 +80,21 @@ GEMM_ROLES = ("qkv", "qkvl", "o", "gu", "down")
 def split_variant(name: str) -> tuple[str, dict[str, Any]]:
     """``base+role=BNxBKxSPLITxWxS...`` -> (base variant, {role: GemmConfig}); a part
     ``argmax=CHUNKSxBLOCK`` sets the greedy kernels' pieces a row and logits a load
-    (``dlp.engine.greedy_kernel``), as ``{"argmax": (chunks, block)}``."""
+    (``dlp.engine.greedy_kernel``), as ``{"argmax": (chunks, block)}``, and
+    ``attn=BLOCKNxWARPSxSTAGES`` the attention kernel's launch (``{"attn": (64, 4, 3)}``)."""
     from dlp.engine.skinny_gemm import GemmConfig
 
     parts = name.split("+")
     overrides: dict[str, Any] = {}
     for part in [p for p in parts if "=" in p]:
         role, _, spec = part.partition("=")
-        if role == "argmax":
+        if role in ("argmax", "attn"):
             sizes = spec.split("x")
-            if len(sizes) != 2 or not all(v.isdigit() and int(v) > 0 for v in sizes):
-                raise ValueError(f"{part!r}: want argmax=CHUNKSxBLOCK, ints > 0")
-            overrides[role] = (int(sizes[0]), int(sizes[1]))
+            want = 2 if role == "argmax" else 3
+            if len(sizes) != want or not all(v.isdigit() and int(v) > 0 for v in sizes):
+                form = "CHUNKSxBLOCK" if role == "argmax" else "BLOCKNxWARPSxSTAGES"
+                raise ValueError(f"{part!r}: want {role}={form}, ints > 0")
+            overrides[role] = tuple(int(v) for v in sizes)
             continue
         if role not in GEMM_ROLES:
             raise ValueError(f"{part!r}: want ROLE=BNxBKxSPLITxWARPSxSTAGES, ROLE in {GEMM_ROLES}")
@@ -214,12 +217,16 @@ def _variant(
     a: argparse.Namespace,
     compile_: bool = True,
 ) -> tuple[dict[str, Any], Any, Any]:
+    from dlp.engine import decode_attention as da
     from dlp.engine import greedy_kernel as gk
     from dlp.engine import skinny_gemm as sg
     from dlp.engine.shapes import decode_gemm_shapes
 
     base, overrides = split_variant(name)
     argmax = overrides.pop("argmax", (gk.CHUNKS, gk.BLOCK))
+    attn_launch = da.DEFAULT_LAUNCH
+    if "attn" in overrides:
+        attn_launch = da.LaunchConfig(*overrides.pop("attn"))
     # LoRA A rows: q and v, r each per slot
     keys = decode_gemm_shapes(hf_model.config.to_dict(), 2 * a.slots * a.rank)
     measured = dict(sg.MEASURED)
@@ -228,12 +235,14 @@ def _variant(
     # the greedy kernels' sizes when the graph captures their launch.
     sg.MEASURED.update({keys[role]: cfg for role, cfg in overrides.items()})
     gk.CHUNKS, gk.BLOCK = argmax
+    launch, da.DEFAULT_LAUNCH = da.DEFAULT_LAUNCH, attn_launch
     try:
         return _build_and_time(name, base, hf_model, lora, a, compile_)
     finally:
         sg.MEASURED.clear()
         sg.MEASURED.update(measured)
         gk.CHUNKS, gk.BLOCK = greedy
+        da.DEFAULT_LAUNCH = launch
 
 
 def _build_and_time(

@@ -64,6 +64,11 @@ class LaunchConfig:
         return {k: v for k, v in opts.items() if v is not None}
 
 
+# The launch when none is given (the PDL op's, in the engine's step); decode_step_bench.py
+# swaps it per variant (``+attn=BLOCKNxWARPSxSTAGES``) to compare launches inside the step.
+DEFAULT_LAUNCH = LaunchConfig()
+
+
 def pick_splits(max_seq: int, rows: int = 1, kv_heads: int = 1) -> int:
     """Split count for a cache of ``max_seq`` positions read by ``rows`` x ``kv_heads``
     programs: 1 up to 512 positions; beyond, enough that each split covers <= 256 positions
@@ -520,7 +525,7 @@ def _launch(
         raise ValueError(f"k_new must be [b, kvh, d] = [{b}, {kvh}, {d}]")
 
     group = n_heads // kvh
-    launch = launch or LaunchConfig()
+    launch = launch or DEFAULT_LAUNCH
     pdl = pdl and not _INTERPRET  # the CPU interpreter has no griddepcontrol (inline asm)
     # Pieces are fp32 sums in the making: the output takes the cache (model) dtype then.
     out_dtype = k_cache.dtype if pieces[0] > 1 else q.dtype

@@ -3,8 +3,9 @@
 At the end of a compiled decode step Inductor reduces each row's 151,936 logits (Qwen2) in
 one program a row: 64 programs for a 132-SM GPU, 34 us of a 1.7 ms step on the H200 for
 19 MB of logits (``benchmarks/results/decode_step_h200_pdl.json``). Here ``CHUNKS``
-programs a row each find the max of one piece of the vocabulary (and its first index), and a
-second kernel picks each row's best piece. Ties resolve to the lowest index, as ``argmax``
+programs a row each find the max of one piece of the vocabulary (and its first index: each
+lane keeps its best as it walks the piece, one reduction at the end), and a second kernel
+picks each row's best piece. Ties resolve to the lowest index, as ``argmax``
 does: the first max within a block, earlier blocks over later ones, earlier pieces over
 later ones. (A NaN logit is not treated as the max, unlike ``argmax``.)
 
@@ -84,22 +85,26 @@ if triton is not None:
         hi = tl.minimum(lo + WIDTH, V)
         if USE_GDC:
             tl.extra.cuda.gdc_wait()
-        best = tl.full([1], float("-inf"), tl.float32)
-        best_idx = tl.full([1], 0, tl.int64) + lo
+        # Each lane keeps the best logit it has seen (and where): an elementwise compare a
+        # block, and one reduction at the end instead of two (max, argmax) a block.
+        lanes = tl.arange(0, BLOCK)
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+        best_idx = lo + lanes  # a piece of -inf only: its first index, as argmax
         for start in range(lo, hi, BLOCK):
-            idx = start + tl.arange(0, BLOCK)
+            idx = start + lanes
             x = tl.load(Logits + row * stride_row + idx, mask=idx < hi, other=float("-inf"))
             x = x.to(tl.float32)
-            m = tl.max(x, 0)
-            i = tl.argmax(x, 0, tie_break_left=True)
-            take = m > best  # strictly greater: an earlier block keeps a tie
-            best = tl.where(take, m, best)
-            best_idx = tl.where(take, start + i, best_idx)
+            take = x > best  # strictly greater: a lane's earlier block keeps a tie
+            best = tl.where(take, x, best)
+            best_idx = tl.where(take, idx, best_idx)
         if USE_GDC:
             tl.extra.cuda.gdc_launch_dependents()
+        top = tl.max(best, 0)
+        # The lowest index holding the max (lanes tie in any order; V < 2^31).
+        top_idx = tl.min(tl.where(best == top, best_idx, 2147483647), 0)
         at = row * CHUNKS + chunk + tl.arange(0, 1)
-        tl.store(PartVal + at, best)
-        tl.store(PartIdx + at, best_idx)
+        tl.store(PartVal + at, top + tl.zeros([1], tl.float32))
+        tl.store(PartIdx + at, (top_idx + tl.zeros([1], tl.int32)).to(tl.int64))
 
     @triton.jit
     def _best_chunk_kernel(

@@ -33,6 +33,13 @@ def test_variant_names_carry_gemm_configs() -> None:
     for bad in ("32", "32x0", "ax8"):
         with pytest.raises(ValueError, match="CHUNKSxBLOCK"):
             bench.split_variant(f"step+rope+pdl+argmax={bad}")
+    # the attention kernel's launch: keys a block x warps x stages
+    base, overrides = bench.split_variant("step+rope+pdl+attn=32x8x2+argmax=16x2048")
+    assert base == "step+rope+pdl"
+    assert overrides == {"attn": (32, 8, 2), "argmax": (16, 2048)}
+    for bad in ("64x4", "64x4x0", "64x4x3x1"):
+        with pytest.raises(ValueError, match="BLOCKNxWARPSxSTAGES"):
+            bench.split_variant(f"step+rope+pdl+attn={bad}")
 
 
 def _kernel(name: str, ts: float, dur: float, grid: list[int]) -> dict:

@@ -16,6 +16,8 @@ CASES = {
     "ties_f32": (6, 5000, "float32", "ties"),  # many equal maxima within and across pieces
     "max_in_last_piece": (2, 4099, "float32", "last"),
     "all_equal": (2, 3000, "float32", "equal"),
+    # pieces of -inf only (masked vocabularies), and one row that is -inf throughout
+    "neg_inf_pieces": (3, 5000, "float32", "neginf"),
 }
 
 _CHILD = """
@@ -33,6 +35,10 @@ _CHILD = """
             x[:, -1] = 100.0
         elif how == "equal":
             x = torch.ones(rows, vocab)
+        elif how == "neginf":
+            x[:, : vocab // 2] = float("-inf")
+            x[1, vocab // 2 + 7 :] = float("-inf")
+            x[2] = float("-inf")
         x = x.to(getattr(torch, dtype))
         out[name] = {"got": greedy_tokens(x).tolist(), "want": x.argmax(-1).tolist()}
     print(json.dumps(out))
