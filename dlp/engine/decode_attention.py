@@ -59,9 +59,7 @@ class LaunchConfig:
     num_warps: int | None = None
     num_stages: int | None = None
     # Load each program's first block of keys and values before anything else (before
-    # griddepcontrol.wait under PDL), not after q/k/v and the rotary embedding. Under PDL the
-    # lengths, slots and past cache must then not come from the kernel just before (in the
-    # engine's step they come before its first kernel; the new key is this kernel's own).
+    # griddepcontrol.wait under PDL), not after q/k/v and the rotary embedding.
     preload: bool = False
 
     def kernel_options(self) -> dict[str, int]:
