@@ -81,8 +81,7 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
     """``base+role=BNxBKxSPLITxWxS...`` -> (base variant, {role: GemmConfig}); a part
     ``argmax=CHUNKSxBLOCK`` sets the greedy kernels' pieces a row and logits a load
     (``dlp.engine.greedy_kernel``), as ``{"argmax": (chunks, block)}``, and
-    ``attn=BLOCKNxWARPSxSTAGES[xPRELOAD]`` the attention kernel's launch (``{"attn": (64, 4,
-    3)}``; PRELOAD 1: ``LaunchConfig.preload``)."""
+    ``attn=BLOCKNxWARPSxSTAGES`` the attention kernel's launch (``{"attn": (64, 4, 3)}``)."""
     from dlp.engine.skinny_gemm import GemmConfig
 
     parts = name.split("+")
@@ -91,11 +90,10 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
         role, _, spec = part.partition("=")
         if role in ("argmax", "attn"):
             sizes = spec.split("x")
-            want = (2,) if role == "argmax" else (3, 4)
-            ok = len(sizes) in want and all(v.isdigit() and int(v) > 0 for v in sizes[:3])
-            if not ok or (len(sizes) == 4 and sizes[3] not in ("0", "1")):
-                form = "CHUNKSxBLOCK" if role == "argmax" else "BLOCKNxWARPSxSTAGES[xPRELOAD]"
-                raise ValueError(f"{part!r}: want {role}={form}, ints > 0 (PRELOAD 0 or 1)")
+            want = 2 if role == "argmax" else 3
+            if len(sizes) != want or not all(v.isdigit() and int(v) > 0 for v in sizes):
+                form = "CHUNKSxBLOCK" if role == "argmax" else "BLOCKNxWARPSxSTAGES"
+                raise ValueError(f"{part!r}: want {role}={form}, ints > 0")
             overrides[role] = tuple(int(v) for v in sizes)
             continue
         if role not in GEMM_ROLES:
@@ -228,8 +226,7 @@ def _variant(
     argmax = overrides.pop("argmax", (gk.CHUNKS, gk.BLOCK))
     attn_launch = da.DEFAULT_LAUNCH
     if "attn" in overrides:
-        block_n, warps, stages, *preload = overrides.pop("attn")
-        attn_launch = da.LaunchConfig(block_n, warps, stages, bool(preload and preload[0]))
+        attn_launch = da.LaunchConfig(*overrides.pop("attn"))
     # LoRA A rows: q and v, r each per slot
     keys = decode_gemm_shapes(hf_model.config.to_dict(), 2 * a.slots * a.rank)
     measured = dict(sg.MEASURED)

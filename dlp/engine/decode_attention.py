@@ -58,9 +58,6 @@ class LaunchConfig:
     block_n: int = BLOCK_N
     num_warps: int | None = None
     num_stages: int | None = None
-    # Load each program's first block of keys and values before anything else (before
-    # griddepcontrol.wait under PDL), not after q/k/v and the rotary embedding.
-    preload: bool = False
 
     def kernel_options(self) -> dict[str, int]:
         opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
@@ -130,14 +127,13 @@ if triton is not None:
         ROPE: tl.constexpr,
         PIECES: tl.constexpr,
         USE_GDC: tl.constexpr,
-        PRELOAD: tl.constexpr,
     ):  # fmt: skip
         # No nested @triton.jit helpers here: with one, Inductor cannot tell which arguments
         # a user kernel stores to and clones them all (the KV caches, with ROPE).
         # int64 row index: row * stride_kb overflows int32 for large caches.
         row = tl.program_id(0).to(tl.int64)
-        if USE_GDC and not PRELOAD:  # a programmatic dependent launch: wait for the kernel
-            tl.extra.cuda.gdc_wait()  # before to finish
+        if USE_GDC:  # a programmatic dependent launch: wait for the kernel before to finish
+            tl.extra.cuda.gdc_wait()
         # The row's cache row: its own index, or its entry in the slot table.
         cache_row = row
         if HAS_SLOTS:
@@ -152,31 +148,10 @@ if triton is not None:
         split_len = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
         start = split * split_len
         end = tl.minimum(start + split_len, length)
-        # With ROPE this token's key is not in the cache yet: the loop stops before it and
-        # it is added (and written) below, so no program reads what another one writes.
-        stop = end
-        if ROPE:
-            stop = tl.minimum(end, length - 1)
 
         g = tl.arange(0, GROUP_PAD)
         dims = tl.arange(0, HEAD_DIM)
         g_ok = g < GROUP
-        k_base = K + cache_row * stride_kb + kv_head * stride_kh
-        v_base = V + cache_row * stride_vb + kv_head * stride_vh
-        if PRELOAD:
-            # The first block of past keys and values, loaded before the wait: no kernel of
-            # this step writes them (lengths and slots come before the step's first kernel),
-            # and so their HBM latency overlaps the kernel before instead of following the
-            # q/k/v loads and the rotary embedding (in the loop, the pipeline's first loads
-            # are issued only after them).
-            n = start + tl.arange(0, BLOCK_N)
-            n_ok = n < stop
-            k_first_ptrs = k_base + n[None, :] * stride_ks + dims[:, None]
-            v_first_ptrs = v_base + n[:, None] * stride_vs + dims[None, :]
-            k_first = tl.load(k_first_ptrs, mask=n_ok[None, :], other=0.0)
-            v_first = tl.load(v_first_ptrs, mask=n_ok[:, None], other=0.0)
-            if USE_GDC:
-                tl.extra.cuda.gdc_wait()
         # The group's query heads are consecutive: head = kv_head * GROUP + g.
         q_ptrs = Q + row * stride_qb + (kv_head * GROUP + g)[:, None] * stride_qh + dims[None, :]
         if ROPE:
@@ -219,53 +194,44 @@ if triton is not None:
 
         # torch.compile (inductor) passes a Python float as fp64; keep the scores fp32.
         qk_scale = tl.cast(scale, tl.float32)
+        k_base = K + cache_row * stride_kb + kv_head * stride_kh
+        v_base = V + cache_row * stride_vb + kv_head * stride_vh
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_sum = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        # Two passes with PRELOAD (unrolled: the block's code is written once): the first
-        # block from the registers loaded above, then the rest through the pipelined loop.
-        for phase in tl.static_range(2 if PRELOAD else 1):
-            lo = start
-            hi = stop
-            if PRELOAD:
-                if phase == 0:
-                    hi = tl.minimum(start + BLOCK_N, stop)
-                else:
-                    lo = start + BLOCK_N
-            for n0 in range(lo, hi, BLOCK_N):
-                n = n0 + tl.arange(0, BLOCK_N)
-                n_ok = n < stop
-                # K is loaded transposed ([d, BLOCK_N]) so q @ k^T is a plain dot.
-                if PRELOAD and phase == 0:
-                    k = k_first
-                else:
-                    k_ptrs = k_base + n[None, :] * stride_ks + dims[:, None]
-                    k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
-                if UPCAST:  # the interpreter's dot wants fp32
-                    s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision=PRECISION)
-                else:
-                    s = tl.dot(q, k, input_precision=PRECISION)
-                s = s * qk_scale
-                s = tl.where(n_ok[None, :], s, float("-inf"))
-                # Online softmax: every block holds >= 1 valid key, so m_new is finite.
-                m_new = tl.maximum(m, tl.max(s, 1))
-                alpha = tl.exp(m - m_new)
-                p = tl.exp(s - m_new[:, None])
-                l_sum = l_sum * alpha + tl.sum(p, 1)
-                # Masked rows must be 0, not garbage: p = 0 times a NaN still poisons acc.
-                if PRELOAD and phase == 0:
-                    v = v_first
-                else:
-                    v_ptrs = v_base + n[:, None] * stride_vs + dims[None, :]
-                    v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
-                # p is rounded to V's dtype for the dot, as the eager path's softmax(...).to(v).
-                pv = p.to(v.dtype)
-                if UPCAST:
-                    pv_dot = tl.dot(pv.to(tl.float32), v.to(tl.float32), input_precision=PRECISION)
-                else:
-                    pv_dot = tl.dot(pv, v, input_precision=PRECISION)
-                acc = acc * alpha[:, None] + pv_dot
-                m = m_new
+        # With ROPE this token's key is not in the cache yet: the loop stops before it and
+        # it is added (and written) below, so no program reads what another one writes.
+        stop = end
+        if ROPE:
+            stop = tl.minimum(end, length - 1)
+        for n0 in range(start, stop, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = n < stop
+            # K is loaded transposed ([d, BLOCK_N]) so q @ k^T is a plain dot.
+            k_ptrs = k_base + n[None, :] * stride_ks + dims[:, None]
+            k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
+            if UPCAST:  # the interpreter's dot wants fp32
+                s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision=PRECISION)
+            else:
+                s = tl.dot(q, k, input_precision=PRECISION)
+            s = s * qk_scale
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            # Online softmax: every block holds >= 1 valid key, so m_new is finite (no NaN).
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_sum = l_sum * alpha + tl.sum(p, 1)
+            # Masked rows must be 0, not garbage: p = 0 times a NaN would still poison acc.
+            v_ptrs = v_base + n[:, None] * stride_vs + dims[None, :]
+            v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+            # p is rounded to V's dtype for the dot, as the eager path's softmax(...).to(v).
+            pv = p.to(v.dtype)
+            if UPCAST:
+                pv_dot = tl.dot(pv.to(tl.float32), v.to(tl.float32), input_precision=PRECISION)
+            else:
+                pv_dot = tl.dot(pv, v, input_precision=PRECISION)
+            acc = acc * alpha[:, None] + pv_dot
+            m = m_new
         if USE_GDC:
             tl.extra.cuda.gdc_launch_dependents()
 
@@ -579,7 +545,6 @@ def _launch(
         # constexprs included.
         "PIECES": pieces[0],
         "USE_GDC": pdl,
-        "PRELOAD": launch.preload,
     }
     if splits == 1:
         part_acc = part_m = part_l = out  # unused: the kernel writes `out` directly

@@ -37,8 +37,7 @@ def test_variant_names_carry_gemm_configs() -> None:
     base, overrides = bench.split_variant("step+rope+pdl+attn=32x8x2+argmax=16x2048")
     assert base == "step+rope+pdl"
     assert overrides == {"attn": (32, 8, 2), "argmax": (16, 2048)}
-    assert bench.split_variant("step+rope+pdl+attn=64x4x3x1")[1] == {"attn": (64, 4, 3, 1)}
-    for bad in ("64x4", "64x4x0", "64x4x3x2", "64x4x3x1x1"):
+    for bad in ("64x4", "64x4x0", "64x4x3x1"):
         with pytest.raises(ValueError, match="BLOCKNxWARPSxSTAGES"):
             bench.split_variant(f"step+rope+pdl+attn={bad}")
 

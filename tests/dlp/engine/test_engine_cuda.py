@@ -194,20 +194,6 @@ def test_balanced_gate_up_columns_give_the_eager_tokens(tmp_path, monkeypatch):
     assert balanced == eager
 
 
-def test_preloaded_attention_gives_the_eager_tokens(tmp_path, monkeypatch):
-    """fp32: the PDL whole-step engine with each attention program's first key/value block
-    loaded before its griddepcontrol.wait (``LaunchConfig.preload``) == the eager engine."""
-    from dlp.engine import decode_attention
-
-    monkeypatch.setattr(
-        decode_attention, "DEFAULT_LAUNCH", decode_attention.LaunchConfig(preload=True)
-    )
-    model = tiny_model("qwen2").to("cuda")
-    adapters = write_adapters(model, tmp_path, ["t0", "t1", "t2"])
-    eager, fast, _ = _eager_and_pdl_step_tokens(model, adapters)
-    assert fast == eager
-
-
 @pytest.mark.parametrize("prescale", [True, False])
 def test_prescaled_norm_gives_the_eager_tokens(tmp_path, monkeypatch, prescale):
     """fp32: the PDL whole-step engine with gate/up reading o's rows prescaled by the norm
