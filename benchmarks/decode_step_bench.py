@@ -81,13 +81,21 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
     """``base+role=BNxBKxSPLITxWxS...`` -> (base variant, {role: GemmConfig}); a part
     ``argmax=CHUNKSxBLOCK`` sets the greedy kernels' pieces a row and logits a load
     (``dlp.engine.greedy_kernel``), as ``{"argmax": (chunks, block)}``, and
-    ``attn=BLOCKNxWARPSxSTAGES`` the attention kernel's launch (``{"attn": (64, 4, 3)}``)."""
+    ``attn=BLOCKNxWARPSxSTAGES`` the attention kernel's launch (``{"attn": (64, 4, 3)}``),
+    ``packed=gu.down`` the GEMMs whose weights are packed K step by K step
+    (``runner.PACKED_WEIGHTS``, ``{"packed": ("gu", "down")}``; ``packed=``: none)."""
     from dlp.engine.skinny_gemm import GemmConfig
 
     parts = name.split("+")
     overrides: dict[str, Any] = {}
     for part in [p for p in parts if "=" in p]:
         role, _, spec = part.partition("=")
+        if role == "packed":
+            roles = tuple(spec.split(".")) if spec else ()
+            if not set(roles) <= set(GEMM_ROLES) - {"qkvl"} or len(set(roles)) != len(roles):
+                raise ValueError(f"{part!r}: want packed=ROLE[.ROLE...], ROLE in qkv, o, gu, down")
+            overrides[role] = roles
+            continue
         if role in ("argmax", "attn"):
             sizes = spec.split("x")
             want = 2 if role == "argmax" else 3
@@ -219,11 +227,13 @@ def _variant(
 ) -> tuple[dict[str, Any], Any, Any]:
     from dlp.engine import decode_attention as da
     from dlp.engine import greedy_kernel as gk
+    from dlp.engine import runner as runner_mod
     from dlp.engine import skinny_gemm as sg
     from dlp.engine.shapes import decode_gemm_shapes
 
     base, overrides = split_variant(name)
     argmax = overrides.pop("argmax", (gk.CHUNKS, gk.BLOCK))
+    packed = overrides.pop("packed", runner_mod.PACKED_WEIGHTS)
     attn_launch = da.DEFAULT_LAUNCH
     if "attn" in overrides:
         attn_launch = da.LaunchConfig(*overrides.pop("attn"))
@@ -236,6 +246,7 @@ def _variant(
     sg.MEASURED.update({keys[role]: cfg for role, cfg in overrides.items()})
     gk.CHUNKS, gk.BLOCK = argmax
     launch, da.DEFAULT_LAUNCH = da.DEFAULT_LAUNCH, attn_launch
+    packed, runner_mod.PACKED_WEIGHTS = runner_mod.PACKED_WEIGHTS, packed
     try:
         return _build_and_time(name, base, hf_model, lora, a, compile_)
     finally:
@@ -243,6 +254,7 @@ def _variant(
         sg.MEASURED.update(measured)
         gk.CHUNKS, gk.BLOCK = greedy
         da.DEFAULT_LAUNCH = launch
+        runner_mod.PACKED_WEIGHTS = packed
 
 
 def _build_and_time(
@@ -284,6 +296,7 @@ def _build_and_time(
         "decode_gemm": model.decode_gemm,
         "decode_pdl": model.decode_pdl,
         "decode_fuse_norms": model.decode_fuse_norms,
+        "decode_packed": list(model.decode_packed),
         "compile_capture_s": time.perf_counter() - start,
         "compile_failed": runner.compile_failed,
     }

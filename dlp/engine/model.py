@@ -27,6 +27,8 @@ from dlp.engine.decode_attention import decode_attention, decode_attention_rope,
 from dlp.engine.fused_weights import bt_shape, fuse_layer, slot_b_blocks, slot_copies
 from dlp.engine.skinny_gemm import (
     NormInput,
+    pack_k_steps,
+    pick_config,
     skinny_linear,
     skinny_pieces,
     skinny_residual,
@@ -37,6 +39,8 @@ from dlp.lora.fused_ops import lora_delta
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The decode GEMMs whose weights CompactLM.pack_decode_weights can re-lay for the kernels.
+PACKABLE = ("qkv", "o", "gu", "down")
 
 # (a_stack [S, R, in], b_stack [S, out, R]) for one linear module: every resident slot.
 LoraStacks = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -170,6 +174,11 @@ class CompactLM(nn.Module):
         # With it: o writes its rows times the post-attention norm's weight too, and gate/up
         # applies the rstd after its product instead of normalising every x tile it loads.
         self.decode_prescale_norm = False
+        # Decode GEMM weights of these roles ("qkv", "o", "gu", "down") re-laid K step by K
+        # step for the weight-streaming kernels (skinny_gemm.pack_k_steps; a second copy of
+        # each): set by pack_decode_weights, before a step is compiled.
+        self.decode_packed: tuple[str, ...] = ()
+        self._packed: dict[tuple[int, str], torch.Tensor] = {}
         self.gemm_counters = torch.zeros(
             4096, dtype=torch.int32, device=hf_model.get_input_embeddings().weight.device
         )
@@ -279,9 +288,36 @@ class CompactLM(nn.Module):
     def _n_slots(self) -> int:
         return next(iter(self.lora.values()))[0].shape[0] if self.lora else 0
 
-    def layer_tensors(self, i: int, use_lora: bool) -> tuple:
+    @torch.no_grad()
+    def pack_decode_weights(self, roles: Iterable[str], rows: int | None = None) -> None:
+        """Give the decode step's weight-streaming GEMMs packed copies of the weights of
+        ``roles`` (:data:`PACKABLE`), K steps as their configs at ``rows`` rows (default: the
+        model's batch) pick them; ``()`` drops them. q/k/v is packed for steps without
+        q/k/v LoRA (its base rows; the merged LoRA rows change with the pool's slots)."""
+        roles = tuple(roles)
+        unknown = sorted(set(roles) - set(PACKABLE))
+        if unknown:
+            raise DlpError(f"unknown decode weight roles {unknown} (known: {PACKABLE})")
+        rows = rows or self.max_batch
+        self._packed = {}
+        for i, (w, f) in enumerate(zip(self.layers, self.fused, strict=True)):
+            weights = {
+                "qkv": (f.base_in()[0], 1),
+                "o": (w["o_proj"].weight, 1),
+                "gu": (f.w_gu, 2),
+                "down": (w["down_proj"].weight, 1),
+            }
+            for role in roles:
+                weight, per_output = weights[role]
+                n, k = weight.shape[0] // per_output, weight.shape[1]
+                block_k = pick_config(rows, n, k, silu=per_output == 2).block_k
+                self._packed[(i, role)] = pack_k_steps(weight, block_k)
+        self.decode_packed = roles
+
+    def layer_tensors(self, i: int, use_lora: bool, packed: bool = False) -> tuple:
         """The tensors one decode layer reads, as plain arguments so a single compiled
-        ``decode_layer`` serves every layer (no per-layer recompiles)."""
+        ``decode_layer`` serves every layer (no per-layer recompiles); ``packed``: the
+        weight-streaming kernels' packed weights where there are (decode only)."""
         w = self.layers[i]
         f = self.fused[i]
         if use_lora and f.bt is not None:
@@ -294,17 +330,24 @@ class CompactLM(nn.Module):
             self.lora.get(f"{p}.{n}") if use_lora else None
             for p, n in zip(prefixes, rest, strict=True)
         )
+        w_o, w_gu, w_down = w["o_proj"].weight, f.w_gu, w["down_proj"].weight
+        if packed and self._packed and self.decode_gemm:  # the kernels read these packed
+            if bt is None:
+                w_in = self._packed.get((i, "qkv"), w_in)
+            w_o = self._packed.get((i, "o"), w_o)
+            w_gu = self._packed.get((i, "gu"), w_gu)
+            w_down = self._packed.get((i, "down"), w_down)
         return (
             w["in_norm"].weight,
             w["post_norm"].weight,
             w_in,
             b_in,
             bt,
-            w["o_proj"].weight,
+            w_o,
             w["o_proj"].bias,
-            f.w_gu,
+            w_gu,
             f.b_gu,
-            w["down_proj"].weight,
+            w_down,
             w["down_proj"].bias,
             lora,
             f.qkv_sizes,
@@ -364,7 +407,7 @@ class CompactLM(nn.Module):
                 bias,
                 batch_idx,
                 positions,
-                *self.layer_tensors(i, use_lora),
+                *self.layer_tensors(i, use_lora, packed=True),
                 in_scales,
                 row_scales if use_lora else None,
                 k_cache,

@@ -48,6 +48,9 @@ AUTO_SKINNY_GEMM = False
 # with gate/up at one 128-wide program an SM): 1.619-1.665 ms against 1.673-1.704 ms with
 # the norm inside gate/up's K steps (benchmarks/results/decode_step_h200_prescaled2.json).
 PRESCALE_NORM = True
+# triton_pdl: the decode GEMMs whose weights get a second copy laid out K step by K step, so
+# that a program's K step is one contiguous read (CompactLM.pack_decode_weights).
+PACKED_WEIGHTS: tuple[str, ...] = ()
 # Above this many padded tokens a prefill's GPU time (~16 ms on an H200 for Qwen2-1.5B)
 # covers its host time: run it directly, without a bucket's padding.
 PREFILL_GRAPH_TOKENS = 4096
@@ -267,6 +270,7 @@ class DecodeRunner:
         model.decode_fuse_norms = model.decode_pdl
         # ... and gate/up reading o's rows prescaled by the norm weight (PRESCALE_NORM).
         model.decode_prescale_norm = model.decode_fuse_norms and PRESCALE_NORM
+        model.pack_decode_weights(PACKED_WEIGHTS if model.decode_pdl else ())
         if model.decode_pdl and compile_mode is not None:
             raise DlpError("decode_gemm 'triton_pdl' takes the default compile_mode")
         if model.decode_pdl and torch.cuda.get_device_capability(device)[0] < 9:
@@ -537,6 +541,7 @@ class DecodeRunner:
             self.model.decode_pdl = False
             self.model.decode_fuse_norms = False
             self.model.decode_prescale_norm = False
+            self.model.pack_decode_weights(())
             self._capture()
         if self.graph_tokens:
             try:

@@ -119,6 +119,38 @@ class NormInput:
         return self.weight * (x.float() * rstd).to(x.dtype)
 
 
+def pack_k_steps(w: torch.Tensor, block_k: int) -> torch.Tensor:
+    """A weight ``[N, K]`` re-laid K step by K step: ``[ceil(K / block_k), N, block_k]``
+    (K zero-padded), for the kernel with that ``block_k``. A program's K step, its rows'
+    ``block_k``-wide slices, is then one contiguous read instead of one short read per
+    row a whole row apart (128 bytes every 3 KB at the Qwen2-1.5B gate/up). A second copy of
+    the weight: the prefill's cuBLAS GEMMs keep reading the plain one."""
+    n, k = w.shape
+    steps = math.ceil(k / block_k)
+    padded = F.pad(w, (0, steps * block_k - k)) if steps * block_k != k else w
+    return padded.reshape(n, steps, block_k).transpose(0, 1).contiguous()
+
+
+def plain_weight(w: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``[N, K]`` weight of a packed one (:func:`pack_k_steps`), or ``w`` itself."""
+    if w.dim() == 2:
+        return w
+    steps, n, block_k = w.shape
+    return w.transpose(0, 1).reshape(n, steps * block_k)[:, :k]
+
+
+def fit_config(cfg: GemmConfig, w: torch.Tensor) -> GemmConfig:
+    """``cfg`` with the K step of a packed weight (its layout fixes it), else as it is."""
+    if w.dim() == 3 and cfg.block_k != w.shape[2]:
+        return dataclasses.replace(cfg, block_k=w.shape[2])
+    return cfg
+
+
+def weight_rows(w: torch.Tensor) -> int:
+    """N of a plain ``[N, K]`` or packed ``[steps, N, block_k]`` weight."""
+    return w.shape[1] if w.dim() == 3 else w.shape[0]
+
+
 def row_sumsq(x: torch.Tensor) -> torch.Tensor:
     """x ``[M, K]`` -> its rows' sums of squares, one part ``[1, M]`` fp32 (:class:`NormInput`)."""
     return x.float().pow(2).sum(-1)[None]
@@ -183,7 +215,7 @@ def pick_config(
 def supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     """True when the kernel applies: triton, a CUDA (or interpreted) half-precision or fp32
     weight, few rows, contiguous K."""
-    if triton is None or w.dim() != 2 or w.stride(1) != 1:
+    if triton is None or w.dim() not in (2, 3) or w.stride(-1) != 1:
         return False
     if not (w.is_cuda or INTERPRET):
         return False
@@ -205,8 +237,8 @@ def skinny_linear(
     programmatic dependent launch (:func:`launch_partials`), through the ``dlp::skinny_pdl``
     op under torch.compile."""
     if not supported(x, w):
-        return F.linear(x, w, bias)
-    return _run(x, w, bias, w.shape[0], False, config, pdl)
+        return F.linear(x, plain_weight(w, x.shape[-1]), bias)
+    return _run(x, w, bias, weight_rows(w), False, config, pdl)
 
 
 def skinny_silu_mul(
@@ -220,8 +252,9 @@ def skinny_silu_mul(
     """``silu(gate) * up`` where ``[gate, up] = F.linear(x, w_gu, bias).chunk(2, -1)``: the
     MLP's merged gate/up weight ``[2 * inter, K]``. gate and up are rounded to x's dtype
     before the product, as the eager path does. ``norm``: x is read through it."""
-    inter = w_gu.shape[0] // 2
+    inter = weight_rows(w_gu) // 2
     if not supported(x, w_gu):
+        w_gu = plain_weight(w_gu, x.shape[-1])
         gu = F.linear(norm.apply(x) if norm is not None else x, w_gu, bias)
         return F.silu(gu[..., :inter]) * gu[..., inter:]
     if norm is not None and norm.prescaled is not None:
@@ -243,8 +276,9 @@ def skinny_pieces(
     ``norm``: x is read through it."""
     x2 = x.reshape(-1, x.shape[-1])
     if not supported(x2, w):
+        w = plain_weight(w, x2.shape[-1])
         return F.linear(norm.apply(x2) if norm is not None else x2, w, bias).unsqueeze(0)
-    out = _partials(x2, w, bias, w.shape[0], False, config, pdl, norm)
+    out = _partials(x2, w, bias, weight_rows(w), False, config, pdl, norm)
     return out if out.dim() == 3 else out.unsqueeze(0)
 
 
@@ -279,7 +313,7 @@ def _partials(
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     m, k = x2.shape
-    cfg = config or pick_config(m, n, k, silu)
+    cfg = fit_config(config or pick_config(m, n, k, silu), w)
     if pdl:
         args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages, cfg.programs)
         sumsq, gamma, eps = (norm.sumsq, norm.weight, norm.eps) if norm else (None, None, 0.0)
@@ -308,12 +342,12 @@ def skinny_residual(
     also ``h * scale`` rounded to x's dtype (the next GEMM's :attr:`NormInput.prescaled`),
     else None third. Plain torch where the kernel does not apply."""
     if not supported(x, w):
-        h = residual + F.linear(x, w, bias)
+        h = residual + F.linear(x, plain_weight(w, x.shape[-1]), bias)
         return h, row_sumsq(h), None if scale is None else (h.float() * scale.float()).to(h.dtype)
     x = x.contiguous()
     residual = residual.contiguous()
     m, k = x.shape
-    cfg = config or pick_config(m, w.shape[0], k, False)
+    cfg = fit_config(config or pick_config(m, weight_rows(w), k, False), w)
     if pdl:
         args = (cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages, cfg.programs)
         h, sumsq, scaled = torch.ops.dlp.skinny_residual_pdl(
@@ -336,7 +370,7 @@ def _launch_residual(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The residual launch: (h, sumsq, h * scale), the last empty without ``scale``."""
     m, k = x.shape
-    n = w.shape[0]
+    n = weight_rows(w)
     tiles = cfg.column_programs(n) * math.ceil(m / block_m_for(m))
     if counters.dtype != torch.int32 or counters.numel() < tiles:
         raise ValueError(f"counters must be int32 with >= {tiles} entries (one per tile)")
@@ -395,6 +429,15 @@ def launch_partials(
     # Triton's CPU interpreter has no griddepcontrol (inline asm): a plain launch there.
     pdl = pdl and not INTERPRET
     block_m = block_m_for(m)
+    # A weight packed K step by K step (pack_k_steps) sets the K step; one K step apart in
+    # its storage is a whole [N, block_k] slab (in a plain [N, K] weight, block_k elements).
+    if w.dim() == 3:
+        if w.shape[1] < n or w.shape[0] * w.shape[2] < k or w.numel() >= 2**31:
+            raise ValueError(f"packed weight {tuple(w.shape)} does not hold N={n}, K={k}")
+        cfg = fit_config(cfg, w)
+        stride_wn, w_step = w.stride(1), w.stride(0)
+    else:
+        stride_wn, w_step = w.stride(0), cfg.block_k
     # Each pipeline stage holds an x tile and one (gate/up: two) weight tiles in shared
     # memory; fewer stages where they would not fit (fp32 tiles, gate/up at 64 x 128).
     stage_bytes = (block_m + (2 if silu else 1) * cfg.block_n) * cfg.block_k * x.element_size()
@@ -422,7 +465,7 @@ def launch_partials(
         res.scale if has_scale else x, res.scaled if has_scale else x,
         trace if trace is not None else x,
         m, n, k, k_per_split,
-        x.stride(0), w.stride(0), out.stride(-2),
+        x.stride(0), stride_wn, w_step, out.stride(-2),
         out.stride(0) if out.dim() == 3 else 0,
         n, sumsq_in.shape[0] if norm else 0, eps,
         BLOCK_M=block_m,
@@ -572,7 +615,7 @@ def _skinny_residual_pdl_fake(
     programs: int,
     scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    m, n = x.shape[0], w.shape[0]
+    m, n = x.shape[0], weight_rows(w)
     parts = GemmConfig(block_n, 1, 1, programs=programs).column_programs(n)
     scaled = x.new_empty((m, n) if scale is not None else (0,))
     return x.new_empty((m, n)), x.new_empty((parts, m), dtype=torch.float32), scaled
@@ -585,7 +628,7 @@ if triton is not None:
         X, W, Bias, Out,
         XSumsq, Gamma, Res, H, Sumsq, Counters, Scale, HScaled, Trace,
         M, N, K, K_PER_SPLIT,
-        stride_xm, stride_wn, stride_om, stride_os,
+        stride_xm, stride_wn, W_STEP, stride_om, stride_os,
         UP_OFFSET, SUMSQ_PARTS, eps,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -656,7 +699,9 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            # w is read as [BLOCK_K, BLOCK_N] (K contiguous), so x @ w is a plain dot.
+            # w is read as [BLOCK_K, BLOCK_N] (K contiguous), so x @ w is a plain dot. Its K
+            # step starts W_STEP elements after the last one's (k0 // BLOCK_K steps in).
+            w_at = (k0 // BLOCK_K) * W_STEP
             if EVEN_K:
                 x_mask = m_ok[:, None]
                 w_mask = n_ok[None, :]
@@ -674,18 +719,18 @@ if triton is not None:
                 xt_n = (xt.to(tl.float32) * rstd[:, None]).to(xt.dtype)
                 xt = (xt_n.to(tl.float32) * gamma.to(tl.float32)[None, :]).to(xt.dtype)
             if EVEN_K and EVEN_N:
-                wt = tl.load(w_ptrs + k0)
+                wt = tl.load(w_ptrs + w_at)
             else:
-                wt = tl.load(w_ptrs + k0, mask=w_mask, other=0.0)
+                wt = tl.load(w_ptrs + w_at, mask=w_mask, other=0.0)
             if UPCAST:  # Triton's CPU interpreter mis-multiplies bf16 dots: fp32 there
                 xt = xt.to(tl.float32)
                 wt = wt.to(tl.float32)
             acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
             if GATE_UP:
                 if EVEN_K and EVEN_N:
-                    ut = tl.load(up_ptrs + k0)
+                    ut = tl.load(up_ptrs + w_at)
                 else:
-                    ut = tl.load(up_ptrs + k0, mask=w_mask, other=0.0)
+                    ut = tl.load(up_ptrs + w_at, mask=w_mask, other=0.0)
                 if UPCAST:
                     ut = ut.to(tl.float32)
                 acc_up = tl.dot(xt, ut, acc_up, input_precision=PRECISION)

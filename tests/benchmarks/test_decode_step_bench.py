@@ -37,6 +37,12 @@ def test_variant_names_carry_gemm_configs() -> None:
     base, overrides = bench.split_variant("step+rope+pdl+attn=32x8x2+argmax=16x2048")
     assert base == "step+rope+pdl"
     assert overrides == {"attn": (32, 8, 2), "argmax": (16, 2048)}
+    # the weights packed K step by K step
+    assert bench.split_variant("step+rope+pdl+packed=gu.down")[1] == {"packed": ("gu", "down")}
+    assert bench.split_variant("step+rope+pdl+packed=")[1] == {"packed": ()}
+    for bad in ("mlp", "gu.gu", "qkvl"):
+        with pytest.raises(ValueError, match="packed=ROLE"):
+            bench.split_variant(f"step+rope+pdl+packed={bad}")
     for bad in ("64x4", "64x4x0", "64x4x3x1"):
         with pytest.raises(ValueError, match="BLOCKNxWARPSxSTAGES"):
             bench.split_variant(f"step+rope+pdl+attn={bad}")

@@ -194,6 +194,20 @@ def test_balanced_gate_up_columns_give_the_eager_tokens(tmp_path, monkeypatch):
     assert balanced == eager
 
 
+def test_packed_weights_give_the_eager_tokens(tmp_path, monkeypatch):
+    """fp32: the PDL whole-step engine with every decode GEMM's weight packed K step by K
+    step (``runner.PACKED_WEIGHTS``) == the eager engine, token for token (q/v adapters in
+    the mixes: the LoRA step keeps q/k/v's merged weight plain)."""
+    from dlp.engine import runner
+
+    monkeypatch.setattr(runner, "PACKED_WEIGHTS", ("qkv", "o", "gu", "down"))
+    model = tiny_model("qwen2").to("cuda")
+    adapters = write_adapters(model, tmp_path, ["t0", "t1", "t2"])
+    eager, fast, engine = _eager_and_pdl_step_tokens(model, adapters)
+    assert engine.runner.model.decode_packed == ("qkv", "o", "gu", "down")
+    assert fast == eager
+
+
 @pytest.mark.parametrize("prescale", [True, False])
 def test_prescaled_norm_gives_the_eager_tokens(tmp_path, monkeypatch, prescale):
     """fp32: the PDL whole-step engine with gate/up reading o's rows prescaled by the norm

@@ -37,7 +37,9 @@ _CHILD = """
     import torch.nn.functional as F
 
     from dlp.engine.model import CompactLM
-    from dlp.engine.skinny_gemm import GemmConfig, skinny_linear, skinny_silu_mul
+    from dlp.engine.skinny_gemm import (
+        GemmConfig, pack_k_steps, plain_weight, skinny_linear, skinny_silu_mul,
+    )
     from engine_helpers import tiny_model
 
     def err(a, b):
@@ -67,6 +69,15 @@ _CHILD = """
             "act_ref_max": ref_act.float().abs().max().item(),
             "vs_tiled": err(out, skinny_linear(x, w[:n], None if b is None else b[:n], tiled)),
             "act_vs_tiled": err(act, skinny_silu_mul(x, w, b, tiled)),
+            # The weights packed K step by K step: the same sums in the same order.
+            "packed_same": torch.equal(
+                skinny_linear(x, pack_k_steps(w[:n], cfg.block_k), b if b is None else b[:n], cfg),
+                out,
+            ),
+            "act_packed_same": torch.equal(
+                skinny_silu_mul(x, pack_k_steps(w, cfg.block_k), b, cfg), act
+            ),
+            "unpacked_same": torch.equal(plain_weight(pack_k_steps(w, cfg.block_k), k), w),
         }
 
     # The decode step of a tiny Qwen2 (q/k/v bias) and Llama with the kernels against F.linear.
@@ -86,6 +97,9 @@ _CHILD = """
             # ... with gate/up reading o's prescaled rows, the rstd after its product
             model.decode_prescale_norm = True
             prescaled = model.decode(tokens, positions, None)
+            # ... with every GEMM's weight packed K step by K step: the same bits
+            model.pack_decode_weights(("qkv", "o", "gu", "down"))
+            packed = model.decode(tokens, positions, None)
         results[f"decode_{kind}"] = {
             "err": err(fast, plain),
             "argmax_same": bool((fast.argmax(-1) == plain.argmax(-1)).all()),
@@ -93,6 +107,8 @@ _CHILD = """
             "fused_argmax_same": bool((fused.argmax(-1) == plain.argmax(-1)).all()),
             "prescaled_err": err(prescaled, plain),
             "prescaled_argmax_same": bool((prescaled.argmax(-1) == plain.argmax(-1)).all()),
+            "packed_same": torch.equal(packed, prescaled),
+            "packed_roles": list(model.decode_packed),
         }
     print(json.dumps(results))
 """
@@ -116,6 +132,8 @@ def test_kernel_matches_f_linear(interpreted, name):
     assert res["act_err"] < max(4 * TOL[dtype], res["act_ref_max"] * 2**-7 * 2), res
     # Columns shared evenly by programs: the same bits as one program per tile.
     assert res["vs_tiled"] == 0.0 and res["act_vs_tiled"] == 0.0, res
+    # Weights packed K step by K step (pack_k_steps; K zero-padded where ragged): same bits.
+    assert res["packed_same"] and res["act_packed_same"] and res["unpacked_same"], res
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
@@ -126,6 +144,8 @@ def test_decode_step_with_the_kernels_matches_f_linear(interpreted, kind):
     assert res["fused_err"] < 1e-4 and res["fused_argmax_same"], res
     # ... and with the rstd applied after gate/up's product (NormInput.prescaled)
     assert res["prescaled_err"] < 1e-4 and res["prescaled_argmax_same"], res
+    # ... and with the four GEMMs' weights packed (CompactLM.pack_decode_weights): same bits
+    assert res["packed_same"] and res["packed_roles"] == ["qkv", "o", "gu", "down"], res
 
 
 def test_pick_config_uses_the_measured_table_and_the_rule():
