@@ -321,8 +321,8 @@ def rope_rows(
     Made by plain indexing inside a compiled step, Inductor does not keep these rows as one
     buffer: it copies them again for each attention op that reads them (groups of four
     layers a kernel, 14 kernels and ~14 us a step on the H200,
-    ``benchmarks/results/decode_step_h200_chained.json``); an op's outputs are buffers it
-    passes as they are."""
+    ``benchmarks/results/decode_step_h200_default.json``); an op's outputs are buffers it
+    passes as they are (none of those copies in ``..._rows.json``)."""
     if triton is None or not (positions.is_cuda or _INTERPRET):
         return rope_cos[positions], rope_sin[positions], positions + 1
     return torch.ops.dlp.rope_rows(rope_cos, rope_sin, positions)

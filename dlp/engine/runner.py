@@ -49,7 +49,10 @@ AUTO_SKINNY_GEMM = False
 # the norm inside gate/up's K steps (benchmarks/results/decode_step_h200_prescaled2.json).
 PRESCALE_NORM = True
 # triton_pdl: the decode GEMMs whose weights get a second copy laid out K step by K step, so
-# that a program's K step is one contiguous read (CompactLM.pack_decode_weights).
+# that a program's K step is one contiguous read (CompactLM.pack_decode_weights). None by
+# default: on the H200 (Qwen2-1.5B step (a)) gate/up + down packed measured 1.5% faster in
+# interleaved rounds but slower first-timed, for +2.3 GB (+11 GB at Llama-3-8B)
+# (benchmarks/results/decode_step_h200_packed.json).
 PACKED_WEIGHTS: tuple[str, ...] = ()
 # Above this many padded tokens a prefill's GPU time (~16 ms on an H200 for Qwen2-1.5B)
 # covers its host time: run it directly, without a bucket's padding.
