@@ -191,11 +191,19 @@ async def engine_variant(engine: Engine, reqs: list[GenerationRequest], repeats:
     return best
 
 
-def time_decode_step(engine: Engine, lora: bool, iters: int = 50) -> float | None:
-    """Median ms of one captured decode step (graph replay), CUDA events."""
+def time_decode_step(
+    engine: Engine, lora: bool, iters: int = 50, position: int | None = None
+) -> float | None:
+    """Median ms of one captured decode step (graph replay), CUDA events. ``position``:
+    every row's, so the step reads the keys ``0 .. position`` of each row (else the rows'
+    last staged positions, those of the run's last step)."""
     runner = engine.runner
     if not runner.captured:
         return None
+    if position is not None:
+        runner.positions[: engine.config.max_batch].fill_(position)
+        if runner.overlap:  # rows then take the host's position, not the last step's + 1
+            runner.step_inputs.device("override").fill_(1)
     times = []
     for _ in range(iters):
         start = torch.cuda.Event(enable_timing=True)
@@ -357,6 +365,13 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int)
     return model.eval(), None
 
 
+def mean_decode_position(prompt: int, new: int) -> int:
+    """The position of the middle decode step of ``new`` tokens after ``prompt``: it reads
+    ``prompt + new // 2 + 1`` keys a row, about the mean over the run's steps
+    (:func:`memory_floor_ms`'s ``prompt + (new + 1) / 2``)."""
+    return prompt + new // 2
+
+
 def memory_floor_ms(
     engine: Engine, batch: int, prompt: int, new: int, lora_bytes: int = 0
 ) -> dict[str, float]:
@@ -441,10 +456,15 @@ async def run_shape(shape: str, cfg: BenchConfig, deadline: Deadline) -> dict[st
             engine, requests_for(prompts, rows, cfg.new, key), cfg.repeats
         )
         log.warning("%s %s: %.3f s", shape, key, variants[key]["time_s"])
-    step_a = time_decode_step(engine, lora=False)
-    step_c = time_decode_step(engine, lora=True)
+    # The step at the middle of the run's decode (the keys its average step reads, as the
+    # floor counts them); timed at the run's last positions instead it would read a third
+    # more KV than the floor (session 14's fusion_h200_pdl.json was timed so).
+    step_at = mean_decode_position(cfg.prompt, cfg.new)
+    step_a = time_decode_step(engine, lora=False, position=step_at)
+    step_c = time_decode_step(engine, lora=True, position=step_at)
     lora_bytes = pool.device_bytes
     floor = memory_floor_ms(engine, cfg.batch, cfg.prompt, cfg.new)
+    report["decode_step_position"] = step_at
     report.update(floor)
     report["decode_step_ms"] = {
         "a_graph": step_a,

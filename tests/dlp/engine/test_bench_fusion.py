@@ -9,7 +9,13 @@ import json
 import pytest
 
 from dlp.engine.bench_args import add_arguments
-from dlp.engine.bench_fusion import BenchConfig, config_from_args, main, summary_lines
+from dlp.engine.bench_fusion import (
+    BenchConfig,
+    config_from_args,
+    main,
+    mean_decode_position,
+    summary_lines,
+)
 from dlp.errors import DlpError
 
 
@@ -92,3 +98,15 @@ def test_scale_only_and_no_scale_exclude_each_other():
     args = parser.parse_args(["--device", "cpu", "--scale-only", "--no-scale"])
     with pytest.raises(DlpError, match="--scale-only and --no-scale"):
         config_from_args(args)
+
+
+@pytest.mark.parametrize(("prompt", "new"), [(128, 128), (32, 16), (5, 1), (100, 7)])
+def test_the_timed_step_reads_the_keys_the_floor_counts(prompt, new):
+    """The graph step is timed at the middle decode position: its keys a row (position + 1)
+    are the mean over the run's decode steps (positions prompt .. prompt + new - 2, after
+    the prefill's first token) to within one key, as the memory floor counts them."""
+    keys = mean_decode_position(prompt, new) + 1
+    steps = range(prompt, prompt + new - 1) or [prompt]
+    mean_keys = sum(p + 1 for p in steps) / len(steps)
+    assert abs(keys - mean_keys) <= 1.0
+    assert abs(keys - (prompt + (new + 1) / 2)) <= 1.0  # memory_floor_ms's mean context
