@@ -154,6 +154,7 @@ def engine_delta(before: dict[str, Any], after: dict[str, Any], wall_s: float) -
     return {
         **d,
         "prefill_compiled": after.get("prefill_compiled"),
+        "decode_path": after.get("decode_path"),
         "rows_per_step": d["generated_tokens"] / steps,
         "decode_ms_per_step": 1e3 * d["decode_s"] / steps,
         "rows_per_prefill": d["prefill_rows"] / calls,
@@ -439,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         " engine-alone phase stays in this process, and with the child an engine_in_child"
         " phase runs the same engine alone in a child process",
     )
-    p.add_argument("--compile-scope", choices=("layer", "step"), default="layer")
+    p.add_argument("--compile-scope", choices=("auto", "layer", "step"), default="auto")
     p.add_argument(
         "--decode-attention", choices=("auto", "matmul", "triton", "triton_rope"), default="auto"
     )

@@ -88,19 +88,24 @@ class EngineSettings(_Strict):
         description="with overlap_steps: queue step N+1 before step N has finished on the"
         " device (no clear gain measured)",
     )
-    compile_scope: Literal["layer", "step"] = Field(
-        "layer", description="compile one block for every layer, or the whole decode step"
+    compile_scope: Literal["auto", "layer", "step"] = Field(
+        "auto",
+        description="compile one block for every layer, or the whole decode step (~1 minute"
+        " more to start); auto: the whole step where the fast decode path runs",
     )
     decode_attention: Literal["auto", "matmul", "triton", "triton_rope"] = Field(
         "auto",
-        description="triton: length-aware decode attention kernel (auto: on CUDA for"
-        " caches over 512 positions); triton_rope: the kernel also applies the rotary"
-        " embedding and writes the KV cache (not yet measured on a GPU)",
+        description="triton: length-aware decode attention kernel; triton_rope: the kernel"
+        " also applies the rotary embedding and writes the KV cache; auto: triton_rope on"
+        " the fast decode path, else triton on CUDA for caches over 512 positions",
     )
-    decode_gemm: Literal["auto", "cublas", "triton"] = Field(
+    decode_gemm: Literal["auto", "cublas", "triton", "triton_pdl"] = Field(
         "auto",
-        description="triton: weight-streaming decode GEMM kernels (auto: cuBLAS until"
-        " measured faster)",
+        description="triton: weight-streaming decode GEMM kernels; triton_pdl: those with"
+        " every kernel of the step a programmatic dependent launch (Hopper+); auto: the fast"
+        " decode path (whole step, triton_rope, triton_pdl) on a Hopper-or-later GPU with"
+        " the step compiled and graphed and the attention unsplit, else cuBLAS"
+        " (dlp/engine/decode_path.py)",
     )
     admit_min_rows: int | None = Field(
         None,

@@ -47,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compile-scope",
         default=None,
-        choices=["layer", "step"],
-        help="compile one block for every layer (default) or the whole decode step",
+        choices=["auto", "layer", "step"],
+        help="compile one block for every layer or the whole decode step (default: auto)",
     )
     parser.add_argument(
         "--decode-attention",

@@ -98,7 +98,7 @@ class BenchConfig:
     out: str = "benchmarks/results/fusion_h200.json"
     compile: bool | None = None
     compile_mode: str | None = None  # EngineConfig.compile_mode of the engine variants
-    compile_scope: str = "layer"  # EngineConfig.compile_scope of the engine variants
+    compile_scope: str = "auto"  # EngineConfig.compile_scope of the engine variants
     decode_attention: str = "auto"  # EngineConfig.decode_attention of the engine variants
     decode_gemm: str = "auto"  # EngineConfig.decode_gemm of the engine variants
     overlap_steps: bool = False  # EngineConfig.overlap_steps of the engine variants
@@ -440,6 +440,7 @@ async def run_shape(shape: str, cfg: BenchConfig, deadline: Deadline) -> dict[st
     report["compile_capture_s"] = time.perf_counter() - t0
     report["compiled"] = econf.use_compile and not engine.runner.compile_failed
     report["cuda_graph"] = engine.runner.captured
+    report["decode_path"] = engine.runner.decode_path.as_dict()  # the "auto"s resolved
     gen = torch.Generator().manual_seed(cfg.seed)
     vocab = engine.model.shape.vocab
     prompts = torch.randint(0, vocab, (cfg.batch, cfg.prompt), generator=gen)

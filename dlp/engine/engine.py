@@ -275,6 +275,7 @@ class Engine:
         c["rows_per_step"] = c["generated_tokens"] / max(1, c["decode_steps"])
         c["rows_per_prefill"] = c["prefill_rows"] / max(1, c["prefill_calls"])
         c["prefill_compiled"] = self.runner.prefill_compiled
+        c["decode_path"] = self.runner.decode_path.as_dict()  # the step it runs, "auto"s resolved
         if self.pool is not None:
             c["pool"] = self.pool.stats()
         return c

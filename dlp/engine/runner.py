@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from dlp.engine.decode_attention import pick_splits, triton_available
+from dlp.engine.decode_path import DeviceTraits, resolve_decode_path
 from dlp.engine.greedy_kernel import greedy_tokens
 from dlp.engine.model import CompactLM, decode_layer, prefill_layer
 from dlp.engine.staging import StagingBuffer
@@ -38,10 +39,6 @@ log = logging.getLogger(__name__)
 
 
 PREFILL_PAD = 16
-AUTO_KERNEL_MIN_SEQ = 512
-# decode_gemm "auto": the weight-streaming Triton GEMMs (skinny_gemm) on CUDA. Off until
-# benchmarks/gemm_bench.py and decode_step_bench.py measure them faster than cuBLAS.
-AUTO_SKINNY_GEMM = False
 # triton_pdl with the fused norm: the o GEMM also writes its rows times the post-attention
 # norm's weight and gate/up applies each row's rstd after its product, so gate/up's K steps
 # do no norm arithmetic (CompactLM.decode_prescale_norm). On the H200 (Qwen2-1.5B step (a),
@@ -187,7 +184,7 @@ class DecodeRunner:
         compile: bool = False,
         cuda_graph: bool = False,
         compile_mode: str | None = None,
-        compile_scope: str = "layer",
+        compile_scope: str = "auto",
         attention: str = "auto",
         overlap: bool = False,
         gemm: str = "auto",
@@ -242,30 +239,35 @@ class DecodeRunner:
         if n_slots:
             self.row_scales = self.step_inputs.device("row_scales").view(b, n_slots)
             self.host_row_scales = self.step_inputs.host("row_scales").reshape(b, n_slots)
-        # The Triton decode attention needs a GPU (Triton's interpreter is for tests only).
-        # "auto" takes it for caches longer than AUTO_KERNEL_MIN_SEQ: at 256 positions the
-        # two GEMMs over the whole cache were as fast (H200, Qwen2-1.5B, batch 64: 2.10 vs
-        # 2.13 ms a step); at a serving context of 2048 they read ~10x the valid keys.
-        explicit = attention in ("triton", "triton_rope")
-        if explicit and not (device.type == "cuda" and triton_available()):
+        # "auto" settings -> the step this device runs best (decode_path.py: the whole-step
+        # PDL combination on Hopper+ with compile and graphs, the earlier choices elsewhere).
+        splits = pick_splits(model.max_seq, model.max_batch, model.shape.n_kv_heads)
+        self.decode_path = resolve_decode_path(
+            compile_scope,
+            attention,
+            gemm,
+            traits=DeviceTraits.of(device),
+            compile=compile,
+            cuda_graph=cuda_graph,
+            compile_mode=compile_mode,
+            max_seq=model.max_seq,
+            attention_splits=splits,
+        )
+        compile_scope = self.decode_path.compile_scope
+        attention = self.decode_path.attention
+        gemm = self.decode_path.gemm
+        # The Triton kernels need a GPU (Triton's interpreter is for tests only).
+        use_kernel = attention in ("triton", "triton_rope")
+        if use_kernel and not (device.type == "cuda" and triton_available()):
             raise DlpError(
                 f"decode_attention {attention!r} needs a CUDA device and triton installed"
             )
-        use_kernel = explicit or (
-            attention == "auto"
-            and device.type == "cuda"
-            and triton_available()
-            and model.max_seq > AUTO_KERNEL_MIN_SEQ
-        )
-        splits = pick_splits(model.max_seq, model.max_batch, model.shape.n_kv_heads)
         model.attn_splits = splits if use_kernel else 0
         # triton_rope: the kernel also applies the rotary embedding and writes the KV cache.
         model.attn_rope = attention == "triton_rope"
         if gemm.startswith("triton") and not (device.type == "cuda" and triton_available()):
             raise DlpError(f"decode_gemm {gemm!r} needs a CUDA device and triton installed")
-        model.decode_gemm = gemm.startswith("triton") or (
-            gemm == "auto" and AUTO_SKINNY_GEMM and device.type == "cuda" and triton_available()
-        )
+        model.decode_gemm = gemm.startswith("triton")
         # triton_pdl: every kernel of the step a programmatic dependent launch (Hopper+): ours
         # through their ops, Inductor's through its own option (compiled steps only).
         model.decode_pdl = gemm == "triton_pdl"

@@ -180,6 +180,24 @@ def _eager_and_pdl_step_tokens(model, adapters):
     return eager, fast, engine
 
 
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+    reason="the fast decode path needs a Hopper or later GPU",
+)
+def test_default_settings_take_the_fast_path_and_give_the_eager_tokens(tmp_path):
+    """fp32: an engine on the GPU with every speed setting left at its default resolves the
+    "auto"s to the whole-step PDL path (decode_path.py), with overlapped steps (also a
+    default on CUDA), and == the eager engine, token for token, on _requests()' mixes."""
+    model = tiny_model("qwen2").to("cuda")
+    adapters = write_adapters(model, tmp_path, ["t0", "t1", "t2"])
+    eager, _ = _engine_tokens(model, adapters, compile=False, cuda_graph=False)
+    default, engine = _engine_tokens(model, adapters)
+    assert engine.runner.decode_path.fast
+    assert engine.stats()["decode_path"]["gemm"] == "triton_pdl"
+    assert engine.runner.captured and not engine.runner.compile_failed
+    assert default == eager
+
+
 def test_balanced_gate_up_columns_give_the_eager_tokens(tmp_path, monkeypatch):
     """fp32: the PDL whole-step engine with gate/up's columns shared evenly by 3 programs
     (``GemmConfig.programs``: masked, unaligned column ranges, as the 1.5B shape's default
