@@ -71,3 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plot-only", default=None, metavar="JSON", help="only draw the PNG of an existing report"
     )
+    parser.add_argument(
+        "--merge-scale",
+        default=None,
+        metavar="JSON",
+        help="add the scale run of this --scale-only report to the report at --out (same"
+        " engine settings), recompute its headline and redraw its PNG; nothing is run",
+    )

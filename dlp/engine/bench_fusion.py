@@ -38,6 +38,7 @@ from dlp.engine.config import EngineConfig
 from dlp.engine.engine import Engine
 from dlp.engine.shapes import PUBLISHED_SHAPES
 from dlp.engine.types import GenerationRequest, SamplingParams
+from dlp.errors import DlpError
 from dlp.routing.mix import AdapterMix
 from dlp.routing.select import select_top_p
 
@@ -638,6 +639,43 @@ def headline(shapes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# What an engine variant runs with: a scale run merged into a variants report must agree.
+ENGINE_SETTINGS = (
+    "device",
+    "compile",
+    "compile_mode",
+    "compile_scope",
+    "decode_attention",
+    "decode_gemm",
+    "overlap_steps",
+)
+
+
+def merge_scale(report: dict[str, Any], scale_report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` (a --no-scale run) with the scale results of ``scale_report`` (a
+    --scale-only run of the same engine settings) added and the headline recomputed: the two
+    halves of item 5/6 that no longer fit one call of the GPU machine. Both commands stay in
+    the report (``command``, ``scale_command``)."""
+    mismatched = {
+        k: (report["config"].get(k), scale_report["config"].get(k))
+        for k in ENGINE_SETTINGS
+        if report["config"].get(k) != scale_report["config"].get(k)
+    }
+    if mismatched:
+        raise DlpError(f"the scale run's engine settings differ from the report's: {mismatched}")
+    scaled = {s: r["scale"] for s, r in scale_report["shapes"].items() if "scale" in r}
+    if not scaled:
+        raise DlpError("the scale report holds no scale run (made with --scale-only?)")
+    merged = {**report, "shapes": {s: dict(r) for s, r in report["shapes"].items()}}
+    for shape, scale in scaled.items():
+        merged["shapes"].setdefault(shape, {"shape": shape})["scale"] = scale
+    shapes = {s: r for s, r in merged["shapes"].items() if "variants" in r or "scale" in r}
+    merged.update(headline(shapes))
+    merged["scale_command"] = scale_report["command"]
+    merged["scale_date"] = scale_report["date"]
+    return merged
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
@@ -827,7 +865,6 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 # --------------------------------------------------------------------- command line
 def config_from_args(args) -> BenchConfig:
-    from dlp.errors import DlpError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
@@ -899,6 +936,18 @@ def config_from_args(args) -> BenchConfig:
 
 
 def cli_main(args) -> int:
+    if args.merge_scale:
+        if not args.out:
+            raise DlpError("--merge-scale needs --out: the report to add the scale run to")
+        out = Path(args.out)
+        report = merge_scale(
+            json.loads(out.read_text()), json.loads(Path(args.merge_scale).read_text())
+        )
+        write_report(report, out)
+        print(plot(report, out.with_suffix(".png")))
+        for line in summary_lines(report):
+            print(line)
+        return 0
     if args.plot_only:
         path = Path(args.plot_only)
         report = json.loads(path.read_text())

@@ -110,3 +110,37 @@ def test_the_timed_step_reads_the_keys_the_floor_counts(prompt, new):
     mean_keys = sum(p + 1 for p in steps) / len(steps)
     assert abs(keys - mean_keys) <= 1.0
     assert abs(keys - (prompt + (new + 1) / 2)) <= 1.0  # memory_floor_ms's mean context
+
+
+def test_a_scale_run_merges_into_a_variants_report(tmp_path):
+    """--merge-scale: a --no-scale report and a --scale-only report of the same engine
+    settings become one report with the headline of both (both commands kept, PNG redrawn);
+    a scale run of other engine settings is refused."""
+    from dlp.engine.bench_fusion import cli_main
+
+    variants_out, scale_out = tmp_path / "fusion.json", tmp_path / "scale.json"
+    main(tiny_bench(variants_out, shapes=("tiny-qwen2",), scale=False), command="variants")
+    main(tiny_bench(scale_out, shapes=("tiny-qwen2",), scale_only=True), command="scale")
+    before = json.loads(variants_out.read_text())
+    assert before["cold_load_ms"] is None and before["ratio_1000_to_8_adapters_throughput"] is None
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--merge-scale", str(scale_out), "--out", str(variants_out)])
+    assert cli_main(args) == 0
+    merged = json.loads(variants_out.read_text())
+    scale = json.loads(scale_out.read_text())
+    assert merged["shapes"]["tiny-qwen2"]["variants"] == before["shapes"]["tiny-qwen2"]["variants"]
+    assert merged["shapes"]["tiny-qwen2"]["scale"] == scale["shapes"]["tiny-qwen2"]["scale"]
+    assert merged["cold_load_ms"] == scale["cold_load_ms"] > 0
+    assert (
+        merged["ratio_1000_to_8_adapters_throughput"]
+        == scale["ratio_1000_to_8_adapters_throughput"]
+    )
+    assert merged["decode_step_to_floor"] == before["decode_step_to_floor"]
+    assert (merged["command"], merged["scale_command"]) == ("variants", "scale")
+    assert variants_out.with_suffix(".png").stat().st_size > 0
+    other = json.loads(scale_out.read_text())
+    other["config"]["decode_gemm"] = "cublas"
+    scale_out.write_text(json.dumps(other))
+    with pytest.raises(DlpError, match="decode_gemm"):
+        cli_main(args)
