@@ -275,14 +275,25 @@ def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
             overlap_steps=True,
             spare_rows=4,
         ),
-        # Rope and the cache write inside the attention kernel, also through the slot table.
-        "rope": dict(compile=True, cuda_graph=True, decode_attention="triton_rope"),
+        # Rope and the cache write inside the attention kernel, also through the slot table
+        # (cuBLAS named: on Hopper "auto" would take the PDL GEMMs with it, tested below).
+        "rope": dict(
+            compile=True, cuda_graph=True, decode_attention="triton_rope", decode_gemm="cublas"
+        ),
         "rope_spare_rows": dict(
-            compile=True, cuda_graph=True, decode_attention="triton_rope", spare_rows=4
+            compile=True,
+            cuda_graph=True,
+            decode_attention="triton_rope",
+            decode_gemm="cublas",
+            spare_rows=4,
         ),
         # Every kernel a programmatic dependent launch, per compiled layer and whole step.
         "pdl": dict(
-            compile=True, cuda_graph=True, decode_attention="triton_rope", decode_gemm="triton_pdl"
+            compile=True,
+            cuda_graph=True,
+            compile_scope="layer",
+            decode_attention="triton_rope",
+            decode_gemm="triton_pdl",
         ),
         "pdl_step": dict(
             compile=True,
@@ -299,6 +310,9 @@ def test_graphs_kernel_and_staging_give_the_eager_tokens(tmp_path):
             assert not engine.runner.compile_failed  # no silent fallback to the eager step
         if name.startswith("pdl"):
             assert engine.model.decode_pdl
+        # Each entry runs the step it names ("auto"s resolved around the explicit settings).
+        expected_scope = "step" if name == "pdl_step" else "layer"
+        assert engine.runner.decode_path.compile_scope == expected_scope
     assert outputs["graphs"] == outputs["eager"]
     assert outputs["overlap"] == outputs["eager"]
     assert outputs["gemm"] == outputs["eager"]
