@@ -203,8 +203,22 @@ def test_engine_config_from_app_config() -> None:
     default = EngineConfig(**engine_config_dict(AppConfig()))
     default.validate()
     assert default.model_path is None and default.model_config is None  # embedded default
-    assert default.compile_scope == "layer" and default.decode_attention == "auto"
-    assert default.decode_gemm == "auto"
+    # The decode settings default to "auto" (resolved by the runner per device: decode_path.py).
+    assert (default.compile_scope, default.decode_attention, default.decode_gemm) == ("auto",) * 3
+    # The fast path can also be named through the app config.
+    fast = AppConfig.model_validate(
+        {
+            "engine": {
+                "device": "cuda",
+                "compile_scope": "step",
+                "decode_attention": "triton_rope",
+                "decode_gemm": "triton_pdl",
+            }
+        }
+    )
+    fast_engine = EngineConfig(**engine_config_dict(fast))
+    fast_engine.validate()
+    assert fast_engine.decode_gemm == "triton_pdl"
     # Overlapped steps: on for CUDA unless switched off, never on the CPU by default.
     assert default.overlap_steps is None and not default.use_overlap
     assert engine.use_overlap  # the cuda config above
