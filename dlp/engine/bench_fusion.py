@@ -874,7 +874,6 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 # --------------------------------------------------------------------- command line
 def config_from_args(args) -> BenchConfig:
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         cfg = BenchConfig(device=device)

@@ -21,13 +21,19 @@ function of :class:`DeviceTraits` so the CPU tests cover every branch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 from dlp.engine.triton_support import triton_available
 
-__all__ = ["AUTO_KERNEL_MIN_SEQ", "DecodePath", "DeviceTraits", "resolve_decode_path"]
+__all__ = [
+    "AUTO_KERNEL_MIN_SEQ",
+    "PDL_MIN_CAPABILITY",
+    "DecodePath",
+    "DeviceTraits",
+    "resolve_decode_path",
+]
 
 # "auto" attention outside the fast path: the Triton kernel for caches longer than this. At
 # 256 positions the two GEMMs over the whole cache were as fast (H200, Qwen2-1.5B, batch 64:
@@ -70,7 +76,7 @@ class DecodePath:
         return chosen == ("step", "triton_rope", "triton_pdl")
 
     def as_dict(self) -> dict[str, str]:
-        return {"compile_scope": self.compile_scope, "attention": self.attention, "gemm": self.gemm}
+        return asdict(self)
 
 
 def resolve_decode_path(

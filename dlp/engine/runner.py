@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from dlp.engine.decode_attention import pick_splits, triton_available
-from dlp.engine.decode_path import DeviceTraits, resolve_decode_path
+from dlp.engine.decode_path import PDL_MIN_CAPABILITY, DeviceTraits, resolve_decode_path
 from dlp.engine.greedy_kernel import greedy_tokens
 from dlp.engine.model import CompactLM, decode_layer, prefill_layer
 from dlp.engine.staging import StagingBuffer
@@ -242,11 +242,12 @@ class DecodeRunner:
         # "auto" settings -> the step this device runs best (decode_path.py: the whole-step
         # PDL combination on Hopper+ with compile and graphs, the earlier choices elsewhere).
         splits = pick_splits(model.max_seq, model.max_batch, model.shape.n_kv_heads)
+        traits = DeviceTraits.of(device)
         self.decode_path = resolve_decode_path(
             compile_scope,
             attention,
             gemm,
-            traits=DeviceTraits.of(device),
+            traits=traits,
             compile=compile,
             cuda_graph=cuda_graph,
             compile_mode=compile_mode,
@@ -278,7 +279,7 @@ class DecodeRunner:
         model.pack_decode_weights(PACKED_WEIGHTS if model.decode_pdl else ())
         if model.decode_pdl and compile_mode is not None:
             raise DlpError("decode_gemm 'triton_pdl' takes the default compile_mode")
-        if model.decode_pdl and torch.cuda.get_device_capability(device)[0] < 9:
+        if model.decode_pdl and traits.capability_major < PDL_MIN_CAPABILITY:
             raise DlpError("decode_gemm 'triton_pdl' needs a Hopper or later GPU (sm_90+)")
         if model.decode_pdl and not (model.attn_rope and model.attn_splits == 1):
             # A plain kernel between PDL ones costs more than PDL gains (pdl_bench.py).
