@@ -22,7 +22,8 @@ cost is off the step's critical path; what it asks for is
   first programs, and the GEMM takes as long as its slowest);
 - ``down=F``: the same of every split-K piece of every down weight row.
 
-Requests are ``cp.async.bulk.prefetch.L2`` (no registers, nothing waited for). Addresses come
+Each request is sent as ``prefetch.global.L2`` of its 128-byte lines, spread over the
+side kernel's threads (no registers held, nothing waited for). Addresses come
 from a per-layer int64 table built once (the caches and weights never move), and each
 row's number of cached keys from the step's ``positions`` (a persistent buffer), clamped to
 the cache: a stale value can only ask for the wrong bytes of the same cache, never outside
@@ -42,8 +43,8 @@ from dlp.engine.triton_support import INTERPRET, tl, triton
 
 CHUNK_BYTES = 32 * 1024  # bytes per bulk request; longer ranges are sent in pieces
 ALIGN = 16  # cp.async.bulk: 16-byte aligned addresses, sizes a multiple of 16
-PROGRAMS = 32  # side kernel programs (4 warps each, no shared memory)
-BLOCK = 512  # requests a program handles per loop step
+PROGRAMS = 64  # side kernel programs (4 warps each, no shared memory)
+BLOCK = 1024  # 128-byte lines a program asks for per loop step
 MAX_WEIGHTS = 3
 # Per layer: k base, v base, cache row stride, kv-head stride, bytes a position, bytes of
 # the cache's positions - 1, then per weight region: address, rows, row stride, segments,
@@ -273,6 +274,18 @@ def _side_prefetch_fake(
 if triton is not None:
 
     @triton.jit
+    def _prefetch_lines(at, ok):
+        """Ask the L2 for the 128-byte line at each address where ``ok`` (fire and forget)."""
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+            "=r,l,r",
+            [at, ok.to(tl.int32)],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+    @triton.jit
     def _side_prefetch_kernel(
         Table, Positions, Slots, row_at, rows, cache_rows,
         KV_HEADS: tl.constexpr,
@@ -281,6 +294,10 @@ if triton is not None:
         CHUNK: tl.constexpr,
         BLOCK: tl.constexpr,
     ):  # fmt: skip
+        # Every request is cut into 128-byte lines, and the lines of all requests are shared
+        # evenly by the programs' threads: one ``prefetch.global.L2`` a line. (Bulk
+        # prefetches, one a request, kept the kernel ~70 us a layer: the copy engine takes
+        # them one after another, benchmarks/results/decode_step_h200_side.json.)
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         t = Table + row_at
@@ -293,11 +310,14 @@ if triton is not None:
         stride_head = tl.load(t + 3)
         per_position = tl.load(t + 4)
         max_bytes = tl.load(t + 5)
-        n_kv = tl.where(k_base != 0, rows * KV_HEADS * 2, 0)
+        kv_lines = (max_bytes + 127) // 128
+        n_kv = tl.where(k_base != 0, rows * KV_HEADS * 2 * kv_lines, 0)
         for start in range(pid * BLOCK, n_kv, nprog * BLOCK):
             i = start + lanes
             ok = i < n_kv
-            pair = i // 2
+            req = i // kv_lines
+            line = i % kv_lines
+            pair = req // 2
             row = pair // KV_HEADS
             head = pair % KV_HEADS
             pos = tl.load(Positions + row, mask=ok, other=0).to(tl.int64)
@@ -306,20 +326,9 @@ if triton is not None:
                 cache_row = tl.load(Slots + row, mask=ok, other=0).to(tl.int64)
             cache_row = tl.minimum(tl.maximum(cache_row, 0), cache_rows - 1)
             nbytes = tl.minimum(tl.maximum(pos * per_position, 0), max_bytes)
-            nbytes = tl.where(ok, nbytes, 0)
-            base = tl.where(i % 2 == 0, k_base, v_base)
+            base = tl.where(req % 2 == 0, k_base, v_base)
             base = base + cache_row * stride_row + head.to(tl.int64) * stride_head
-            for c in range(0, tl.max(nbytes, 0), CHUNK):
-                size = tl.minimum(tl.maximum(nbytes - c, 0), CHUNK).to(tl.int32)
-                tl.inline_asm_elementwise(
-                    "{ .reg .pred p; setp.gt.s32 p, $2, 0; "
-                    "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-                    "=r,l,r",
-                    [base + c, size],
-                    dtype=tl.int32,
-                    is_pure=False,
-                    pack=1,
-                )
+            _prefetch_lines(base + line * 128, ok & (line * 128 < nbytes))
         # Weight regions: the first `prefix` bytes of each segment of each row.
         for w in tl.static_range(N_WEIGHTS):
             wt = t + 6 + w * 6
@@ -328,21 +337,14 @@ if triton is not None:
             row_stride = tl.load(wt + 2)
             segments = tl.load(wt + 3)
             segment_stride = tl.load(wt + 4)
-            prefix = tl.load(wt + 5).to(tl.int32)
-            n_req = tl.where(address != 0, n_rows * segments, 0)
+            prefix = tl.load(wt + 5)
+            w_lines = (prefix + 127) // 128
+            n_req = tl.where(address != 0, n_rows * segments * w_lines, 0)
             for start in range(pid * BLOCK, n_req, nprog * BLOCK):
                 i = start + lanes
-                ok = i < n_req
-                w_row = i // segments
-                seg = i % segments
-                at = address + w_row * row_stride + seg * segment_stride
-                size = tl.where(ok, prefix, 0)
-                tl.inline_asm_elementwise(
-                    "{ .reg .pred p; setp.gt.s32 p, $2, 0; "
-                    "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-                    "=r,l,r",
-                    [at, size],
-                    dtype=tl.int32,
-                    is_pure=False,
-                    pack=1,
-                )
+                req = i // w_lines
+                line = i % w_lines
+                w_row = req // segments
+                seg = req % segments
+                at = address + w_row * row_stride + seg * segment_stride + line * 128
+                _prefetch_lines(at, i < n_req)
