@@ -297,7 +297,7 @@ if triton is not None:
         # Every request is cut into 128-byte lines, and the lines of all requests are shared
         # evenly by the programs' threads: one ``prefetch.global.L2`` a line. (Bulk
         # prefetches, one a request, kept the kernel ~70 us a layer: the copy engine takes
-        # them one after another, benchmarks/results/decode_step_h200_side.json.)
+        # them one after another, benchmarks/results/decode_step_h200_side_bulk.json.)
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         t = Table + row_at
