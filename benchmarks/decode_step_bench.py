@@ -40,7 +40,6 @@ JSON + PNG.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -84,9 +83,7 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
     (``dlp.engine.greedy_kernel``), as ``{"argmax": (chunks, block)}``, and
     ``attn=BLOCKNxWARPSxSTAGES`` the attention kernel's launch (``{"attn": (64, 4, 3)}``),
     ``packed=gu.down`` the GEMMs whose weights are packed K step by K step
-    (``runner.PACKED_WEIGHTS``, ``{"packed": ("gu", "down")}``; ``packed=``: none), and
-    ``spf=kv.o.gu25.down25`` what a side stream prefetches to L2 for each layer
-    (``dlp.engine.side_prefetch.SidePrefetchPlan.parse``)."""
+    (``runner.PACKED_WEIGHTS``, ``{"packed": ("gu", "down")}``; ``packed=``: none)."""
     from dlp.engine.skinny_gemm import GemmConfig
 
     parts = name.split("+")
@@ -98,11 +95,6 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
             if not set(roles) <= set(GEMM_ROLES) - {"qkvl"} or len(set(roles)) != len(roles):
                 raise ValueError(f"{part!r}: want packed=ROLE[.ROLE...], ROLE in qkv, o, gu, down")
             overrides[role] = roles
-            continue
-        if role == "spf":
-            from dlp.engine.side_prefetch import SidePrefetchPlan
-
-            overrides[role] = SidePrefetchPlan.parse(spec)
             continue
         if role in ("argmax", "attn"):
             sizes = spec.split("x")
@@ -242,7 +234,6 @@ def _variant(
     base, overrides = split_variant(name)
     argmax = overrides.pop("argmax", (gk.CHUNKS, gk.BLOCK))
     packed = overrides.pop("packed", runner_mod.PACKED_WEIGHTS)
-    side = overrides.pop("spf", None)
     attn_launch = da.DEFAULT_LAUNCH
     if "attn" in overrides:
         attn_launch = da.LaunchConfig(*overrides.pop("attn"))
@@ -257,7 +248,7 @@ def _variant(
     launch, da.DEFAULT_LAUNCH = da.DEFAULT_LAUNCH, attn_launch
     packed, runner_mod.PACKED_WEIGHTS = runner_mod.PACKED_WEIGHTS, packed
     try:
-        return _build_and_time(name, base, hf_model, lora, a, compile_, side)
+        return _build_and_time(name, base, hf_model, lora, a, compile_)
     finally:
         sg.MEASURED.clear()
         sg.MEASURED.update(measured)
@@ -267,13 +258,7 @@ def _variant(
 
 
 def _build_and_time(
-    name: str,
-    base: str,
-    hf_model: Any,
-    lora: dict,
-    a: argparse.Namespace,
-    compile_: bool,
-    side: Any = None,
+    name: str, base: str, hf_model: Any, lora: dict, a: argparse.Namespace, compile_: bool
 ) -> tuple[dict[str, Any], Any, Any]:
     import torch
 
@@ -299,7 +284,6 @@ def _build_and_time(
         model.decode_prescale_norm = model.decode_fuse_norms
     if "unprescaled" in name.split("+"):
         model.decode_prescale_norm = False
-    side_on = model.set_side_prefetch(side) if side is not None else False
     start = time.perf_counter()
     with torch.no_grad():
         runner._capture()
@@ -313,7 +297,6 @@ def _build_and_time(
         "decode_pdl": model.decode_pdl,
         "decode_fuse_norms": model.decode_fuse_norms,
         "decode_packed": list(model.decode_packed),
-        "side_prefetch": dataclasses.asdict(side) if side_on else None,
         "compile_capture_s": time.perf_counter() - start,
         "compile_failed": runner.compile_failed,
     }

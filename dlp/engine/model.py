@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlp.engine import side_prefetch
 from dlp.engine.decode_attention import decode_attention, decode_attention_rope, rope_rows
 from dlp.engine.fused_weights import bt_shape, fuse_layer, slot_b_blocks, slot_copies
 from dlp.engine.skinny_gemm import (
@@ -34,7 +33,6 @@ from dlp.engine.skinny_gemm import (
     skinny_pieces,
     skinny_residual,
     skinny_silu_mul,
-    split_pieces,
 )
 from dlp.errors import DlpError
 from dlp.lora.fused_ops import lora_delta
@@ -181,11 +179,6 @@ class CompactLM(nn.Module):
         # each): set by pack_decode_weights, before a step is compiled.
         self.decode_packed: tuple[str, ...] = ()
         self._packed: dict[tuple[int, str], torch.Tensor] = {}
-        # What a side stream prefetches to L2 for each layer of the decode step
-        # (side_prefetch.py; set_side_prefetch), with the table of addresses it reads.
-        self.decode_side_prefetch = side_prefetch.SidePrefetchPlan()
-        self._side_table: torch.Tensor | None = None
-        self._side_token: torch.Tensor | None = None
         self.gemm_counters = torch.zeros(
             4096, dtype=torch.int32, device=hf_model.get_input_embeddings().weight.device
         )
@@ -360,34 +353,6 @@ class CompactLM(nn.Module):
             f.qkv_sizes,
         )
 
-    def set_side_prefetch(self, plan: side_prefetch.SidePrefetchPlan) -> bool:
-        """Have a side stream prefetch ``plan``'s bytes to L2 for each decode layer (with the
-        weight-streaming kernels, on a GPU that has bulk prefetch); False where it does not
-        apply (then nothing is prefetched). Call before a step is compiled."""
-        self.decode_side_prefetch = plan
-        self._side_table = self._side_token = None
-        device = self.rope_cos.device
-        if not (plan.active and self.decode_gemm and side_prefetch.enabled(device)):
-            return False
-        rows = []
-        b, hidden = self.max_batch, self.shape.hidden
-        inter = self.layers[0]["gate_proj"].weight.shape[0]
-        gu_cfg = pick_config(b, inter, hidden, True)
-        down_cfg = pick_config(b, hidden, inter, False)
-        _, down_piece = split_pieces(inter, down_cfg)
-        for i in range(self.shape.n_layers):
-            _, _, _, _, _, w_o, _, w_gu, _, w_down, _, _, _ = self.layer_tensors(i, False, True)
-            kv = side_prefetch.kv_fields(self.k_caches[i], self.v_caches[i]) if plan.kv else None
-            weights = [
-                side_prefetch.whole_region(w_o) if plan.o else None,
-                side_prefetch.row_prefix_region(w_gu, plan.gu, None, gu_cfg.block_k),
-                side_prefetch.row_prefix_region(w_down, plan.down, down_piece, down_cfg.block_k),
-            ]
-            rows.append(side_prefetch.layer_table_row(kv, weights))
-        self._side_table = torch.tensor(rows, dtype=torch.int64, device=device)
-        self._side_token = torch.zeros(1, dtype=torch.int32, device=device)
-        return True
-
     def decode_inputs(
         self, tokens: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -433,12 +398,6 @@ class CompactLM(nn.Module):
             cos, sin, lengths = rope_rows(self.rope_cos, self.rope_sin, positions)
         for i in range(s.n_layers):
             k_cache, v_cache = self.k_caches[i], self.v_caches[i]
-            if self._side_table is not None and self._side_token is not None:
-                # Forked after this layer's input exists (side_prefetch.py).
-                side_prefetch.issue(
-                    x, positions, slots, self._side_table, i, self._side_token, b,
-                    s.n_kv_heads, k_cache.shape[0],
-                )  # fmt: skip
             if slots is None and b != k_cache.shape[0]:
                 k_cache, v_cache = k_cache[:b], v_cache[:b]
             x = layer_fn(

@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from dlp.engine import side_prefetch
 from dlp.engine.decode_attention import pick_splits, triton_available
 from dlp.engine.decode_path import PDL_MIN_CAPABILITY, DeviceTraits, resolve_decode_path
 from dlp.engine.greedy_kernel import greedy_tokens
@@ -52,9 +51,6 @@ PRESCALE_NORM = True
 # interleaved rounds but slower first-timed, for +2.3 GB (+11 GB at Llama-3-8B)
 # (benchmarks/results/decode_step_h200_packed.json).
 PACKED_WEIGHTS: tuple[str, ...] = ()
-# triton_pdl: what a side stream prefetches to L2 for each decode layer (side_prefetch.py;
-# e.g. SidePrefetchPlan(kv=True, gu=0.25)). Nothing by default.
-SIDE_PREFETCH = side_prefetch.SidePrefetchPlan()
 # Above this many padded tokens a prefill's GPU time (~16 ms on an H200 for Qwen2-1.5B)
 # covers its host time: run it directly, without a bucket's padding.
 PREFILL_GRAPH_TOKENS = 4096
@@ -281,7 +277,6 @@ class DecodeRunner:
         # ... and gate/up reading o's rows prescaled by the norm weight (PRESCALE_NORM).
         model.decode_prescale_norm = model.decode_fuse_norms and PRESCALE_NORM
         model.pack_decode_weights(PACKED_WEIGHTS if model.decode_pdl else ())
-        model.set_side_prefetch(SIDE_PREFETCH if model.decode_pdl else side_prefetch.NOTHING)
         if model.decode_pdl and compile_mode is not None:
             raise DlpError("decode_gemm 'triton_pdl' takes the default compile_mode")
         if model.decode_pdl and traits.capability_major < PDL_MIN_CAPABILITY:
@@ -502,13 +497,8 @@ class DecodeRunner:
 
     def _step(self, rows: int, lora: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self.compiled_step is not None:
-            out = self.compiled_step(rows, lora)
-        else:
-            out = self._eager_step(rows, lora)
-        # The step's side-stream prefetches (side_prefetch.py) join it here, outside the
-        # compiled function, so a captured graph ends with its fork joined.
-        side_prefetch.join(self.device)
-        return out
+            return self.compiled_step(rows, lora)
+        return self._eager_step(rows, lora)
 
     def _eager_step(self, rows: int, lora: bool) -> tuple[torch.Tensor, torch.Tensor]:
         scales = None
@@ -558,7 +548,6 @@ class DecodeRunner:
             self.model.decode_fuse_norms = False
             self.model.decode_prescale_norm = False
             self.model.pack_decode_weights(())
-            self.model.set_side_prefetch(side_prefetch.NOTHING)
             self._capture()
         if self.graph_tokens:
             try:

@@ -212,27 +212,6 @@ def test_balanced_gate_up_columns_give_the_eager_tokens(tmp_path, monkeypatch):
     assert balanced == eager
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
-    reason="bulk L2 prefetch needs a Hopper or later GPU",
-)
-def test_side_stream_prefetch_gives_the_eager_tokens(tmp_path, monkeypatch):
-    """fp32: the PDL whole-step engine with a side stream prefetching every layer's KV, o
-    weight and row prefixes of gate/up and down (``runner.SIDE_PREFETCH``; forked in the
-    captured graph, joined at its end) == the eager engine, token for token."""
-    from dlp.engine import runner
-    from dlp.engine.side_prefetch import SidePrefetchPlan
-
-    plan = SidePrefetchPlan(kv=True, o=True, gu=0.5, down=0.5)
-    monkeypatch.setattr(runner, "SIDE_PREFETCH", plan)
-    model = tiny_model("qwen2").to("cuda")
-    adapters = write_adapters(model, tmp_path, ["t0", "t1", "t2"])
-    eager, fast, engine = _eager_and_pdl_step_tokens(model, adapters)
-    compact = engine.runner.model
-    assert compact.decode_side_prefetch == plan and compact._side_table is not None
-    assert fast == eager
-
-
 def test_packed_weights_give_the_eager_tokens(tmp_path, monkeypatch):
     """fp32: the PDL whole-step engine with every decode GEMM's weight packed K step by K
     step (``runner.PACKED_WEIGHTS``) == the eager engine, token for token (q/v adapters in
