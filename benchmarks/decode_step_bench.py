@@ -83,7 +83,11 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
     (``dlp.engine.greedy_kernel``), as ``{"argmax": (chunks, block)}``, and
     ``attn=BLOCKNxWARPSxSTAGES`` the attention kernel's launch (``{"attn": (64, 4, 3)}``),
     ``packed=gu.down`` the GEMMs whose weights are packed K step by K step
-    (``runner.PACKED_WEIGHTS``, ``{"packed": ("gu", "down")}``; ``packed=``: none)."""
+    (``runner.PACKED_WEIGHTS``, ``{"packed": ("gu", "down")}``; ``packed=``: none);
+    ``norm=N`` the residual add + norm kernel's programs a row (``residual_norm.SPLIT_N``, 0:
+    Inductor's kernel), ``blas=cublas`` the BLAS library of the lm_head GEMM (torch's
+    ``preferred_blas_library``) and a part ``ropepdl`` (no ``=``) the rope rows kernel as a
+    PDL launch (``model.ROPE_ROWS_PDL``)."""
     from dlp.engine.skinny_gemm import GemmConfig
 
     parts = name.split("+")
@@ -96,6 +100,16 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
                 raise ValueError(f"{part!r}: want packed=ROLE[.ROLE...], ROLE in qkv, o, gu, down")
             overrides[role] = roles
             continue
+        if role == "norm":
+            if not spec.isdigit():
+                raise ValueError(f"{part!r}: want norm=PROGRAMS_A_ROW (0: Inductor's kernel)")
+            overrides[role] = int(spec)
+            continue
+        if role == "blas":
+            if spec not in ("cublas", "cublaslt"):
+                raise ValueError(f"{part!r}: want blas=cublas or blas=cublaslt")
+            overrides[role] = spec
+            continue
         if role in ("argmax", "attn"):
             sizes = spec.split("x")
             want = 2 if role == "argmax" else 3
@@ -107,7 +121,9 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
         if role not in GEMM_ROLES:
             raise ValueError(f"{part!r}: want ROLE=BNxBKxSPLITxWARPSxSTAGES, ROLE in {GEMM_ROLES}")
         overrides[role] = GemmConfig.parse(spec)
-    return "+".join(p for p in parts if "=" not in p), overrides
+    if "ropepdl" in parts:
+        overrides["ropepdl"] = True
+    return "+".join(p for p in parts if "=" not in p and p != "ropepdl"), overrides
 
 
 def _fill_cache(model: Any, seed: int) -> None:
@@ -225,8 +241,12 @@ def _variant(
     a: argparse.Namespace,
     compile_: bool = True,
 ) -> tuple[dict[str, Any], Any, Any]:
+    import torch
+
     from dlp.engine import decode_attention as da
     from dlp.engine import greedy_kernel as gk
+    from dlp.engine import model as model_mod
+    from dlp.engine import residual_norm as rn
     from dlp.engine import runner as runner_mod
     from dlp.engine import skinny_gemm as sg
     from dlp.engine.shapes import decode_gemm_shapes
@@ -234,6 +254,9 @@ def _variant(
     base, overrides = split_variant(name)
     argmax = overrides.pop("argmax", (gk.CHUNKS, gk.BLOCK))
     packed = overrides.pop("packed", runner_mod.PACKED_WEIGHTS)
+    split_n = overrides.pop("norm", rn.SPLIT_N)
+    blas = overrides.pop("blas", None)
+    rope_pdl = overrides.pop("ropepdl", model_mod.ROPE_ROWS_PDL)
     attn_launch = da.DEFAULT_LAUNCH
     if "attn" in overrides:
         attn_launch = da.LaunchConfig(*overrides.pop("attn"))
@@ -247,9 +270,17 @@ def _variant(
     gk.CHUNKS, gk.BLOCK = argmax
     launch, da.DEFAULT_LAUNCH = da.DEFAULT_LAUNCH, attn_launch
     packed, runner_mod.PACKED_WEIGHTS = runner_mod.PACKED_WEIGHTS, packed
+    split_n, rn.SPLIT_N = rn.SPLIT_N, split_n
+    rope_pdl, model_mod.ROPE_ROWS_PDL = model_mod.ROPE_ROWS_PDL, rope_pdl
+    library = torch.backends.cuda.preferred_blas_library()
+    if blas is not None:
+        torch.backends.cuda.preferred_blas_library(blas)
     try:
         return _build_and_time(name, base, hf_model, lora, a, compile_)
     finally:
+        torch.backends.cuda.preferred_blas_library(library)
+        rn.SPLIT_N = split_n
+        model_mod.ROPE_ROWS_PDL = rope_pdl
         sg.MEASURED.clear()
         sg.MEASURED.update(measured)
         gk.CHUNKS, gk.BLOCK = greedy

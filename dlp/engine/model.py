@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlp.engine import residual_norm
 from dlp.engine.decode_attention import decode_attention, decode_attention_rope, rope_rows
 from dlp.engine.fused_weights import bt_shape, fuse_layer, slot_b_blocks, slot_copies
 from dlp.engine.skinny_gemm import (
@@ -36,6 +37,10 @@ from dlp.engine.skinny_gemm import (
 )
 from dlp.errors import DlpError
 from dlp.lora.fused_ops import lora_delta
+
+# PDL step: the rope rows kernel (the step's first) lets the next kernel launch at once
+# instead of after it ends. decode_step_bench.py's ``+ropepdl`` measures it.
+ROPE_ROWS_PDL = False
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -366,10 +371,12 @@ class CompactLM(nn.Module):
         bias = bias.masked_fill(~visible, float("-inf"))[:, None, None, :]
         return x, cos, sin, bias
 
-    def decode_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm + lm_head for [b, 1, h] -> logits [b, vocab] in the model dtype."""
-        x = rms_norm(x, self.hf.model.norm.weight, self.shape.rms_eps)
-        return self.lm_head(x[:, 0])
+    def decode_head(self, x: torch.Tensor, normed: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm + lm_head for [b, 1, h] -> logits [b, vocab] in the model dtype
+        (``normed``: the final norm of x, when the last layer made it)."""
+        if normed is None:
+            normed = rms_norm(x, self.hf.model.norm.weight, self.shape.rms_eps)
+        return self.lm_head(normed[:, 0])
 
     def decode(
         self,
@@ -395,12 +402,17 @@ class CompactLM(nn.Module):
         if self.attn_splits and self.attn_rope:
             # The rope attention's per-row inputs, made once for all layers (made in each
             # layer or by plain indexing here, Inductor copies them per attention op).
-            cos, sin, lengths = rope_rows(self.rope_cos, self.rope_sin, positions)
+            pdl = self.decode_pdl and ROPE_ROWS_PDL
+            cos, sin, lengths = rope_rows(self.rope_cos, self.rope_sin, positions, pdl)
+        # Each layer ends with the next one's input norm (the last with the final norm): its
+        # residual add and that norm are then one kernel (residual_norm.py) in the PDL step.
+        next_norms = [w["in_norm"].weight for w in self.layers[1:]] + [self.hf.model.norm.weight]
+        normed = None
         for i in range(s.n_layers):
             k_cache, v_cache = self.k_caches[i], self.v_caches[i]
             if slots is None and b != k_cache.shape[0]:
                 k_cache, v_cache = k_cache[:b], v_cache[:b]
-            x = layer_fn(
+            x, normed = layer_fn(
                 x,
                 cos,
                 sin,
@@ -423,8 +435,10 @@ class CompactLM(nn.Module):
                 counters,
                 lengths,
                 self.decode_prescale_norm,
+                normed,
+                next_norms[i],
             )
-        return self.decode_head(x)
+        return self.decode_head(x, normed)
 
     # --- prefill: whole prompts of new requests into fresh rows --------------------
 
@@ -551,7 +565,9 @@ def decode_layer(
     counters: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
     prescale: bool = False,
-) -> torch.Tensor:
+    normed: torch.Tensor | None = None,
+    next_norm: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One transformer block for one new token per row; a pure function of its tensors so
     one ``torch.compile`` of it serves every layer. Writes this token's K/V into the cache:
     row r's cache row is ``batch_idx[r]`` (r itself, or a slot table when the cache has
@@ -576,12 +592,17 @@ def decode_layer(
     those, applying each row's rstd after its product (no norm arithmetic in its K steps).
 
     With ``attn_rope``, cos / sin may come as rows ``[b, head_dim]`` and ``lengths``
-    (``positions + 1``) made once for every layer (:meth:`CompactLM.decode` does)."""
+    (``positions + 1``) made once for every layer (:meth:`CompactLM.decode` does).
+
+    Returns the block's output and, with ``next_norm`` (the next block's input norm weight,
+    or the final norm's), its RMSNorm, which the next block then takes as ``normed`` instead
+    of normalising its input itself (in the PDL step the residual add and that norm are one
+    kernel, :mod:`dlp.engine.residual_norm`); else None."""
     b = x.shape[0]
     lo, lg, lu, ld = lora
     linear = _decode_linear(skinny, pdl)
     fuse = counters is not None and skinny and pdl
-    h = rms_norm(x, in_norm, eps)
+    h = normed if normed is not None else rms_norm(x, in_norm, eps)
     # The slot table, when rows read their cache row through it (more cache rows than rows).
     slots = batch_idx if k_cache.shape[0] != b else None
     if attn_splits and attn_rope:
@@ -619,8 +640,9 @@ def decode_layer(
     mlp_lora = (lg, lu, ld)
     post = NormInput(x_sumsq, post_norm, eps, x_scaled) if x_sumsq is not None else None
     return _mlp(
-        x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny, pdl, post
-    )
+        x, post_norm, w_gu, b_gu, w_down, b_down, mlp_lora, row_scales, eps, skinny, pdl, post,
+        next_norm,
+    )  # fmt: skip
 
 
 def _residual(
@@ -744,7 +766,7 @@ def prefill_layer(
     o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     o = o.transpose(1, 2).reshape(n, t, n_heads * head_dim)
     x = x + _lin(o, w_o, b_o, lo, row_scales)
-    return _mlp(x, post_norm, w_gu, b_gu, w_down, b_down, (lg, lu, ld), row_scales, eps)
+    return _mlp(x, post_norm, w_gu, b_gu, w_down, b_down, (lg, lu, ld), row_scales, eps)[0]
 
 
 def _qkv(
@@ -780,11 +802,13 @@ def _mlp(
     skinny: bool = False,
     pdl: bool = False,
     normed: NormInput | None = None,
-) -> torch.Tensor:
+    next_norm: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Residual MLP half of a block: gate and up in one GEMM, per-row LoRA on any of them.
     ``skinny``: the weight-streaming kernels; without LoRA on gate/up, silu(gate) * up is
     the gate/up kernel's epilogue. ``normed`` (x's sums of squares) lets gate/up apply the
-    norm as it reads x (see decode_layer)."""
+    norm as it reads x (see decode_layer). Returns the new x and, with ``next_norm``, its
+    RMSNorm by that weight (else None)."""
     lg, lu, ld = lora
     linear = _decode_linear(skinny, pdl)
     gate_lora = lg is not None and row_scales is not None
@@ -794,7 +818,16 @@ def _mlp(
             act = skinny_silu_mul(x, w_gu, b_gu, pdl=pdl, norm=normed)
         else:
             act = skinny_silu_mul(rms_norm(x, post_norm, eps), w_gu, b_gu, pdl=pdl)
-        return x + _lin(act, w_down, b_down, ld, row_scales, linear)
+        down_lora = ld is not None and row_scales is not None
+        if pdl and next_norm is not None and not down_lora and residual_norm.SPLIT_N > 0:
+            # down's split-K pieces, summed with the residual add and the next norm in one
+            # kernel of ours (Inductor's own reads each row twice, residual_norm.py).
+            pieces = skinny_pieces(act, w_down, b_down, pdl=True)
+            x2, h2 = residual_norm.residual_rms_norm(
+                pieces, x.reshape(-1, x.shape[-1]), next_norm, eps, pdl=True
+            )
+            return x2.reshape(x.shape), h2.reshape(x.shape)
+        return _with_norm(x + _lin(act, w_down, b_down, ld, row_scales, linear), next_norm, eps)
     h = rms_norm(x, post_norm, eps)
     gu = linear(h, w_gu, b_gu)
     inter = w_gu.shape[0] // 2
@@ -803,4 +836,12 @@ def _mlp(
         gate = gate + lora_delta(h, lg[0], lg[1], None, row_scales).to(gate.dtype)
     if up_lora:
         up = up + lora_delta(h, lu[0], lu[1], None, row_scales).to(up.dtype)
-    return x + _lin(F.silu(gate) * up, w_down, b_down, ld, row_scales, linear)
+    return _with_norm(
+        x + _lin(F.silu(gate) * up, w_down, b_down, ld, row_scales, linear), next_norm, eps
+    )
+
+
+def _with_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return x, rms_norm(x, weight, eps) if weight is not None else None

@@ -46,6 +46,14 @@ def test_variant_names_carry_gemm_configs() -> None:
     for bad in ("64x4", "64x4x0", "64x4x3x1"):
         with pytest.raises(ValueError, match="BLOCKNxWARPSxSTAGES"):
             bench.split_variant(f"step+rope+pdl+attn={bad}")
+    # the residual + norm kernel's programs a row, the lm_head's BLAS, the rope rows' PDL
+    base, overrides = bench.split_variant("step+rope+pdl+norm=2+blas=cublas+ropepdl")
+    assert base == "step+rope+pdl"
+    assert overrides == {"norm": 2, "blas": "cublas", "ropepdl": True}
+    with pytest.raises(ValueError, match="PROGRAMS_A_ROW"):
+        bench.split_variant("step+rope+pdl+norm=x")
+    with pytest.raises(ValueError, match="blas=cublas"):
+        bench.split_variant("step+rope+pdl+blas=rocblas")
 
 
 def _kernel(name: str, ts: float, dur: float, grid: list[int]) -> dict:

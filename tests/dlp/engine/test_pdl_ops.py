@@ -1,6 +1,6 @@
 """The PDL launches' torch ops (``dlp::skinny_pdl``, ``dlp::decode_attention_rope_pdl``,
-``dlp::greedy_pdl``, ``dlp::skinny_residual_pdl``): Inductor sees only their declared
-contracts, so those must be right.
+``dlp::greedy_pdl``, ``dlp::skinny_residual_pdl``, ``dlp::residual_norm_pdl``): Inductor
+sees only their declared contracts, so those must be right.
 ``torch.library.opcheck`` runs each op for real (under Triton's CPU interpreter, where the
 kernels launch without PDL) and against its fake: schema, declared mutations (the caches and
 nothing else), output shapes, dtypes and strides. The CUDA runs are in test_engine_cuda.py."""
@@ -23,6 +23,8 @@ CASES = {
     "rope": "rope",
     "rope_pieces": "rope_pieces",
     "greedy": "greedy",
+    "residual_norm": "residual_norm",
+    "residual_norm_split": "residual_norm_split",  # two programs a row
 }
 
 _CHILD = """
@@ -30,6 +32,7 @@ _CHILD = """
 
     import dlp.engine.decode_attention  # noqa: F401 - registers the ops
     import dlp.engine.greedy_kernel  # noqa: F401
+    import dlp.engine.residual_norm  # noqa: F401
     import dlp.engine.skinny_gemm  # noqa: F401
 
     def args_for(kind):
@@ -59,6 +62,10 @@ _CHILD = """
             return torch.ops.dlp.skinny_pdl, (x, w, bias, n, silu, *cfg, *no_norm)
         if kind == "greedy":
             return torch.ops.dlp.greedy_pdl, (torch.randn(3, 700),)
+        if kind.startswith("residual_norm"):
+            pieces, res, w = torch.randn(4, 3, 96), torch.randn(3, 96).bfloat16(), torch.randn(96)
+            split = 2 if kind.endswith("split") else 1
+            return torch.ops.dlp.residual_norm_pdl, (pieces, res, w.bfloat16(), 1e-6, split)
         b, h, kvh, d, s = 2, 4, 2, 16, 40
         pieces = 3 if kind == "rope_pieces" else 1
         parts = torch.randn(pieces, b, (h + 2 * kvh) * d)
