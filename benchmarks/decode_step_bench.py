@@ -85,9 +85,8 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
     ``packed=gu.down`` the GEMMs whose weights are packed K step by K step
     (``runner.PACKED_WEIGHTS``, ``{"packed": ("gu", "down")}``; ``packed=``: none);
     ``norm=N`` the residual add + norm kernel's programs a row (``residual_norm.SPLIT_N``, 0:
-    Inductor's kernel), ``blas=cublas`` the BLAS library of the lm_head GEMM (torch's
-    ``preferred_blas_library``) and a part ``ropepdl`` (no ``=``) the rope rows kernel as a
-    PDL launch (``model.ROPE_ROWS_PDL``)."""
+    Inductor's kernel) and ``blas=cublas`` the BLAS library of the lm_head GEMM (torch's
+    ``preferred_blas_library``)."""
     from dlp.engine.skinny_gemm import GemmConfig
 
     parts = name.split("+")
@@ -121,9 +120,7 @@ def split_variant(name: str) -> tuple[str, dict[str, Any]]:
         if role not in GEMM_ROLES:
             raise ValueError(f"{part!r}: want ROLE=BNxBKxSPLITxWARPSxSTAGES, ROLE in {GEMM_ROLES}")
         overrides[role] = GemmConfig.parse(spec)
-    if "ropepdl" in parts:
-        overrides["ropepdl"] = True
-    return "+".join(p for p in parts if "=" not in p and p != "ropepdl"), overrides
+    return "+".join(p for p in parts if "=" not in p), overrides
 
 
 def _fill_cache(model: Any, seed: int) -> None:
@@ -245,7 +242,6 @@ def _variant(
 
     from dlp.engine import decode_attention as da
     from dlp.engine import greedy_kernel as gk
-    from dlp.engine import model as model_mod
     from dlp.engine import residual_norm as rn
     from dlp.engine import runner as runner_mod
     from dlp.engine import skinny_gemm as sg
@@ -256,7 +252,6 @@ def _variant(
     packed = overrides.pop("packed", runner_mod.PACKED_WEIGHTS)
     split_n = overrides.pop("norm", rn.SPLIT_N)
     blas = overrides.pop("blas", None)
-    rope_pdl = overrides.pop("ropepdl", model_mod.ROPE_ROWS_PDL)
     attn_launch = da.DEFAULT_LAUNCH
     if "attn" in overrides:
         attn_launch = da.LaunchConfig(*overrides.pop("attn"))
@@ -271,7 +266,6 @@ def _variant(
     launch, da.DEFAULT_LAUNCH = da.DEFAULT_LAUNCH, attn_launch
     packed, runner_mod.PACKED_WEIGHTS = runner_mod.PACKED_WEIGHTS, packed
     split_n, rn.SPLIT_N = rn.SPLIT_N, split_n
-    rope_pdl, model_mod.ROPE_ROWS_PDL = model_mod.ROPE_ROWS_PDL, rope_pdl
     library = torch.backends.cuda.preferred_blas_library()
     if blas is not None:
         torch.backends.cuda.preferred_blas_library(blas)
@@ -280,7 +274,6 @@ def _variant(
     finally:
         torch.backends.cuda.preferred_blas_library(library)
         rn.SPLIT_N = split_n
-        model_mod.ROPE_ROWS_PDL = rope_pdl
         sg.MEASURED.clear()
         sg.MEASURED.update(measured)
         gk.CHUNKS, gk.BLOCK = greedy

@@ -269,14 +269,8 @@ if triton is not None:
         RopeCos, RopeSin, Positions, Cos, Sin, Lengths, stride_table,
         D: tl.constexpr,
         D_PAD: tl.constexpr,
-        USE_GDC: tl.constexpr,
     ):  # fmt: skip
         # One program a row: its table rows and its length.
-        if USE_GDC:
-            # The positions may come from the kernel before; the kernel after (the step's
-            # embedding) needs nothing of ours and may start at once.
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         pos = tl.load(Positions + row)
         dims = tl.arange(0, D_PAD)
@@ -317,7 +311,7 @@ if triton is not None:
 
 
 def rope_rows(
-    rope_cos: torch.Tensor, rope_sin: torch.Tensor, positions: torch.Tensor, pdl: bool = False
+    rope_cos: torch.Tensor, rope_sin: torch.Tensor, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The rope attention's per-row inputs, made once a step for every layer: each row's cos
     and sin ``[b, d]`` (rows ``positions`` of the model's tables ``[S, d]``) and its number of
@@ -328,36 +322,32 @@ def rope_rows(
     buffer: it copies them again for each attention op that reads them (groups of four
     layers a kernel, 14 kernels and ~14 us a step on the H200,
     ``benchmarks/results/decode_step_h200_default.json``); an op's outputs are buffers it
-    passes as they are (none of those copies in ``..._rows.json``). ``pdl``: a programmatic
-    dependent launch that lets the kernel after it start at once (nothing there reads these
-    rows: the attention kernels come later)."""
+    passes as they are (none of those copies in ``..._rows.json``)."""
     if triton is None or not (positions.is_cuda or _INTERPRET):
         return rope_cos[positions], rope_sin[positions], positions + 1
-    return torch.ops.dlp.rope_rows(rope_cos, rope_sin, positions, pdl)
+    return torch.ops.dlp.rope_rows(rope_cos, rope_sin, positions)
 
 
 @torch.library.custom_op("dlp::rope_rows", mutates_args=())
 def _rope_rows_op(
-    rope_cos: torch.Tensor, rope_sin: torch.Tensor, positions: torch.Tensor, pdl: bool = False
+    rope_cos: torch.Tensor, rope_sin: torch.Tensor, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, d = positions.shape[0], rope_cos.shape[1]
     if rope_cos.shape != rope_sin.shape or rope_cos.stride(1) != 1 or rope_sin.stride(1) != 1:
         raise ValueError("rope_cos and rope_sin need one shape [S, d], contiguous rows")
-    pdl = pdl and not _INTERPRET  # the CPU interpreter has no griddepcontrol (inline asm)
     cos = rope_cos.new_empty((b, d))
     sin = rope_sin.new_empty((b, d))
     lengths = torch.empty_like(positions)
     _rope_rows_kernel[(b,)](
         rope_cos, rope_sin, positions, cos, sin, lengths, rope_cos.stride(0),
-        D=d, D_PAD=triton.next_power_of_2(d), USE_GDC=pdl,
-        **({"launch_pdl": True} if pdl else {}),
+        D=d, D_PAD=triton.next_power_of_2(d),
     )  # fmt: skip
     return cos, sin, lengths
 
 
 @_rope_rows_op.register_fake
 def _rope_rows_fake(
-    rope_cos: torch.Tensor, rope_sin: torch.Tensor, positions: torch.Tensor, pdl: bool = False
+    rope_cos: torch.Tensor, rope_sin: torch.Tensor, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, d = positions.shape[0], rope_cos.shape[1]
     return rope_cos.new_empty((b, d)), rope_sin.new_empty((b, d)), torch.empty_like(positions)

@@ -38,10 +38,6 @@ from dlp.engine.skinny_gemm import (
 from dlp.errors import DlpError
 from dlp.lora.fused_ops import lora_delta
 
-# PDL step: the rope rows kernel (the step's first) lets the next kernel launch at once
-# instead of after it ends. decode_step_bench.py's ``+ropepdl`` measures it.
-ROPE_ROWS_PDL = False
-
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The decode GEMMs whose weights CompactLM.pack_decode_weights can re-lay for the kernels.
@@ -402,8 +398,7 @@ class CompactLM(nn.Module):
         if self.attn_splits and self.attn_rope:
             # The rope attention's per-row inputs, made once for all layers (made in each
             # layer or by plain indexing here, Inductor copies them per attention op).
-            pdl = self.decode_pdl and ROPE_ROWS_PDL
-            cos, sin, lengths = rope_rows(self.rope_cos, self.rope_sin, positions, pdl)
+            cos, sin, lengths = rope_rows(self.rope_cos, self.rope_sin, positions)
         # Each layer ends with the next one's input norm (the last with the final norm): its
         # residual add and that norm are then one kernel (residual_norm.py) in the PDL step.
         next_norms = [w["in_norm"].weight for w in self.layers[1:]] + [self.hf.model.norm.weight]

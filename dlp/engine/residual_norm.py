@@ -24,8 +24,11 @@ from dlp.engine.triton_support import INTERPRET, tl, triton
 
 # Programs a row: each reads the whole row (the sum of squares needs it) and writes its
 # share of the columns; 0: the PDL step leaves the add + norm to Inductor (its own fused
-# kernel). decode_step_bench.py's ``+norm=N`` sets it per variant.
-SPLIT_N = 0
+# kernel). decode_step_bench.py's ``+norm=N`` sets it per variant. On the H200 (Qwen2-1.5B
+# step (a), benchmarks/results/decode_step_h200_norm.json) 1 took 1.8 us a layer against
+# Inductor's 2.2-2.4: step 1.623 ms against 1.634 interleaved (1.593 / 1.595 first-timed);
+# 2 programs a row 1.655.
+SPLIT_N = 1
 
 
 def residual_rms_norm_reference(

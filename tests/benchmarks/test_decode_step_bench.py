@@ -46,10 +46,10 @@ def test_variant_names_carry_gemm_configs() -> None:
     for bad in ("64x4", "64x4x0", "64x4x3x1"):
         with pytest.raises(ValueError, match="BLOCKNxWARPSxSTAGES"):
             bench.split_variant(f"step+rope+pdl+attn={bad}")
-    # the residual + norm kernel's programs a row, the lm_head's BLAS, the rope rows' PDL
-    base, overrides = bench.split_variant("step+rope+pdl+norm=2+blas=cublas+ropepdl")
+    # the residual + norm kernel's programs a row, the lm_head's BLAS library
+    base, overrides = bench.split_variant("step+rope+pdl+norm=2+blas=cublas")
     assert base == "step+rope+pdl"
-    assert overrides == {"norm": 2, "blas": "cublas", "ropepdl": True}
+    assert overrides == {"norm": 2, "blas": "cublas"}
     with pytest.raises(ValueError, match="PROGRAMS_A_ROW"):
         bench.split_variant("step+rope+pdl+norm=x")
     with pytest.raises(ValueError, match="blas=cublas"):
