@@ -63,6 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="decode GEMMs of the engine variants (default: auto)",
     )
     parser.add_argument(
+        "--residual-norm",
+        type=int,
+        default=None,
+        metavar="PROGRAMS",
+        help="PDL step: the residual add + input norm kernel's programs a row (0: Inductor's"
+        " own kernel, the default; dlp.engine.residual_norm.SPLIT_N)",
+    )
+    parser.add_argument(
         "--overlap-steps",
         action="store_true",
         help="queue decode step N+1 before handling step N's tokens",

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dlp.engine import residual_norm
 from dlp.engine.bench_args import add_arguments  # noqa: F401  (re-export for the script)
 from dlp.engine.config import EngineConfig
 from dlp.engine.engine import Engine
@@ -103,6 +104,9 @@ class BenchConfig:
     decode_attention: str = "auto"  # EngineConfig.decode_attention of the engine variants
     decode_gemm: str = "auto"  # EngineConfig.decode_gemm of the engine variants
     overlap_steps: bool = False  # EngineConfig.overlap_steps of the engine variants
+    # PDL step: the residual add + input norm kernel's programs a row (residual_norm.SPLIT_N;
+    # 0: Inductor's own kernel, the default)
+    residual_norm_programs: int = 0
 
 
 class Deadline:
@@ -648,6 +652,7 @@ ENGINE_SETTINGS = (
     "decode_attention",
     "decode_gemm",
     "overlap_steps",
+    "residual_norm_programs",
 )
 
 
@@ -833,7 +838,11 @@ def _plot_scale(report: dict[str, Any], png: Path, plt: Any) -> Path:
 
 def main(cfg: BenchConfig, command: str | None = None) -> dict[str, Any]:
     command = command or " ".join(sys.argv)
-    report = asyncio.run(run(cfg, command))
+    split_n, residual_norm.SPLIT_N = residual_norm.SPLIT_N, cfg.residual_norm_programs
+    try:  # read when the engines' steps are traced
+        report = asyncio.run(run(cfg, command))
+    finally:
+        residual_norm.SPLIT_N = split_n
     out = Path(cfg.out)
     write_report(report, out)
     try:
@@ -938,6 +947,10 @@ def config_from_args(args) -> BenchConfig:
     if args.decode_gemm:
         cfg.decode_gemm = args.decode_gemm
     cfg.overlap_steps = bool(args.overlap_steps)
+    if args.residual_norm is not None:
+        if args.residual_norm < 0:
+            raise DlpError(f"--residual-norm must be >= 0, got {args.residual_norm}")
+        cfg.residual_norm_programs = args.residual_norm
     if args.out:
         cfg.out = args.out
     return cfg

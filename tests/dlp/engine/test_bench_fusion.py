@@ -100,6 +100,31 @@ def test_scale_only_and_no_scale_exclude_each_other():
         config_from_args(args)
 
 
+def test_residual_norm_programs_come_from_the_command_line():
+    """--residual-norm N: the PDL step's residual add + norm kernel (residual_norm.SPLIT_N)
+    for the run (0 by default); < 0 refused."""
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args(["--device", "cpu"])).residual_norm_programs == 0
+    cfg = config_from_args(parser.parse_args(["--device", "cpu", "--residual-norm", "1"]))
+    assert cfg.residual_norm_programs == 1
+    with pytest.raises(DlpError, match="--residual-norm"):
+        config_from_args(parser.parse_args(["--device", "cpu", "--residual-norm", "-1"]))
+
+
+def test_a_run_records_its_residual_norm_programs(tmp_path):
+    """The setting is in the report's config (merges check it) and set back after the run."""
+    from dlp.engine import residual_norm
+
+    before = residual_norm.SPLIT_N
+    out = tmp_path / "fusion.json"
+    cfg = tiny_bench(out, shapes=("tiny-qwen2",), scale=False, residual_norm_programs=1)
+    main(cfg, command="test")
+    assert json.loads(out.read_text())["config"]["residual_norm_programs"] == 1
+    assert before == residual_norm.SPLIT_N
+
+
 @pytest.mark.parametrize(("prompt", "new"), [(128, 128), (32, 16), (5, 1), (100, 7)])
 def test_the_timed_step_reads_the_keys_the_floor_counts(prompt, new):
     """The graph step is timed at the middle decode position: its keys a row (position + 1)
