@@ -155,6 +155,9 @@ class CompactLM(nn.Module):
         self.register_buffer("rope_cos", cos.to(param.dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(param.dtype), persistent=False)
         self.layers = [self._layer_weights(i, layer) for i, layer in enumerate(inner.layers)]
+        # Each decode layer ends with the next one's input norm (the last with the final norm):
+        # its residual add and that norm are then one kernel (residual_norm.py) in the PDL step.
+        self._next_norms = [w["in_norm"].weight for w in self.layers[1:]] + [inner.norm.weight]
         self.embed = inner.embed_tokens
         self.lm_head = getattr(hf_model.lm_head, "base_layer", hf_model.lm_head)
         # Decode attention: 0 = matmuls over the whole static cache (any device); N >= 1 = the
@@ -399,9 +402,6 @@ class CompactLM(nn.Module):
             # The rope attention's per-row inputs, made once for all layers (made in each
             # layer or by plain indexing here, Inductor copies them per attention op).
             cos, sin, lengths = rope_rows(self.rope_cos, self.rope_sin, positions)
-        # Each layer ends with the next one's input norm (the last with the final norm): its
-        # residual add and that norm are then one kernel (residual_norm.py) in the PDL step.
-        next_norms = [w["in_norm"].weight for w in self.layers[1:]] + [self.hf.model.norm.weight]
         normed = None
         for i in range(s.n_layers):
             k_cache, v_cache = self.k_caches[i], self.v_caches[i]
@@ -431,7 +431,7 @@ class CompactLM(nn.Module):
                 lengths,
                 self.decode_prescale_norm,
                 normed,
-                next_norms[i],
+                self._next_norms[i],
             )
         return self.decode_head(x, normed)
 
