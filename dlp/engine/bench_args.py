@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="PROGRAMS",
         help="PDL step: the residual add + input norm kernel's programs a row (0: Inductor's"
-        " own kernel, the default; dlp.engine.residual_norm.SPLIT_N)",
+        " own kernel; default: the engine's, dlp.engine.residual_norm.SPLIT_N = 1)",
     )
     parser.add_argument(
         "--overlap-steps",

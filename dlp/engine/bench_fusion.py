@@ -104,9 +104,9 @@ class BenchConfig:
     decode_attention: str = "auto"  # EngineConfig.decode_attention of the engine variants
     decode_gemm: str = "auto"  # EngineConfig.decode_gemm of the engine variants
     overlap_steps: bool = False  # EngineConfig.overlap_steps of the engine variants
-    # PDL step: the residual add + input norm kernel's programs a row (residual_norm.SPLIT_N;
-    # 0: Inductor's own kernel, the default)
-    residual_norm_programs: int = 0
+    # PDL step: the residual add + input norm kernel's programs a row (0: Inductor's own
+    # kernel; default: the engine's, residual_norm.SPLIT_N)
+    residual_norm_programs: int = residual_norm.SPLIT_N
 
 
 class Deadline:
@@ -443,6 +443,7 @@ async def run_shape(shape: str, cfg: BenchConfig, deadline: Deadline) -> dict[st
     t0 = time.perf_counter()
     await engine.start()
     report["compile_capture_s"] = time.perf_counter() - t0
+    log.warning("%s engine started (compile + capture %.1f s)", shape, report["compile_capture_s"])
     report["compiled"] = econf.use_compile and not engine.runner.compile_failed
     report["cuda_graph"] = engine.runner.captured
     report["decode_path"] = engine.runner.decode_path.as_dict()  # the "auto"s resolved

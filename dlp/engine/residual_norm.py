@@ -23,15 +23,15 @@ import torch
 from dlp.engine.triton_support import INTERPRET, tl, triton
 
 # Programs a row: each reads the whole row (the sum of squares needs it) and writes its
-# share of the columns; 0 (the default): the PDL step leaves the add + norm to Inductor (its
-# own fused kernel). decode_step_bench.py's ``+norm=N`` sets it per variant. On the H200
-# (Qwen2-1.5B step (a), benchmarks/results/decode_step_h200_norm.json) 1 took 1.8 us a layer
-# against Inductor's 2.2-2.4: step 1.623 ms against 1.634 interleaved (1.593 / 1.595
-# first-timed); 2 programs a row 1.655. Not the default yet: the engine's tokens with it equal
-# the eager engine's (GPU test), but the fusion benchmark with it did not complete in the
-# session that measured it (two calls gave no output; cause not found, no device time left
-# to look), so the end-to-end run that would make it the default is still to do.
-SPLIT_N = 0
+# share of the columns; 0: the PDL step leaves the add + norm to Inductor (its own fused
+# kernel). decode_step_bench.py's ``+norm=N`` and ``dlp bench fusion --residual-norm N`` set
+# it per run. On the H200 (Qwen2-1.5B step (a), benchmarks/results/decode_step_h200_norm.json)
+# 1 took 1.8 us a layer against Inductor's 2.2-2.4: step 1.623 ms against 1.634 interleaved
+# (1.593 / 1.595 first-timed); 2 programs a row 1.655. In the fusion benchmark's engine
+# (results/fusion_h200_qwen2_norm1.json) step (a) 1.584 ms, the default-0 run of the same
+# session 1.631 (fusion_h200_run17.json, another machine start). Its first end-to-end runs
+# never finished compiling: Inductor's implicit-fallback message for our ops (inductor_ops.py).
+SPLIT_N = 1
 
 
 def residual_rms_norm_reference(

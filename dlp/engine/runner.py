@@ -31,6 +31,7 @@ import torch
 from dlp.engine.decode_attention import pick_splits, triton_available
 from dlp.engine.decode_path import PDL_MIN_CAPABILITY, DeviceTraits, resolve_decode_path
 from dlp.engine.greedy_kernel import greedy_tokens
+from dlp.engine.inductor_ops import register_inductor_fallbacks
 from dlp.engine.model import CompactLM, decode_layer, prefill_layer
 from dlp.engine.staging import StagingBuffer
 from dlp.errors import DlpError
@@ -293,6 +294,9 @@ class DecodeRunner:
         self.compiled_step: Callable[[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
         if compile:
             allow_engine_recompiles()
+            # Our ops' fallbacks registered before Inductor meets them deep in the step
+            # (inductor_ops.py: torch 2.11 would print their arguments' IR, exponentially).
+            register_inductor_fallbacks()
             if compile_scope == "step":
                 # The whole step (28 blocks, embedding, head, argmax) as one graph: Inductor
                 # can then fuse across blocks (residual add + next norm), at a longer compile.

@@ -102,13 +102,15 @@ def test_scale_only_and_no_scale_exclude_each_other():
 
 def test_residual_norm_programs_come_from_the_command_line():
     """--residual-norm N: the PDL step's residual add + norm kernel (residual_norm.SPLIT_N)
-    for the run (0 by default); < 0 refused."""
+    for the run (the engine's own by default); < 0 refused."""
+    from dlp.engine import residual_norm
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    assert config_from_args(parser.parse_args(["--device", "cpu"])).residual_norm_programs == 0
-    cfg = config_from_args(parser.parse_args(["--device", "cpu", "--residual-norm", "1"]))
-    assert cfg.residual_norm_programs == 1
+    default = config_from_args(parser.parse_args(["--device", "cpu"])).residual_norm_programs
+    assert default == residual_norm.SPLIT_N == 1
+    cfg = config_from_args(parser.parse_args(["--device", "cpu", "--residual-norm", "0"]))
+    assert cfg.residual_norm_programs == 0
     with pytest.raises(DlpError, match="--residual-norm"):
         config_from_args(parser.parse_args(["--device", "cpu", "--residual-norm", "-1"]))
 
@@ -119,9 +121,9 @@ def test_a_run_records_its_residual_norm_programs(tmp_path):
 
     before = residual_norm.SPLIT_N
     out = tmp_path / "fusion.json"
-    cfg = tiny_bench(out, shapes=("tiny-qwen2",), scale=False, residual_norm_programs=1)
+    cfg = tiny_bench(out, shapes=("tiny-qwen2",), scale=False, residual_norm_programs=0)
     main(cfg, command="test")
-    assert json.loads(out.read_text())["config"]["residual_norm_programs"] == 1
+    assert json.loads(out.read_text())["config"]["residual_norm_programs"] == 0
     assert before == residual_norm.SPLIT_N
 
 

@@ -215,8 +215,8 @@ def test_balanced_gate_up_columns_give_the_eager_tokens(tmp_path, monkeypatch):
 @pytest.mark.parametrize("split_n", [1, 2])
 def test_residual_norm_kernel_gives_the_eager_tokens(tmp_path, monkeypatch, split_n):
     """fp32: the PDL whole-step engine with each layer's residual add + next input norm (and
-    the final norm) as our one-pass kernel (``residual_norm.SPLIT_N`` programs a row; off
-    by default) == the eager engine, token for token."""
+    the final norm) as our one-pass kernel (``residual_norm.SPLIT_N`` programs a row; 1 by
+    default) == the eager engine, token for token."""
     from dlp.engine import residual_norm
 
     monkeypatch.setattr(residual_norm, "SPLIT_N", split_n)
