@@ -34,12 +34,8 @@ OP_NAMES = (
 
 def dlp_ops() -> list[torch._ops.OpOverload]:
     """The engine's ops that are registered in this process (their modules imported)."""
-    ops = []
-    for name in OP_NAMES:
-        packet = getattr(torch.ops.dlp, name, None) if hasattr(torch.ops, "dlp") else None
-        if packet is not None:
-            ops.append(packet.default)
-    return ops
+    packets = (getattr(torch.ops.dlp, name, None) for name in OP_NAMES)
+    return [packet.default for packet in packets if packet is not None]
 
 
 def register_inductor_fallbacks() -> list[str]:
@@ -49,18 +45,16 @@ def register_inductor_fallbacks() -> list[str]:
     registers them itself, as before)."""
     try:
         from torch._inductor import lowering
+        from torch._inductor.lowering import tag_to_layout_constraint
         from torch._library.utils import get_layout_constraint_tag
     except ImportError:  # pragma: no cover - older torch: Inductor's own path
-        return []
-    to_layout = getattr(lowering, "tag_to_layout_constraint", None)
-    if to_layout is None:  # pragma: no cover
         return []
     registered = []
     for op in dlp_ops():
         if op in lowering.lowerings:
             continue
         try:
-            constraint = to_layout(get_layout_constraint_tag(op, with_default=True))
+            constraint = tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
             lowering.make_fallback(op, layout_constraint=constraint)
         except Exception:  # never worse than before: Inductor's own path still works
             log.warning("could not register an Inductor fallback for %s", op, exc_info=True)
