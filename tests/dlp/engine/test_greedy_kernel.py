@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_interpreter import run_interpreted
+from triton_interpreter import interpreted_fixture
 
 from dlp.engine.greedy_kernel import CHUNKS, greedy_tokens
 
@@ -45,10 +45,7 @@ _CHILD = """
 """
 
 
-@pytest.fixture(scope="module")
-def interpreted():
-    pytest.importorskip("triton")
-    return run_interpreted(_CHILD, CASES)
+interpreted = interpreted_fixture(_CHILD, CASES)
 
 
 @pytest.mark.parametrize("name", list(CASES))

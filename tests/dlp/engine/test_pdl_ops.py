@@ -8,7 +8,7 @@ nothing else), output shapes, dtypes and strides. The CUDA runs are in test_engi
 from __future__ import annotations
 
 import pytest
-from triton_interpreter import run_interpreted
+from triton_interpreter import interpreted_fixture
 
 CASES = {
     "skinny_split": "skinny",  # fp32 split-K pieces
@@ -95,12 +95,9 @@ _CHILD = """
 """
 
 
-@pytest.fixture(scope="module")
-def checked():
-    pytest.importorskip("triton")
-    return run_interpreted(_CHILD, CASES)
+interpreted = interpreted_fixture(_CHILD, CASES)
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_op_contract_holds(checked, name):
-    assert checked[name] == "ok"
+def test_op_contract_holds(interpreted, name):
+    assert interpreted[name] == "ok"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_interpreter import run_interpreted
+from triton_interpreter import interpreted_fixture
 
 from dlp.engine.model import rms_norm
 from dlp.engine.residual_norm import residual_rms_norm, residual_rms_norm_reference
@@ -50,10 +50,7 @@ _CHILD = """
 """
 
 
-@pytest.fixture(scope="module")
-def interpreted():
-    pytest.importorskip("triton")
-    return run_interpreted(_CHILD, CASES)
+interpreted = interpreted_fixture(_CHILD, CASES)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_interpreter import run_interpreted
+from triton_interpreter import interpreted_fixture
 
 from dlp.engine import skinny_gemm as sg
 from dlp.engine.skinny_gemm import GemmConfig, pick_config
@@ -114,10 +114,7 @@ _CHILD = """
 """
 
 
-@pytest.fixture(scope="module")
-def interpreted():
-    pytest.importorskip("triton")
-    return run_interpreted(_CHILD, CASES)
+interpreted = interpreted_fixture(_CHILD, CASES)
 
 
 @pytest.mark.parametrize("name", list(CASES))

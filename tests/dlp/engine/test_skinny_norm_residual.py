@@ -10,7 +10,7 @@ the CUDA runs are in test_engine_cuda.py.
 from __future__ import annotations
 
 import pytest
-from triton_interpreter import run_interpreted
+from triton_interpreter import interpreted_fixture
 
 # name -> (dtype, rows, N, K, bias, config (block_n, block_k, split_k[, warps, stages,
 # programs])): splits that do and do not divide K, one piece, rows past one tile, ragged N,
@@ -98,10 +98,7 @@ _CHILD = """
 TOL = {"float32": 1e-4, "bfloat16": 5e-2}
 
 
-@pytest.fixture(scope="module")
-def interpreted():
-    pytest.importorskip("triton")
-    return run_interpreted(_CHILD, CASES)
+interpreted = interpreted_fixture(_CHILD, CASES)
 
 
 @pytest.mark.parametrize("name", list(CASES))

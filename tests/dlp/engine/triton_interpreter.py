@@ -12,6 +12,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[3]
 
 # Prepended to every child: numpy >= 2.4 refuses int() of a shape-(1,) array, which triton
@@ -59,3 +61,15 @@ def run_interpreted(script: str, cases: Any, timeout: float = 300) -> dict[str, 
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def interpreted_fixture(script: str, cases: Any) -> Any:
+    """A module-scoped ``interpreted`` fixture: ``run_interpreted(script, cases)`` once per
+    test module (one interpreter start), skipped where triton is not installed."""
+
+    @pytest.fixture(scope="module", name="interpreted")
+    def interpreted() -> dict[str, Any]:
+        pytest.importorskip("triton")
+        return run_interpreted(script, cases)
+
+    return interpreted
