@@ -370,9 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from cluster.fake_cluster import free_port
     from deployments.app import build_app
     from dlp.loadgen import clean_nans, machine
+    from dlp.ports import free_port
 
     scratch = Path(tempfile.mkdtemp(prefix="dlp-affinity-"))
     assets, adapters = make_assets(scratch, a.adapters, a)

@@ -793,8 +793,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.affinity_bench import zipf_workload
     from benchmarks.serve_bench import _prompts
-    from cluster.fake_cluster import free_port
     from dlp.loadgen import Prompt, clean_nans, machine
+    from dlp.ports import free_port
 
     t_start = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix="dlp-multigpu-"))

@@ -35,14 +35,6 @@ APP = "dlp"
 OUT = Path("benchmarks/results/reliability.json")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def process_key(title: str) -> str:
     """A Ray worker's process title without the method it is running right now: a replica
     shows up as ``ray::ServeReplica:dlp:LoraWorker.handle_request_with_rejection`` while it
@@ -298,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     from deployments.app import build_app
     from dlp.data.prepare import ensure_default_data
     from dlp.loadgen import LoadConfig, load_prompts, machine, run_load, summarize
+    from dlp.ports import free_port
 
     prompts = load_prompts(ensure_default_data(), seed=0)
     scratch = Path(tempfile.mkdtemp(prefix="dlp-rel-"))

@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fake_cluster import FakeCluster, NodeType, free_port, wait_for
+from fake_cluster import FakeCluster, NodeType, wait_for
 
 from dlp.errors import DlpError
 from dlp.loadgen import (
@@ -55,6 +55,7 @@ from dlp.loadgen import (
     run_load,
     summarize,
 )
+from dlp.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER_NODE_TYPE = "gpu_worker"

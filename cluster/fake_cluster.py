@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,16 +30,12 @@ from typing import Any
 
 import psutil
 
+from dlp.ports import free_port
+
 HEAD_TYPE = "ray.head.default"
 # 200 MB per node: the harness moves only small requests through the object store, and the
 # default (30% of RAM per node) would reserve most of /dev/shm for a handful of fake nodes.
 OBJECT_STORE_BYTES = 200 * 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -18,11 +18,12 @@ from servekit import (
     Assets,
     Served,
     app_args,
-    free_port,
     wait_healthy,
     write_adapter,
     write_router,
 )
+
+from dlp.ports import free_port
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ fractional CPUs, so adapter-aware routing is exercised by every test.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,6 @@ os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
 
 ADAPTERS = ("alpha", "beta", "gamma")
 APP_NAME = "dlp"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_model_dir() -> Path:

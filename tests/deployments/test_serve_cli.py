@@ -16,7 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from servekit import ADMIN_TOKEN, Assets, free_port
+from servekit import ADMIN_TOKEN, Assets
+
+from dlp.ports import free_port
 
 pytestmark = [pytest.mark.own_cluster, pytest.mark.timeout(900)]
 

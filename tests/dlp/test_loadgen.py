@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from dlp.loadgen import (
     summarize,
     write_report,
 )
+from dlp.ports import free_port
 
 DELAY_S = 0.05  # server think time per request
 TOKENS = 4  # chunks per streamed answer
@@ -81,16 +81,10 @@ def make_app(stats: Stats) -> FastAPI:
     return app
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[str, Stats]]:
     stats = Stats()
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(make_app(stats), host="127.0.0.1", port=port, log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -220,7 +214,7 @@ async def test_errors_are_counted_by_status(server: tuple[str, Stats], tmp_path:
 
 
 async def test_unreachable_server_is_an_error_not_a_crash() -> None:
-    port = _free_port()  # nobody listens here
+    port = free_port()  # nobody listens here
     cfg = parse_config(url=f"http://127.0.0.1:{port}", concurrency=1, max_requests=3, timeout_s=2)
     result = await run_load(cfg, PROMPTS, progress=False)
     assert [r.status for r in result.records] == ["connect"] * 3
